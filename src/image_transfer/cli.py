@@ -1,0 +1,218 @@
+"""Command line: the only wiring, and the only place a SparkSession is created.
+
+Each subcommand parses its options, obtains the session once (``_spark``) and calls the stage
+functions, which take DataFrames and plain values. Also the ``python_wheel_task`` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _spark(app_name: str, master: str | None = None) -> Any:
+    """The SparkSession: the cluster's on Databricks, an embedded ``local[*]`` one elsewhere."""
+    # Workers must run the same interpreter (and so the same installed package) as the driver.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    if "DATABRICKS_RUNTIME_VERSION" not in os.environ:
+        builder = (
+            builder.master(master or os.environ.get("IMAGE_TRANSFER_MASTER", "local[*]"))
+            .config("spark.python.worker.reuse", "true")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.driver.memory", os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g"))
+        )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="Parquet dataset path with the images")
+    src.add_argument("--input-table", help="table name with the images (catalog.schema.table)")
+    p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory")
+    p.add_argument("--output", required=True, help="Parquet output path (replaced atomically)")
+    p.add_argument("--output-table", help="also save the output as this table")
+    p.add_argument("--image-column", default="content", help="binary column with encoded images")
+    p.add_argument(
+        "--key-column",
+        action="append",
+        dest="key_columns",
+        help="column passed through to the output (repeatable; default: path)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument(
+        "--broadcast-max-mb",
+        type=float,
+        default=256.0,
+        help="models up to this size are broadcast as bytes; larger ones load from the shared path",
+    )
+    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels")
+    p.add_argument("--summary", help="write a JSON run summary here")
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``image-transfer`` argument parser (also used by tests to check job parameters)."""
+    parser = argparse.ArgumentParser(prog="image-transfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="classify images: prediction, probability, top_k, error")
+    _add_common_scoring_options(p)
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to report per image")
+    p.set_defaults(handler=_cmd_score)
+
+    p = sub.add_parser("featurize", help="embed images with a model layer: embedding, error")
+    _add_common_scoring_options(p)
+    p.add_argument("--layer", help="layer whose output is the embedding (default: before the classifier)")
+    p.set_defaults(handler=_cmd_featurize)
+
+    p = sub.add_parser("ingest", help="read a folder of image files into Parquet (path, content)")
+    p.add_argument("--images", required=True, help="folder of images (read recursively)")
+    p.add_argument("--output", required=True, help="Parquet output path")
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.set_defaults(handler=_cmd_ingest)
+
+    p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
+    p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
+    p.add_argument("--master", help="Spark master (default local[2])")
+    p.set_defaults(handler=_cmd_demo)
+
+    return parser
+
+
+def _scoring_request(args: argparse.Namespace) -> Any:
+    from image_transfer.images import ImageLimits
+    from image_transfer.score import ScoringRequest
+
+    limits = ImageLimits.default()
+    if args.max_image_bytes is not None:
+        limits = limits.replace(max_bytes=args.max_image_bytes)
+    if args.max_pixels is not None:
+        limits = limits.replace(max_pixels=args.max_pixels)
+    return ScoringRequest(
+        model_path=args.model,
+        image_column=args.image_column,
+        key_columns=tuple(args.key_columns or ["path"]),
+        batch_size=args.batch_size,
+        broadcast_max_bytes=int(args.broadcast_max_mb * 1024 * 1024),
+        limits=limits,
+    )
+
+
+def _run_scoring(args: argparse.Namespace, mode: str) -> int:
+    from image_transfer import score
+    from image_transfer.io import read_input, write_output
+
+    request = _scoring_request(args)
+    prepared = score.prepare_model(request, mode=mode, top_k=getattr(args, "top_k", 5), layer=getattr(args, "layer", None))
+    spark = _spark(f"image-transfer {mode}", args.master)
+    source = read_input(spark, path=args.input, table=args.input_table)
+    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(
+        df, args.output, table=args.output_table))
+    _report(result, args.summary)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    return _run_scoring(args, "classify")
+
+
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    return _run_scoring(args, "embed")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from image_transfer.images import read_image_files
+    from image_transfer.io import write_output
+
+    spark = _spark("image-transfer ingest", args.master)
+    df = read_image_files(spark, args.images)
+    rows = write_output(df, args.output)
+    print(f"ingested {rows} files from {args.images} into {args.output}")
+    return 0
+
+
+def default_fixtures() -> Path:
+    """The repo's ``fixtures/`` folder (next to ``src/``), or ``./fixtures``."""
+    here = Path(__file__).resolve().parents[2] / "fixtures"
+    return here if here.is_dir() else Path.cwd() / "fixtures"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from image_transfer import score
+    from image_transfer.images import ImageLimits, read_image_files
+    from image_transfer.io import write_output
+    from image_transfer.score import ScoringRequest
+
+    fixtures = Path(args.fixtures) if args.fixtures else default_fixtures()
+    workdir = Path(args.workdir).resolve()
+    model_path = fixtures / "model" / "shapes.keras"
+    if not model_path.exists():
+        raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
+    spark = _spark("image-transfer demo", args.master or "local[2]")
+    images = workdir / "images.parquet"
+    n = write_output(read_image_files(spark, str(fixtures / "images")), str(images))
+    print(f"ingested {n} fixture images into {images}")
+    request = ScoringRequest(model_path=str(model_path), limits=ImageLimits.default())
+    prepared = score.prepare_model(request, mode="classify", top_k=3)
+    out = workdir / "predictions.parquet"
+    source = spark.read.parquet(str(images))
+    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(df, str(out)))
+    summary = workdir / "summary.json"
+    _report(result, str(summary))
+    scored = spark.read.parquet(str(out))
+    accuracy = score.label_accuracy(scored)
+    print(f"accuracy against the folder labels: {accuracy:.3f}")
+    print(f"predictions: {out}\nsummary: {summary}")
+    return 0
+
+
+def _report(result: Any, summary_path: str | None) -> None:
+    summary = result.to_dict()
+    print(result.describe())
+    if summary_path:
+        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns the exit status (2 for a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"image-transfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main() -> None:
+    """Entry point of the ``image-transfer`` console script and of ``python_wheel_task``.
+
+    Exits non-zero on failure, so a Databricks task fails too.
+    """
+    code = run()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
