@@ -1,0 +1,188 @@
+"""Images: read files into DataFrames, screen encoded bytes per row, and decode inside TensorFlow graphs.
+
+Screening (``screen_batch``) is the cheap Python step before the traced graph: it reads only image
+headers, refuses rows that are null, empty, too large, not an image, truncated, or that declare an
+absurd pixel count (a decompression bomb), and re-encodes the rare formats TensorFlow cannot decode
+(WebP, TIFF, ...) losslessly to PNG. Everything else goes to ``decode_resize`` inside the graph.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+
+# Formats TensorFlow's decode_image reads itself (first frame of an animated GIF).
+_TF_NATIVE = {"JPEG", "PNG", "GIF", "BMP"}
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-image limits, applied from the encoded size and the header before anything is decoded."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 64_000_000
+
+    @classmethod
+    def default(cls) -> ImageLimits:
+        """Limits that admit 50-megapixel photos and refuse decompression bombs."""
+        return cls()
+
+    def replace(self, **changes: int) -> ImageLimits:
+        """A copy with some limits changed."""
+        if any(v <= 0 for v in changes.values()):
+            raise ValueError(f"image limits must be positive: {changes}")
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The outcome of screening one batch: bytes for the graph, and an error per refused row."""
+
+    payloads: list[bytes]  # images to decode, in row order of ``kept``
+    kept: list[int]  # row positions of ``payloads``
+    errors: list[str | None]  # per input row: None when kept
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _truncated(fmt: str, data: bytes) -> bool:
+    """Whether a TF-native image visibly lacks its end (TensorFlow decodes some truncated PNGs silently)."""
+    if fmt == "PNG":
+        return _PNG_IEND not in data[-64:]
+    if fmt == "JPEG":
+        return b"\xff\xd9" not in data[-4096:]
+    if fmt == "GIF":
+        return not data.rstrip(b"\x00").endswith(b";")
+    if fmt == "BMP":
+        declared = int.from_bytes(data[2:6], "little")
+        return declared > len(data)
+    return False
+
+
+def screen_one(data: Any, limits: ImageLimits) -> tuple[bytes | None, str | None]:
+    """Check one encoded image; returns (bytes to decode, None) or (None, reason it was refused)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        return None, "null image"
+    data = bytes(data)
+    if not data:
+        return None, "empty image"
+    if len(data) > limits.max_bytes:
+        return None, f"encoded size {len(data)} bytes exceeds the limit of {limits.max_bytes}"
+    sniffed = _sniff(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            fmt = img.format or sniffed or "unknown"
+    except Image.DecompressionBombError as exc:
+        return None, f"refused before decoding: {exc}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if sniffed is None:
+            return None, "not an image (unrecognised format)"
+        return None, f"unreadable {sniffed} header ({exc})"
+    if width <= 0 or height <= 0:
+        return None, f"{fmt} declares an empty size {width}x{height}"
+    if width * height > limits.max_pixels:
+        return None, (
+            f"refused before decoding: {fmt} declares {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_pixels}"
+        )
+    if sniffed in _TF_NATIVE:
+        if _truncated(sniffed, data):
+            return None, f"truncated {sniffed} (no end marker)"
+        return data, None
+    # A format the graph cannot decode: decode once with Pillow and hand the graph a lossless PNG.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            rgb = img.convert("RGB")
+        out = io.BytesIO()
+        rgb.save(out, "PNG", compress_level=1)
+        return out.getvalue(), None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row error
+        return None, f"could not decode {fmt}: {exc}"
+
+
+def screen_batch(values: Sequence[Any], limits: ImageLimits) -> Screened:
+    """Screen a batch of encoded images (``bytes``, ``bytearray``, ``memoryview`` or None)."""
+    payloads: list[bytes] = []
+    kept: list[int] = []
+    errors: list[str | None] = []
+    for i, value in enumerate(values):
+        data, error = screen_one(value, limits)
+        errors.append(error)
+        if data is not None:
+            payloads.append(data)
+            kept.append(i)
+    return Screened(payloads=payloads, kept=kept, errors=errors)
+
+
+def decode_resize(encoded: Any, height: int, width: int) -> Any:
+    """Graph op: one encoded image (scalar string tensor) -> float32 [height, width, 3] in 0..255.
+
+    Any channel layout becomes RGB (grayscale is repeated, alpha dropped, 16-bit scaled to 8-bit),
+    an animated GIF gives its first frame, and the image is resized bilinearly to the model's size.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(image, [height, width], method="bilinear")
+    return tf.ensure_shape(image, [height, width, 3])
+
+
+def decode_batch(encoded: Any, height: int, width: int) -> Any:
+    """Graph op: a batch of encoded images [n] -> float32 [n, height, width, 3]."""
+    import tensorflow as tf
+
+    return tf.map_fn(
+        lambda e: decode_resize(e, height, width),
+        encoded,
+        fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+        parallel_iterations=16,
+    )
+
+
+def read_image_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Any:
+    """Read a folder tree of image files with Spark's ``binaryFile`` source: ``path``, ``content``.
+
+    Files are filtered by extension (case-insensitive); unreadable images are kept (scoring reports
+    them per row), so every file that matched appears in the result.
+    """
+    from pyspark.sql import functions as F
+
+    from image_transfer.errors import UserError
+
+    pattern = (
+        "*.{" + ",".join(sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})) + "}"
+    )
+    try:
+        df = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", pattern)
+            .load(folder)
+        )
+    except Exception as exc:  # AnalysisException: path does not exist
+        raise UserError(f"cannot read images from {folder}: {str(exc).splitlines()[0]}") from exc
+    return df.select(F.col("path"), F.col("content"))

@@ -1,0 +1,285 @@
+"""Models: save with their class names, inspect on the driver, ship to workers, load safely there.
+
+A model is a Keras file (``.keras``) or a TensorFlow SavedModel directory whose input is a batch of
+RGB images ``[None, height, width, 3]`` in 0..255 (float) and whose output is ``[None, classes]``.
+Preprocessing that the network expects either lives inside the model (what ``train`` saves) or is
+named in the metadata (``preprocess``). Metadata travels inside the model: an ``image_transfer.json``
+entry in the ``.keras`` zip, or that file in the SavedModel directory; ``<model path>.json`` beside
+the model is read too, for models made elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import UserError
+
+METADATA_NAME = "image_transfer.json"
+PREPROCESSING = ("none", "scale_0_1", "scale_-1_1", "caffe")
+
+
+def preprocess_fn(name: str) -> Callable[[Any], Any]:
+    """Graph function mapping float RGB 0..255 to what a network expects (``none``: unchanged)."""
+    import tensorflow as tf
+
+    if name == "none":
+        return lambda x: x
+    if name == "scale_0_1":
+        return lambda x: x / 255.0
+    if name == "scale_-1_1":
+        return lambda x: x / 127.5 - 1.0
+    if name == "caffe":  # ResNet50 / VGG: BGR, ImageNet means subtracted
+        mean = tf.constant([103.939, 116.779, 123.68], tf.float32)
+        return lambda x: x[..., ::-1] - mean
+    raise UserError(f"unknown preprocessing {name!r}; one of {', '.join(PREPROCESSING)}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learned about a model before scheduling any work."""
+
+    path: str
+    kind: str  # "keras" or "savedmodel"
+    height: int
+    width: int
+    output_width: int
+    class_names: tuple[str, ...] | None
+    preprocess: str = "none"
+    size_bytes: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def label(self, index: int) -> str:
+        """Class name of an output index (the index itself when the model has no class names)."""
+        return self.class_names[index] if self.class_names else str(index)
+
+
+def model_kind(path: str | os.PathLike[str]) -> str:
+    """``keras`` for a ``.keras`` file, ``savedmodel`` for a SavedModel directory; UserError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model not found: {path}")
+    if p.is_dir():
+        if (p / "saved_model.pb").exists():
+            return "savedmodel"
+        raise UserError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
+    if p.suffix == ".keras":
+        if not zipfile.is_zipfile(p):
+            raise UserError(f"{path} is not a valid .keras file (not a zip archive)")
+        return "keras"
+    raise UserError(
+        f"unsupported model format {p.suffix or p.name!r}: use a .keras file or a SavedModel directory"
+    )
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Metadata stored inside the model, or beside it as ``<path>.json``; ``{}`` when there is none."""
+    p = Path(path)
+    try:
+        if p.is_dir() and (p / METADATA_NAME).exists():
+            return json.loads((p / METADATA_NAME).read_text())
+        if p.is_file() and zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                if METADATA_NAME in zf.namelist():
+                    return json.loads(zf.read(METADATA_NAME))
+        beside = Path(str(p) + ".json")
+        if beside.exists():
+            return json.loads(beside.read_text())
+    except (json.JSONDecodeError, zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"unreadable model metadata for {path}: {exc}") from exc
+    return {}
+
+
+def save_model(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    class_names: Sequence[str] | None,
+    preprocess: str = "none",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a Keras model as ``.keras`` with its class names and preprocessing inside the file."""
+    p = Path(path)
+    if p.suffix != ".keras":
+        raise ValueError(f"model path must end in .keras: {path}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    model.save(p)
+    metadata = {"class_names": list(class_names) if class_names else None, "preprocess": preprocess}
+    metadata.update(extra or {})
+    with zipfile.ZipFile(p, "a") as zf:
+        zf.writestr(METADATA_NAME, json.dumps(metadata, indent=2))
+    return p
+
+
+def load_keras(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` file in Keras safe mode: a model that would run Python code is refused."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            raise UserError(
+                f"refused to load {path}: it contains Python code (e.g. a Lambda layer), which Keras "
+                "safe mode does not run; rebuild the model without it"
+            ) from exc
+        raise UserError(f"cannot load Keras model {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
+        raise UserError(f"cannot load Keras model {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class _SavedModelCallable:
+    """A SavedModel's ``serving_default`` signature as a one-input, one-output callable."""
+
+    def __init__(self, path: str) -> None:
+        import tensorflow as tf
+
+        self._loaded = tf.saved_model.load(path)
+        if "serving_default" not in self._loaded.signatures:
+            raise UserError(f"SavedModel {path} has no serving_default signature")
+        self._fn = self._loaded.signatures["serving_default"]
+        inputs = self._fn.structured_input_signature[1]
+        outputs = self._fn.structured_outputs
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(
+                f"SavedModel {path} must have one input and one output, has {len(inputs)}/{len(outputs)}"
+            )
+        self._input_name, spec = next(iter(inputs.items()))
+        self._output_name = next(iter(outputs))
+        self.input_shape = tuple(spec.shape.as_list())
+        self.output_shape = tuple(outputs[self._output_name].shape.as_list())
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        return self._fn(**{self._input_name: x})[self._output_name]
+
+
+def load_model(path: str | os.PathLike[str], kind: str) -> Any:
+    """Load a model for inference: a Keras model, or a callable over a SavedModel signature."""
+    if kind == "keras":
+        return load_keras(path)
+    try:
+        return _SavedModelCallable(str(path))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load SavedModel {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _shapes(model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    if isinstance(model, _SavedModelCallable):
+        return model.input_shape, model.output_shape
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(
+            f"the model must have one input and one output, has {len(model.inputs)}/{len(model.outputs)}"
+        )
+    return tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+
+
+def embedding_model(model: Any, layer: str | None) -> Any:
+    """A Keras model from the input to ``layer``'s output, or to the input of the final classifier."""
+    import keras
+
+    if isinstance(model, _SavedModelCallable):
+        raise UserError("featurize needs a Keras (.keras) model, to pick a layer")
+    if layer:
+        try:
+            target = model.get_layer(layer).output
+        except ValueError as exc:
+            names = ", ".join(lyr.name for lyr in model.layers[-8:])
+            raise UserError(f"no layer {layer!r} in the model (last layers: {names})") from exc
+    else:
+        target = model.layers[-1].input
+    return keras.Model(model.inputs, target)
+
+
+def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -> ModelInfo:
+    """Load the model once on the driver and check it is usable; raises UserError with the reason."""
+    kind = model_kind(path)
+    metadata = read_metadata(path)
+    model = load_model(path, kind)
+    if embed:
+        model = embedding_model(model, layer)
+    in_shape, out_shape = _shapes(model)
+    if len(in_shape) != 4 or in_shape[-1] != 3 or not all(isinstance(d, int) for d in in_shape[1:3]):
+        raise UserError(
+            f"the model's input {in_shape} is not a batch of fixed-size RGB images [None, height, width, 3]"
+        )
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        what = "embedding" if embed else "class scores"
+        raise UserError(f"the model's output {out_shape} is not a batch of {what} [None, n]")
+    names = metadata.get("class_names")
+    if names is not None and not embed and len(names) != out_shape[1]:
+        raise UserError(f"the model has {out_shape[1]} outputs but its metadata names {len(names)} classes")
+    preprocess = metadata.get("preprocess", "none")
+    preprocess_fn(preprocess)  # validates the name
+    return ModelInfo(
+        path=str(path),
+        kind=kind,
+        height=int(in_shape[1]),
+        width=int(in_shape[2]),
+        output_width=int(out_shape[1]),
+        class_names=tuple(names) if names else None,
+        preprocess=preprocess,
+        size_bytes=_size(Path(path)),
+        metadata=metadata,
+    )
+
+
+def pack(path: str, kind: str) -> bytes:
+    """The model as bytes for a broadcast: the ``.keras`` file, or a tar of the SavedModel directory."""
+    if kind == "keras":
+        return Path(path).read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(path, arcname="model")
+    return buf.getvalue()
+
+
+def unpack(data: bytes, kind: str) -> str:
+    """Write broadcast model bytes to a private temp dir on the worker; returns the local model path."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"image-transfer-model-{os.getpid()}-{digest}"
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "keras":
+        target = root / "model.keras"
+        target.write_bytes(data)
+        return str(target)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:  # Python < 3.11.4: refuse members that would escape the target directory
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
+                    raise UserError(f"unsafe path in packed model: {member.name}")
+            tar.extractall(root)
+    return str(root / "model")
+
+
+def configure_threads(cores: int) -> bool:
+    """Limit TensorFlow to ``cores`` threads so concurrent workers do not oversubscribe the CPU.
+
+    Must run before TensorFlow executes anything in the process; returns False when it was too late.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(cores)
+        return True
+    except RuntimeError:
+        return False
