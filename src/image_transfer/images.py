@@ -173,9 +173,7 @@ def read_image_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMA
 
     from image_transfer.errors import UserError
 
-    pattern = (
-        "*.{" + ",".join(sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})) + "}"
-    )
+    pattern = "*.{" + ",".join(sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})) + "}"
     try:
         df = (
             spark.read.format("binaryFile")

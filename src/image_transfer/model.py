@@ -76,9 +76,7 @@ def model_kind(path: str | os.PathLike[str]) -> str:
         if not zipfile.is_zipfile(p):
             raise UserError(f"{path} is not a valid .keras file (not a zip archive)")
         return "keras"
-    raise UserError(
-        f"unsupported model format {p.suffix or p.name!r}: use a .keras file or a SavedModel directory"
-    )
+    raise UserError(f"unsupported model format {p.suffix or p.name!r}: use a .keras file or a SavedModel directory")
 
 
 def _size(path: Path) -> int:
@@ -156,9 +154,7 @@ class _SavedModelCallable:
         inputs = self._fn.structured_input_signature[1]
         outputs = self._fn.structured_outputs
         if len(inputs) != 1 or len(outputs) != 1:
-            raise UserError(
-                f"SavedModel {path} must have one input and one output, has {len(inputs)}/{len(outputs)}"
-            )
+            raise UserError(f"SavedModel {path} must have one input and one output, has {len(inputs)}/{len(outputs)}")
         self._input_name, spec = next(iter(inputs.items()))
         self._output_name = next(iter(outputs))
         self.input_shape = tuple(spec.shape.as_list())
@@ -184,9 +180,7 @@ def _shapes(model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     if isinstance(model, _SavedModelCallable):
         return model.input_shape, model.output_shape
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise UserError(
-            f"the model must have one input and one output, has {len(model.inputs)}/{len(model.outputs)}"
-        )
+        raise UserError(f"the model must have one input and one output, has {len(model.inputs)}/{len(model.outputs)}")
     return tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
 
 
@@ -198,13 +192,19 @@ def embedding_model(model: Any, layer: str | None) -> Any:
         raise UserError("featurize needs a Keras (.keras) model, to pick a layer")
     if layer:
         try:
-            target = model.get_layer(layer).output
+            chosen = model.get_layer(layer)
         except ValueError as exc:
             names = ", ".join(lyr.name for lyr in model.layers[-8:])
             raise UserError(f"no layer {layer!r} in the model (last layers: {names})") from exc
+        # The layer's output as called in this model (for a nested model, ``.output`` is its own graph's).
+        nodes = getattr(chosen, "_inbound_nodes", None)
+        target = nodes[-1].output_tensors[0] if nodes else chosen.output
     else:
         target = model.layers[-1].input
-    return keras.Model(model.inputs, target)
+    try:
+        return keras.Model(model.inputs, target)
+    except ValueError as exc:
+        raise UserError(f"cannot cut the model at {layer or 'the input of its last layer'}: {exc}") from exc
 
 
 def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -> ModelInfo:

@@ -53,9 +53,7 @@ class PreparedModel:
     width: int = 0  # classify: k actually reported; embed: embedding size
 
 
-def prepare_model(
-    request: ScoringRequest, *, mode: str, top_k: int = 5, layer: str | None = None
-) -> PreparedModel:
+def prepare_model(request: ScoringRequest, *, mode: str, top_k: int = 5, layer: str | None = None) -> PreparedModel:
     """Load and check the model on the driver; raises UserError before any Spark work is scheduled."""
     if mode not in ("classify", "embed"):
         raise ValueError(f"mode must be classify or embed, not {mode!r}")
@@ -68,14 +66,14 @@ def prepare_model(
 
 def validate_input(df: Any, request: ScoringRequest) -> None:
     """Check the image and key columns exist with the right types, and that there is at least one row."""
-    from pyspark.sql.types import BinaryType, StringType
+    from pyspark.sql.types import BinaryType
 
     fields = {f.name: f.dataType for f in df.schema.fields}
     if request.image_column not in fields:
         raise UserError(
             f"no image column {request.image_column!r} in the input (columns: {', '.join(fields) or 'none'})"
         )
-    if not isinstance(fields[request.image_column], (BinaryType, StringType)):
+    if not isinstance(fields[request.image_column], BinaryType):
         raise UserError(
             f"image column {request.image_column!r} must be binary (encoded image bytes), "
             f"not {fields[request.image_column].simpleString()}"
@@ -135,9 +133,7 @@ def _load_on_worker(prepared: PreparedModel, payload: Any, stats: Any) -> Any:
     return serve
 
 
-def _run_graph(
-    serve: Callable[[Any], Any], payloads: list[bytes]
-) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+def _run_graph(serve: Callable[[Any], Any], payloads: list[bytes]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     """Run the graph on the screened payloads; a decode failure is isolated to its rows by bisection.
 
     Returns the outputs for the rows that decoded (in order) and, by payload position, the errors.
@@ -169,7 +165,8 @@ def _make_predict_fn_factory(
     prepared: PreparedModel, payload: Any, stats: Any, limits: ImageLimits
 ) -> Callable[[], Callable[[np.ndarray], dict[str, np.ndarray]]]:
     """The closure factory handed to ``predict_batch_udf`` (it runs once per Python worker)."""
-    names = np.array([prepared.info.label(i) for i in range(prepared.info.output_width)], dtype=object)
+    classes = prepared.info.output_width if prepared.mode == "classify" else 0
+    names = np.array([prepared.info.label(i) for i in range(classes)], dtype=object)
 
     def make_predict_fn() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         serve = _load_on_worker(prepared, payload, stats)
@@ -220,9 +217,7 @@ def return_type(prepared: PreparedModel) -> Any:
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
     if prepared.mode == "embed":
-        return StructType(
-            [StructField("embedding", ArrayType(FloatType())), StructField("error", StringType())]
-        )
+        return StructType([StructField("embedding", ArrayType(FloatType())), StructField("error", StringType())])
     return StructType(
         [
             StructField("prediction", StringType()),
