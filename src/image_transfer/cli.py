@@ -94,6 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="Spark master (default local[2])")
     p.set_defaults(handler=_cmd_demo)
 
+    from image_transfer.workspace import DEFAULT_SPARK_VERSION, DEFAULT_TIMEOUT_SECONDS
+
+    p = sub.add_parser("preflight", help="check that a Databricks workspace can run the bundle's jobs")
+    p.add_argument("--profile", help="~/.databrickscfg profile (default: the SDK's usual configuration)")
+    p.add_argument("--host", help="workspace URL (or DATABRICKS_HOST)")
+    p.add_argument(
+        "--token",
+        help="personal access token; prefer DATABRICKS_TOKEN (command lines are visible to other users)",
+    )
+    p.add_argument("--spark-version", default=DEFAULT_SPARK_VERSION, help="runtime key the jobs use")
+    p.add_argument("--node-type-id", help="GPU node type the jobs use (default: list the GPU types offered)")
+    p.add_argument(
+        "--path",
+        action="append",
+        dest="paths",
+        default=[],
+        help="/Volumes/<catalog>/<schema>/<volume>/... or <catalog>.<schema>.<volume> that must exist (repeatable)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per request and retry budget"
+    )
+    p.set_defaults(handler=_cmd_preflight)
+
     return parser
 
 
@@ -121,11 +144,18 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     from image_transfer.io import read_input, write_output
 
     request = _scoring_request(args)
-    prepared = score.prepare_model(request, mode=mode, top_k=getattr(args, "top_k", 5), layer=getattr(args, "layer", None))
+    prepared = score.prepare_model(
+        request, mode=mode, top_k=getattr(args, "top_k", 5), layer=getattr(args, "layer", None)
+    )
     spark = _spark(f"image-transfer {mode}", args.master)
     source = read_input(spark, path=args.input, table=args.input_table)
-    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(
-        df, args.output, table=args.output_table))
+    result = score.run(
+        spark,
+        source,
+        request,
+        prepared,
+        writer=lambda df: write_output(df, args.output, table=args.output_table),
+    )
     _report(result, args.summary)
     return 0
 
@@ -143,8 +173,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from image_transfer.io import write_output
 
     spark = _spark("image-transfer ingest", args.master)
-    df = read_image_files(spark, args.images)
-    rows = write_output(df, args.output)
+    rows = write_output(read_image_files(spark, args.images), args.output).count()
     print(f"ingested {rows} files from {args.images} into {args.output}")
     return 0
 
@@ -168,7 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
     spark = _spark("image-transfer demo", args.master or "local[2]")
     images = workdir / "images.parquet"
-    n = write_output(read_image_files(spark, str(fixtures / "images")), str(images))
+    n = write_output(read_image_files(spark, str(fixtures / "images")), str(images)).count()
     print(f"ingested {n} fixture images into {images}")
     request = ScoringRequest(model_path=str(model_path), limits=ImageLimits.default())
     prepared = score.prepare_model(request, mode="classify", top_k=3)
@@ -178,10 +207,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = workdir / "summary.json"
     _report(result, str(summary))
     scored = spark.read.parquet(str(out))
+    scored.orderBy("path").show(5, truncate=60)
     accuracy = score.label_accuracy(scored)
     print(f"accuracy against the folder labels: {accuracy:.3f}")
     print(f"predictions: {out}\nsummary: {summary}")
     return 0
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from image_transfer import workspace
+
+    if args.timeout <= 0:
+        raise UserError("--timeout must be positive")
+    client = workspace.connect(profile=args.profile, host=args.host, token=args.token, timeout=args.timeout)
+    checks = workspace.preflight(
+        client, spark_version=args.spark_version, node_type_id=args.node_type_id, paths=args.paths
+    )
+    print(workspace.render_table(checks))
+    return 0 if all(check.ok for check in checks) else 1
 
 
 def _report(result: Any, summary_path: str | None) -> None:

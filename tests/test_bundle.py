@@ -1,0 +1,281 @@
+"""The Databricks asset bundle: job files, wheel entry points and task parameters.
+
+Offline stand-ins for ``databricks bundle validate``: each job passes the typed model of
+``databricks-bundles`` after the bundle's variables are substituted, each wheel task names an
+entry point the wheel declares, and each task's parameters parse with the real CLI parser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from image_transfer.cli import build_parser  # noqa: E402
+
+try:
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10
+    tomllib = None
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BUNDLE = yaml.safe_load((ROOT / "databricks.yml").read_text())
+JOB_FILES = sorted((ROOT / "resources").glob("*.yml"))
+TARGETS = sorted(BUNDLE["targets"])
+
+# What the CLI resolves at deploy time, and what the job service resolves at run time.
+BUILTINS = {
+    "workspace.current_user.userName": "someone@example.com",
+    "workspace.current_user.short_name": "someone",
+    "bundle.name": BUNDLE["bundle"]["name"],
+}
+RUN_TIME = {"job.run_id": "1234567", "job.start_time.iso_date": "2024-05-01"}
+TASK_VALUE_SAMPLE = "/Volumes/main/s/v/models/from_task_value.keras"
+
+VAR_REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
+DYN_REF = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def jobs_of(path: Path) -> dict:
+    return (load(path).get("resources") or {}).get("jobs") or {}
+
+
+def variables(target: str) -> dict:
+    """Variable values for ``target``: defaults, then the target's overrides."""
+    values = {name: (spec or {}).get("default") for name, spec in BUNDLE["variables"].items()}
+    for name, value in ((BUNDLE["targets"][target] or {}).get("variables") or {}).items():
+        values[name] = value.get("default") if isinstance(value, dict) else value
+    return values
+
+
+def substitute(node, refs: dict):
+    """Replace every ``${...}`` (a whole-string reference keeps the value's type); unknown ones raise."""
+    if isinstance(node, dict):
+        return {k: substitute(v, refs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute(v, refs) for v in node]
+    if not isinstance(node, str):
+        return node
+    whole = VAR_REF.fullmatch(node)
+    if whole:
+        return substitute(refs[whole.group(1)], refs)
+    return VAR_REF.sub(lambda m: str(substitute(refs[m.group(1)], refs)), node)
+
+
+def resolved(target: str, node):
+    refs = dict(BUILTINS, **{"bundle.target": target})
+    refs.update({f"var.{k}": v for k, v in variables(target).items()})
+    return substitute(node, refs)
+
+
+def upstream(job: dict, task_key: str) -> set[str]:
+    tasks = {t["task_key"]: t for t in job["tasks"]}
+    seen: set[str] = set()
+    todo = [d["task_key"] for d in tasks[task_key].get("depends_on", [])]
+    while todo:
+        key = todo.pop()
+        if key not in seen:
+            seen.add(key)
+            todo += [d["task_key"] for d in tasks[key].get("depends_on", [])]
+    return seen
+
+
+def run_time_values(job: dict, task: dict) -> list[str]:
+    """The task's parameters as the job service hands them over; unknown references raise."""
+    defaults = {p["name"]: str(p["default"]) for p in job.get("parameters", [])}
+
+    def value(match: re.Match) -> str:
+        ref = match.group(1)
+        if ref.startswith("job.parameters."):
+            return defaults[ref.removeprefix("job.parameters.")]
+        if ref.startswith("tasks."):
+            _, producer, kind, _key = ref.split(".")
+            assert kind == "values", ref
+            assert producer in upstream(job, task["task_key"]), f"{ref}: {producer} does not run before"
+            return TASK_VALUE_SAMPLE
+        return RUN_TIME[ref]
+
+    return [DYN_REF.sub(value, str(p)) for p in task["python_wheel_task"]["parameters"]]
+
+
+def all_tasks(target: str = "dev"):
+    for path in JOB_FILES:
+        for job_key, job in jobs_of(path).items():
+            job = resolved(target, job)
+            for task in job["tasks"]:
+                yield path.name, job_key, job, task
+
+
+def wheel_tasks(target: str = "dev"):
+    return [(f, k, j, t) for f, k, j, t in all_tasks(target) if "python_wheel_task" in t]
+
+
+def task_id(item) -> str:
+    return f"{item[1]}.{item[3]['task_key']}"
+
+
+def parse(params: list[str]):
+    try:
+        return build_parser().parse_args(params)
+    except SystemExit as exc:
+        pytest.fail(f"image-transfer {' '.join(params)} does not parse (exit {exc.code})")
+
+
+def test_bundle_includes_one_job_per_file():
+    assert BUNDLE["include"] == ["resources/*.yml"]
+    assert len(JOB_FILES) >= 2
+    for path in JOB_FILES:
+        jobs = jobs_of(path)
+        assert len(jobs) == 1, f"{path.name}: one job per file"
+        assert path.name == f"{next(iter(jobs))}.job.yml"
+
+
+def test_artifact_builds_the_wheel_and_tasks_install_it():
+    artifact = BUNDLE["artifacts"]["python_artifact"]
+    assert artifact["type"] == "whl" and artifact["build"] == "uv build --wheel"
+    for _, _, _, task in all_tasks():
+        assert {"whl": "../dist/*.whl"} in task.get("libraries", []), task["task_key"]
+
+
+def test_targets():
+    dev, prod = BUNDLE["targets"]["dev"], BUNDLE["targets"]["prod"]
+    assert dev["mode"] == "development" and dev["default"] is True
+    assert prod["mode"] == "production"
+    assert prod["workspace"]["root_path"].startswith("/Workspace/")
+    assert prod["run_as"] == {"service_principal_name": "${var.service_principal}"}
+    assert any(p["level"] == "CAN_MANAGE" for p in prod["permissions"])
+    for name, spec in BUNDLE["variables"].items():
+        assert spec.get("description"), f"variable {name} has no description"
+    assert variables("dev")["spark_version"] == "15.4.x-gpu-ml-scala2.12"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_job_passes_the_bundle_model(path, target):
+    from databricks.bundles.jobs import Job
+
+    for job_key, job in jobs_of(path).items():
+        model = Job.from_dict(resolved(target, job))
+        assert model.name and model.tasks, job_key
+        unresolved = re.findall(r"\$\{[^}]+\}", str(model.as_dict()))
+        assert not unresolved, unresolved
+
+
+def test_substitution_rejects_unknown_references():
+    with pytest.raises(KeyError):
+        resolved("dev", {"x": "${var.no_such_variable}"})
+    job = {
+        "parameters": [],
+        "tasks": [{"task_key": "a", "python_wheel_task": {"parameters": ["{{job.parameters.nope}}"]}}],
+    }
+    with pytest.raises(KeyError):
+        run_time_values(job, job["tasks"][0])
+
+
+@pytest.mark.parametrize("item", wheel_tasks(), ids=task_id)
+def test_wheel_task_entry_point_is_declared(item):
+    wheel = item[3]["python_wheel_task"]
+    assert wheel["package_name"] == "image_transfer"
+    importlib.import_module(wheel["package_name"])
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert wheel["entry_point"] in scripts
+    module, _, attr = scripts[wheel["entry_point"]].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+
+
+@pytest.mark.parametrize("item", wheel_tasks(), ids=task_id)
+def test_task_parameters_parse(item):
+    _, _, job, task = item
+    params = run_time_values(job, task)
+    args = parse(params)
+    assert args.command == params[0]
+    assert callable(args.handler)
+
+
+def test_model_path_is_handed_from_train_to_evaluate():
+    job = resolved("dev", jobs_of(ROOT / "resources" / "training.job.yml")["training"])
+    tasks = {t["task_key"]: t for t in job["tasks"]}
+    assert list(tasks) == ["prepare", "train", "evaluate"]
+    assert upstream(job, "evaluate") == {"prepare", "train"}
+    params = tasks["evaluate"]["python_wheel_task"]["parameters"]
+    assert params[params.index("--model") + 1] == "{{tasks.train.values.model_path}}"
+    assert "schedule" not in job and "trigger" not in job  # on demand
+
+
+def test_batch_inference_is_scheduled_and_guarded():
+    job = resolved("dev", jobs_of(ROOT / "resources" / "batch_inference.job.yml")["batch_inference"])
+    schedule = job["schedule"]
+    assert len(schedule["quartz_cron_expression"].split()) in (6, 7)
+    assert schedule["timezone_id"]
+    assert schedule["pause_status"] == "PAUSED"
+    prod = resolved("prod", jobs_of(ROOT / "resources" / "batch_inference.job.yml")["batch_inference"])
+    assert prod["schedule"]["pause_status"] == "UNPAUSED"
+    assert job["max_concurrent_runs"] == 1
+    assert job["timeout_seconds"] > 0
+    assert job["email_notifications"]["on_failure"] == ["someone@example.com"]
+    assert [t["task_key"] for t in job["tasks"]][-1] == "score"
+    assert all(t.get("max_retries", 0) > 0 for t in job["tasks"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_job_clusters_are_set_up_for_gpu_scoring(target):
+    for path in JOB_FILES:
+        for job_key, job in jobs_of(path).items():
+            job = resolved(target, job)
+            batch_sizes = {
+                parse(run_time_values(job, t)).batch_size
+                for t in job["tasks"]
+                if t["python_wheel_task"]["parameters"][0] in ("score", "featurize")
+            }
+            for cluster in job["job_clusters"]:
+                spec, where = cluster["new_cluster"], f"{job_key}.{cluster['job_cluster_key']}"
+                assert "-gpu-ml-" in spec["spark_version"], where
+                assert spec["data_security_mode"] == "SINGLE_USER", where
+                conf, env = spec["spark_conf"], spec["spark_env_vars"]
+                assert conf["spark.python.worker.reuse"] == "true", where
+                assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true", where
+                assert env["TF_GPU_ALLOCATOR"] == "cuda_malloc_async", where
+                arrow = int(conf["spark.sql.execution.arrow.maxRecordsPerBatch"])
+                assert batch_sizes <= {arrow}, f"{where}: Arrow batch {arrow} vs --batch-size {batch_sizes}"
+                if spec.get("num_workers", 1) > 0:  # GPU scheduling applies to multi-node clusters
+                    amount = Fraction(str(conf["spark.task.resource.gpu.amount"]))
+                    assert 0 < amount <= 1 and (1 / amount).denominator == 1, f"{where}: {amount} is not 1/n"
+
+
+def _python_with_jsonschema() -> str | None:
+    """An interpreter that has what validate_bundle.py needs (the venv may lack jsonschema)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    candidates = [sys.executable, *(shutil.which("python3", path=d) for d in dirs), "/usr/bin/python3"]
+    for python in dict.fromkeys(c for c in candidates if c):
+        check = subprocess.run([python, "-c", "import jsonschema, yaml"], capture_output=True, timeout=60)
+        if check.returncode == 0:
+            return python
+    return None
+
+
+def test_validate_bundle_tool():
+    tool = SHARED / "tools" / "validate_bundle.py"
+    if not tool.exists():
+        pytest.skip(f"no {tool}")
+    python = _python_with_jsonschema()
+    if python is None:
+        pytest.skip("no interpreter with PyYAML and jsonschema for validate_bundle.py")
+    done = subprocess.run([python, str(tool), "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "validate_bundle: ok" in done.stdout
