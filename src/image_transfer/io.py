@@ -25,13 +25,32 @@ def _qualified(path: str) -> str:
     return path if "://" in path or path.startswith("dbfs:") else os.path.abspath(path)
 
 
+def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any) -> None:
+    """Clean up after a run that was killed while writing ``dest`` (one writer per output at a time).
+
+    Its staging data is incomplete and is deleted. If it was killed between moving the previous
+    output aside and moving the new one in, the previous output is put back.
+    """
+    name = dest.getName()
+    for status in fs.globStatus(hadoop_path(parent, f".{name}.staging-*")) or []:
+        fs.delete(status.getPath(), True)
+    previous = sorted(
+        fs.globStatus(hadoop_path(parent, f".{name}.previous-*")) or [], key=lambda s: s.getModificationTime()
+    )
+    for status in previous:
+        if not fs.exists(dest):
+            fs.rename(status.getPath(), dest)
+        else:
+            fs.delete(status.getPath(), True)
+
+
 def write_output(df: Any, path: str, *, table: str | None = None) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
 
     The data is written to a hidden staging directory beside ``path`` and renamed into place only
     when complete; a previous output is kept until then. A failed write leaves no staging data and
-    the previous output (if any) untouched. With ``table``, the written data is also saved as that
-    table (overwritten).
+    the previous output (if any) untouched; what a killed run left behind is cleaned up by the next.
+    With ``table``, the written data is also saved as that table (overwritten).
     """
     spark = df.sparkSession
     jvm = spark.sparkContext._jvm
@@ -43,6 +62,7 @@ def write_output(df: Any, path: str, *, table: str | None = None) -> Any:
     staging = hadoop_path(parent, f".{dest.getName()}.staging-{token}")
     backup = hadoop_path(parent, f".{dest.getName()}.previous-{token}")
     fs.mkdirs(parent)
+    _recover(fs, hadoop_path, parent, dest)
     try:
         df.write.mode("error").parquet(staging.toString())
     except BaseException:

@@ -21,7 +21,7 @@ import numpy as np
 from image_transfer.errors import UserError
 from image_transfer.images import ImageLimits, screen_batch
 from image_transfer.model import ModelInfo, inspect_model
-from image_transfer.stats import WorkerStats, record
+from image_transfer.stats import WorkerStats, peak_rss_mb, record
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
@@ -180,7 +180,7 @@ def _make_predict_fn_factory(
             ok_rows = [row for j, row in enumerate(screened.kept) if j not in graph_errors]
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
-            record(stats, batches=1, rows=n, rows_failed=n - len(ok_rows))
+            record(stats, batches=1, rows=n, rows_failed=n - len(ok_rows), peak_rss_mb=peak_rss_mb())
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
                 emb = np.zeros((n, prepared.width), np.float32)

@@ -18,7 +18,7 @@ Counts = dict[str, dict[str, int]]
 
 
 class _CountsParam(AccumulatorParam):
-    """Merges ``{worker pid: {counter: n}}`` dictionaries by adding counters."""
+    """Merges ``{worker pid: {counter: n}}`` dictionaries: adds counters, keeps the maximum of ``peak_*``."""
 
     def zero(self, value: Counts) -> Counts:
         return {}
@@ -27,7 +27,10 @@ class _CountsParam(AccumulatorParam):
         for worker, counts in value2.items():
             mine = value1.setdefault(worker, {})
             for name, n in counts.items():
-                mine[name] = mine.get(name, 0) + n
+                if name.startswith("peak_"):
+                    mine[name] = max(mine.get(name, 0), n)
+                else:
+                    mine[name] = mine.get(name, 0) + n
         return value1
 
 
@@ -45,6 +48,15 @@ class WorkerStats:
     def by_worker(self) -> Counts:
         """Counters per worker pid (driver side, after the action)."""
         return {str(pid): dict(counts) for pid, counts in sorted(self.accumulator.value.items())}
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory so far, in MiB (Linux/macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024)
 
 
 def record(accumulator: Any, **counts: int) -> None:
