@@ -138,3 +138,35 @@ def test_secrets_stay_out_of_bundle_summary_and_logs(images_parquet, shapes_mode
     token_like = re.compile(r"dapi[0-9a-f]{32}|\btoken\s*:\s*\S+", re.IGNORECASE)
     for f in [REPO / "databricks.yml", *(REPO / "resources").glob("*.yml")]:
         assert not token_like.search(f.read_text()), f
+
+
+def test_cli_scores_a_folder_of_hostile_files(spark, shapes_model, tmp_path, capsys):
+    from hostile_images import write_corpus
+
+    expected = write_corpus(tmp_path / "incoming")
+    images, out, summary = tmp_path / "images.parquet", tmp_path / "pred.parquet", tmp_path / "s.json"
+    assert cli.run(["ingest", "--images", str(tmp_path / "incoming"), "--output", str(images)]) == 0
+    code = cli.run(
+        [
+            "score",
+            "--input",
+            str(images),
+            "--model",
+            str(shapes_model),
+            "--output",
+            str(out),
+            "--summary",
+            str(summary),
+            "--batch-size",
+            "5",
+        ]
+    )
+    assert code == 0
+    rows = {Path(r["path"]).name: r for r in spark.read.parquet(str(out)).collect()}
+    assert sorted(rows) == sorted(expected)  # every file is a row
+    for name, should_score in expected.items():
+        assert (rows[name]["error"] is None) == should_score, (name, rows[name]["error"])
+    data = json.loads(summary.read_text())
+    assert data["rows_failed"] == sum(not ok for ok in expected.values())
+    assert len(data["errors_sample"]) == 5
+    assert "failed:" in capsys.readouterr().out

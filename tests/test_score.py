@@ -121,6 +121,8 @@ def test_every_bad_input_class_is_a_row_with_an_error(spark, shapes_model, tmp_p
     assert result.rows_failed == sum(1 for _, ok in cases.values() if not ok) + 1
     workers = result.workers.values()
     assert all(c["model_loads"] == 1 and c["traces"] == 1 for c in workers), result.workers
+    # The bombs declare 900 Mpx (2.7 GB as RGB): refused from the header, memory stays bounded.
+    assert all(c["peak_rss_mb"] < 2000 for c in workers), result.workers
 
 
 def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
