@@ -61,8 +61,7 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
         default=256.0,
         help="models up to this size are broadcast as bytes; larger ones load from the shared path",
     )
-    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels")
+    _add_limit_options(p)
     p.add_argument("--summary", help="write a JSON run summary here")
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
 
@@ -87,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Parquet output path")
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
     p.set_defaults(handler=_cmd_ingest)
+
+    _add_training_parsers(sub)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
     p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
@@ -120,15 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scoring_request(args: argparse.Namespace) -> Any:
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (64 MiB)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels (64 M)")
+
+
+def _image_limits(args: argparse.Namespace) -> Any:
     from image_transfer.images import ImageLimits
-    from image_transfer.score import ScoringRequest
 
     limits = ImageLimits.default()
-    if args.max_image_bytes is not None:
-        limits = limits.replace(max_bytes=args.max_image_bytes)
-    if args.max_pixels is not None:
-        limits = limits.replace(max_pixels=args.max_pixels)
+    try:
+        if args.max_image_bytes is not None:
+            limits = limits.replace(max_bytes=args.max_image_bytes)
+        if args.max_pixels is not None:
+            limits = limits.replace(max_pixels=args.max_pixels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return limits
+
+
+def _scoring_request(args: argparse.Namespace) -> Any:
+    from image_transfer.score import ScoringRequest
+
+    limits = _image_limits(args)
     return ScoringRequest(
         model_path=args.model,
         image_column=args.image_column,
@@ -178,6 +193,149 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_parsers(sub: Any) -> None:
+    """``prepare``, ``train`` and ``evaluate`` (options as the bundle's training job passes them)."""
+    p = sub.add_parser("prepare", help="labelled image folder -> Parquet dataset with a train/validation split")
+    p.add_argument("--images", required=True, help="folder of images, one subfolder per class (read recursively)")
+    p.add_argument("--output", required=True, help="Parquet dataset path (replaced atomically)")
+    p.add_argument("--output-table", help="also save the dataset as this table")
+    p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of images for validation")
+    p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
+    p.add_argument("--summary", help="write a JSON summary (counts, rejected files) here")
+    _add_limit_options(p)
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="prepared Parquet dataset path")
+    src.add_argument("--data-table", help="prepared dataset table")
+    p.add_argument("--output-model", required=True, help="where to save the model (.keras)")
+    p.add_argument(
+        "--backbone", default="mobilenet_v2", help="mobilenet_v2, resnet50, efficientnet_b0, or a .keras file"
+    )
+    p.add_argument("--weights", default="imagenet", help="imagenet (downloaded), none, or a weights file")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of training the new head")
+    p.add_argument(
+        "--fine-tune-layers", type=int, default=0, help="then unfreeze this many top backbone layers (lr / 10)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="of the head phase (fine-tuning: a tenth)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the backbone file's)")
+    p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
+    p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
+    p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="prepared Parquet dataset path")
+    src.add_argument("--data-table", help="prepared dataset table")
+    p.add_argument("--model", required=True, help="Keras model file (.keras) with class names")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--metrics", help="write the metrics JSON here")
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from image_transfer.prepare import prepare
+
+    spark = _spark("image-transfer prepare", args.master)
+    result = prepare(
+        spark,
+        args.images,
+        args.output,
+        output_table=args.output_table,
+        labels=args.labels,
+        validation_fraction=args.validation_fraction,
+        extensions=args.extensions.split(","),
+        limits=_image_limits(args),
+    )
+    print(result.describe())
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _publish_task_value(key: str, value: Any) -> None:
+    """Hand ``value`` to later tasks of a Databricks job run; nothing elsewhere."""
+    try:
+        from image_transfer.workspace import set_task_value
+    except ImportError:
+        return
+    set_task_value(key, value)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from image_transfer.io import read_input
+    from image_transfer.train import TrainConfig, train
+
+    config = TrainConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        fine_tune_layers=args.fine_tune_layers,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        image_size=args.image_size,
+        data_path=args.data_path,
+        cache_dir=args.cache_dir,
+    )
+    spark = _spark("image-transfer train", args.master)
+    data = read_input(spark, path=args.data, table=args.data_table)
+    result = train(data, config, output_model=args.output_model, metrics_path=args.metrics)
+    print(result.describe())
+    _publish_task_value("model_path", result.model_path)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from image_transfer.evaluate import evaluate
+    from image_transfer.io import read_input
+
+    spark = _spark("image-transfer evaluate", args.master)
+    data = read_input(spark, path=args.data, table=args.data_table)
+    result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
+    print(result.describe())
+    return 0
+
+
+def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
+    """prepare -> train (the fixture backbone, 64x64) -> score the validation split with the new model."""
+    from image_transfer import score
+    from image_transfer.io import write_output
+    from image_transfer.prepare import prepare, usable
+    from image_transfer.score import ScoringRequest
+    from image_transfer.train import TrainConfig, train
+
+    dataset = workdir / "dataset.parquet"
+    print(prepare(spark, str(fixtures / "images"), str(dataset)).describe())
+    config = TrainConfig(
+        backbone=str(fixtures / "model" / "backbone.keras"),
+        epochs=12,
+        fine_tune_layers=1,
+        fine_tune_epochs=8,
+        batch_size=16,
+        learning_rate=1e-2,
+        patience=20,
+    )
+    model = workdir / "model.keras"
+    trained = train(spark.read.parquet(str(dataset)), config, output_model=str(model))
+    print(trained.describe())
+    request = ScoringRequest(model_path=str(model), key_columns=("path", "label"))
+    prepared = score.prepare_model(request, mode="classify", top_k=3)
+    out = workdir / "validation_predictions.parquet"
+    source = usable(spark.read.parquet(str(dataset)), "validation").select("path", "label", "content")
+    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(df, str(out)))
+    print(result.describe())
+    print(f"validation accuracy of the trained model: {trained.final_validation_accuracy:.3f}")
+    print(f"trained model: {model}\nvalidation predictions: {out}")
+
+
 def default_fixtures() -> Path:
     """The repo's ``fixtures/`` folder (next to ``src/``), or ``./fixtures``."""
     here = Path(__file__).resolve().parents[2] / "fixtures"
@@ -211,6 +369,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     accuracy = score.label_accuracy(scored)
     print(f"accuracy against the folder labels: {accuracy:.3f}")
     print(f"predictions: {out}\nsummary: {summary}")
+    _demo_training(spark, fixtures, workdir)
     return 0
 
 

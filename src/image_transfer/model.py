@@ -111,16 +111,27 @@ def save_model(
     preprocess: str = "none",
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a Keras model as ``.keras`` with its class names and preprocessing inside the file."""
+    """Save a Keras model as ``.keras`` with its class names and preprocessing inside the file.
+
+    The file is assembled in a local temp dir and copied into place with one sequential write, then
+    renamed: Volumes and DBFS FUSE mounts refuse a zip's random writes, and readers never see half a file.
+    """
+    import shutil
+
     p = Path(path)
     if p.suffix != ".keras":
         raise ValueError(f"model path must end in .keras: {path}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    model.save(p)
     metadata = {"class_names": list(class_names) if class_names else None, "preprocess": preprocess}
     metadata.update(extra or {})
-    with zipfile.ZipFile(p, "a") as zf:
-        zf.writestr(METADATA_NAME, json.dumps(metadata, indent=2))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="image-transfer-save-") as tmp:
+        local = Path(tmp) / "model.keras"
+        model.save(local)
+        with zipfile.ZipFile(local, "a") as zf:
+            zf.writestr(METADATA_NAME, json.dumps(metadata, indent=2))
+        staging = p.with_name(f".{p.name}.partial")
+        shutil.copyfile(local, staging)
+        os.replace(staging, p)
     return p
 
 

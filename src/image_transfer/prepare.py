@@ -1,0 +1,290 @@
+"""Prepare: a folder of labelled images -> a Parquet training dataset with a deterministic split.
+
+Columns: ``path``, ``content`` (encoded bytes TensorFlow can decode), ``label``, ``label_index``,
+``split`` (``train`` or ``validation``, from a hash of the path relative to the images folder, so the
+split does not change when the folder moves or grows) and ``error``. Rows whose ``error`` is set (not
+a readable image, or no label) stay in the dataset, are listed in the summary and are kept out of
+training and evaluation: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd  # module level: pandas_udf resolves the type hints against these globals
+
+from image_transfer.errors import UserError
+from image_transfer.images import ImageLimits, read_image_files
+
+SPLITS = ("train", "validation")
+_HASH_BUCKETS = 10_000
+_TABLE_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){1,2}$")
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What ``prepare`` wrote: per-class counts by split, and every file kept out of training."""
+
+    output: str
+    rows: int
+    class_names: tuple[str, ...]
+    counts: dict[str, dict[str, int]]  # label -> split -> usable images
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, all of them
+    validation_fraction: float = 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        out = asdict(self)
+        out["class_names"] = list(self.class_names)
+        out["rejected_count"] = len(self.rejected)
+        return out
+
+    def describe(self, *, max_rejected: int = 20) -> str:
+        """Per-class counts as a table, then the rejected files."""
+        width = max([len("class")] + [len(c) for c in self.counts])
+        lines = [f"{'class':<{width}}  {'train':>7}  {'validation':>10}"]
+        for label in self.class_names:
+            c = self.counts[label]
+            lines.append(f"{label:<{width}}  {c.get('train', 0):>7}  {c.get('validation', 0):>10}")
+        total = {s: sum(c.get(s, 0) for c in self.counts.values()) for s in SPLITS}
+        lines.append(f"{'total':<{width}}  {total['train']:>7}  {total['validation']:>10}")
+        lines.append(
+            f"prepared {self.rows} files into {self.output}: {len(self.class_names)} classes, "
+            f"{len(self.rejected)} kept out of training"
+        )
+        lines += [f"  rejected: {r['path']}: {r['reason']}" for r in self.rejected[:max_rejected]]
+        if len(self.rejected) > max_rejected:
+            lines.append(f"  ... and {len(self.rejected) - max_rejected} more (see the summary)")
+        return "\n".join(lines)
+
+
+def _screen_udf(limits: ImageLimits) -> Any:
+    """Pandas UDF: content -> struct(error, converted); ``converted`` is set only for re-encoded formats."""
+    from pyspark.sql.functions import pandas_udf
+
+    def screen_full(data: Any) -> tuple[str | None, bytes | None]:
+        import io
+        import warnings
+
+        from PIL import Image
+
+        from image_transfer.images import screen_one
+
+        payload, error = screen_one(data, limits)
+        if error is not None:
+            return error, None
+        try:  # headers were fine; decode the pixels once so training never meets a corrupt body
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(payload)) as img:
+                    img.load()
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
+            return f"corrupt image data ({type(exc).__name__}: {str(exc)[:120]})", None
+        return None, (payload if payload != bytes(data) else None)
+
+    @pandas_udf("error string, converted binary")
+    def screen(content: pd.Series) -> pd.DataFrame:
+        results = [screen_full(v) for v in content]
+        return pd.DataFrame(
+            {"error": [r[0] for r in results], "converted": [r[1] for r in results]}, index=content.index
+        )
+
+    return screen
+
+
+def _qualified_root(spark: Any, folder: str) -> str:
+    """The folder as Spark names its files (``file:/abs/dir``, ``dbfs:/Volumes/...``), no trailing slash."""
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(folder)
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    return str(fs.makeQualified(path).toString()).rstrip("/")
+
+
+def _relative_path(path_col: Any, root: str) -> Any:
+    """Spark column: ``path`` relative to ``root`` (tolerates ``file:/x`` vs ``file:///x`` spellings)."""
+    from pyspark.sql import functions as F
+
+    # Everything after the root's last path components, matched on the unqualified part.
+    bare = re.sub(r"^[a-zA-Z][\w+.-]*:(//[^/]*)?", "", root)
+    return F.regexp_extract(path_col, "^.*?" + re.escape(bare) + "/(.*)$", 1)
+
+
+def read_labels(spark: Any, source: str) -> Any:
+    """Labels from a CSV file (header ``path,label``) or a table with those columns."""
+    from pyspark.sql import functions as F
+
+    is_table = _TABLE_NAME.match(source) is not None and not source.lower().endswith(".csv")
+    try:
+        df = spark.table(source) if is_table else spark.read.option("header", "true").csv(source)
+    except Exception as exc:  # noqa: BLE001 - AnalysisException: missing file or table
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read labels from {source}: {first}") from exc
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise UserError(f"labels {source} need columns path and label; missing {', '.join(sorted(missing))}")
+    return df.select(F.trim(F.col("path").cast("string")).alias("path"), F.col("label").cast("string"))
+
+
+def attach_labels(images: Any, root: str, labels: Any | None) -> Any:
+    """Add ``rel_path`` and ``label``: the parent folder's name, or the label joined on the path.
+
+    Label paths may be relative to the images folder or absolute (with or without a scheme). An image
+    directly in the images folder (no class folder) and an image the labels do not mention get no label.
+    """
+    from pyspark.sql import functions as F
+
+    df = images.withColumn("rel_path", _relative_path(F.col("path"), root))
+    if labels is None:
+        parts = F.split(F.col("rel_path"), "/")
+        folder = F.when(F.size(parts) >= 2, F.element_at(parts, -2))
+        return df.withColumn("label", F.when(folder != "", folder))
+    bare_root = re.sub(r"^[a-zA-Z][\w+.-]*:(//[^/]*)?", "", root)
+    lab = labels.withColumn(
+        "rel_path",
+        F.when(
+            F.col("path").contains(bare_root + "/"),
+            F.regexp_extract(F.col("path"), "^.*?" + re.escape(bare_root) + "/(.*)$", 1),
+        ).otherwise(F.regexp_replace(F.col("path"), "^\\./", "")),
+    )
+    dup = lab.groupBy("rel_path").agg(F.countDistinct("label").alias("n")).where("n > 1").limit(3).collect()
+    if dup:
+        raise UserError(f"labels give more than one label to {', '.join(r['rel_path'] for r in dup)}")
+    lab = lab.dropDuplicates(["rel_path"]).select("rel_path", F.col("label"))
+    return df.join(F.broadcast(lab) if _small(lab) else lab, on="rel_path", how="left")
+
+
+def _small(df: Any, limit: int = 1_000_000) -> bool:
+    return df.limit(limit + 1).count() <= limit
+
+
+def split_column(rel_path: Any, validation_fraction: float) -> Any:
+    """Spark column: ``validation`` for a stable ``validation_fraction`` of the paths, else ``train``."""
+    from pyspark.sql import functions as F
+
+    bucket = F.pmod(F.xxhash64(rel_path), F.lit(_HASH_BUCKETS))
+    return F.when(bucket < int(round(validation_fraction * _HASH_BUCKETS)), "validation").otherwise("train")
+
+
+def build_dataset(
+    images: Any,
+    *,
+    root: str,
+    labels: Any | None = None,
+    validation_fraction: float = 0.2,
+    limits: ImageLimits | None = None,
+) -> tuple[Any, tuple[str, ...]]:
+    """The prepared DataFrame (not yet written) and its class names in ``label_index`` order."""
+    from pyspark.sql import functions as F
+
+    if not 0.0 <= validation_fraction < 1.0:
+        raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
+    screened = attach_labels(images, root, labels).withColumn(
+        "_s", _screen_udf(limits or ImageLimits.default())(F.col("content"))
+    )
+    df = screened.select(
+        "path",
+        F.coalesce(F.col("_s.converted"), F.col("content")).alias("content"),
+        "label",
+        "rel_path",
+        F.when(F.col("_s.error").isNotNull(), F.col("_s.error"))
+        .when(F.col("label").isNull(), F.lit("no label"))
+        .alias("error"),
+    )
+    # Screening runs Python per row; materialise it once for the class list and the write.
+    df = df.persist()
+    names = tuple(
+        r["label"] for r in df.where(F.col("error").isNull()).select("label").distinct().orderBy("label").collect()
+    )
+    if not names:
+        raise UserError("no labelled, readable images found")
+    index = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
+    out = df.select(
+        "path",
+        "content",
+        "label",
+        F.when(F.col("error").isNull(), index[F.col("label")]).cast("int").alias("label_index"),
+        split_column(F.col("rel_path"), validation_fraction).alias("split"),
+        "error",
+    )
+    return out, names
+
+
+def summarize(written: Any, *, output: str, validation_fraction: float) -> PrepareResult:
+    """Counts per class and split, and the rejected files, from the dataset as written."""
+    from pyspark.sql import functions as F
+
+    ok = written.where(F.col("error").isNull())
+    counts: dict[str, dict[str, int]] = {}
+    index: dict[int, str] = {}
+    for r in ok.groupBy("label", "label_index", "split").count().collect():
+        counts.setdefault(r["label"], {s: 0 for s in SPLITS})[r["split"]] = r["count"]
+        index[r["label_index"]] = r["label"]
+    rejected = [
+        {"path": r["path"], "reason": r["error"]}
+        for r in written.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").collect()
+    ]
+    return PrepareResult(
+        output=output,
+        rows=written.count(),
+        class_names=tuple(index[i] for i in sorted(index)),
+        counts=counts,
+        rejected=rejected,
+        validation_fraction=validation_fraction,
+    )
+
+
+def prepare(
+    spark: Any,
+    images_dir: str,
+    output: str,
+    *,
+    output_table: str | None = None,
+    labels: str | None = None,
+    validation_fraction: float = 0.2,
+    extensions: Sequence[str] = ("jpg", "jpeg", "png"),
+    limits: ImageLimits | None = None,
+) -> PrepareResult:
+    """Read ``images_dir`` with ``binaryFile``, label, screen and split it, write it atomically to ``output``."""
+    from image_transfer.io import write_output
+
+    if not 0.0 <= validation_fraction < 1.0:
+        raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
+    exts = [e.strip().lstrip(".") for e in extensions if e.strip()]
+    if not exts:
+        raise UserError("--extensions names no extension")
+    images = read_image_files(spark, images_dir, extensions=exts)
+    if images.isEmpty():
+        raise UserError(f"no files with extensions {', '.join(exts)} under {images_dir}")
+    label_df = read_labels(spark, labels) if labels else None
+    root = _qualified_root(spark, images_dir)
+    df, _ = build_dataset(images, root=root, labels=label_df, validation_fraction=validation_fraction, limits=limits)
+    try:
+        written = write_output(df, output, table=output_table)
+        result = summarize(written, output=output, validation_fraction=validation_fraction)
+    finally:
+        df.unpersist()
+    return result
+
+
+def usable(df: Any, split: str | None = None) -> Any:
+    """The rows to train or evaluate on: no error, and (optionally) in ``split``."""
+    from pyspark.sql import functions as F
+
+    missing = {"content", "label", "label_index", "split", "error"} - set(df.columns)
+    if missing:
+        raise UserError(f"not a prepared dataset (run `image-transfer prepare`): no {', '.join(sorted(missing))}")
+    if split is not None and split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+    out = df.where(F.col("error").isNull() & F.col("label_index").isNotNull())
+    return out.where(F.col("split") == split) if split else out
+
+
+def class_names(df: Any) -> tuple[str, ...]:
+    """Class names of a prepared dataset, in ``label_index`` order (checked to be 0..n-1)."""
+    rows = usable(df).select("label_index", "label").distinct().orderBy("label_index").collect()
+    if [r["label_index"] for r in rows] != list(range(len(rows))):
+        raise UserError("the dataset's label_index values are not 0..n-1 with one label each")
+    return tuple(r["label"] for r in rows)

@@ -1,0 +1,487 @@
+"""Train: transfer learning on a prepared dataset, fed by Petastorm or Arrow, saved for ``score``.
+
+A pretrained backbone (``keras.applications`` by name, or a Keras file) is frozen under a new
+softmax head for the dataset's classes; optionally a second phase unfreezes the backbone's top
+layers at a tenth of the learning rate. The model takes float RGB 0..255 at its input size and holds
+its preprocessing, and is saved with ``model.save_model`` so ``score`` reports class names. The
+best weights by validation accuracy are checkpointed and restored; a metrics JSON and a PNG of the
+training curves are written beside it, and MLflow gets the run when a tracking server is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import UserError
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one ``keras.applications`` backbone and the preprocessing its weights expect."""
+
+    constructor: str  # attribute of keras.applications
+    preprocess: str  # "scale_-1_1", "caffe" or "none" (built into the network)
+    min_size: int = 32
+
+
+BACKBONES = {
+    "mobilenet_v2": Backbone("MobileNetV2", "scale_-1_1"),
+    "resnet50": Backbone("ResNet50", "caffe"),
+    "efficientnet_b0": Backbone("EfficientNetB0", "none"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides how a model is trained (recorded in the metrics and MLflow params)."""
+
+    backbone: str = "mobilenet_v2"  # a name in BACKBONES, or a .keras file
+    weights: str = "imagenet"  # imagenet | none | a weights file (keras.applications backbones)
+    epochs: int = 5
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int | None = None  # default: ``epochs``
+    batch_size: int = 32
+    image_size: int | None = None  # default: 224, or a backbone file's input size
+    learning_rate: float = 1e-3
+    dropout: float = 0.2
+    patience: int = 3
+    augment: bool = True
+    seed: int = 0
+    data_path: str = "auto"
+    cache_dir: str | None = None
+    checkpoint_dir: str | None = None  # default: a temp dir, deleted at the end
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.fine_tune_layers < 0:
+            raise UserError(f"fine-tune-layers must be >= 0, got {self.fine_tune_layers}")
+        if self.image_size is not None and self.image_size < 32:
+            raise UserError(f"image-size must be at least 32, got {self.image_size}")
+        if self.backbone not in BACKBONES and not self.backbone.endswith(".keras"):
+            raise UserError(f"unknown backbone {self.backbone!r}: one of {', '.join(BACKBONES)}, or a .keras file")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` produced; ``to_dict`` is the metrics JSON."""
+
+    model_path: str
+    class_names: list[str]
+    image_size: int
+    data_path: str
+    train_rows: int
+    validation_rows: int
+    epochs: list[dict[str, Any]]
+    final_validation_accuracy: float | None
+    images_per_second: float
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics_path: str | None = None
+    plot_path: str | None = None
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready metrics."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """A short human summary."""
+        acc = self.final_validation_accuracy
+        return (
+            f"trained on {self.train_rows} images ({len(self.class_names)} classes) via {self.data_path}, "
+            f"{len(self.epochs)} epochs in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s); "
+            f"validation accuracy {'n/a' if acc is None else f'{acc:.3f}'} on {self.validation_rows} images\n"
+            f"model: {self.model_path}"
+            + (f"\nmetrics: {self.metrics_path}" if self.metrics_path else "")
+            + (f"\ncurves: {self.plot_path}" if self.plot_path else "")
+        )
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+def _preprocess_layers(kind: str) -> list[Any]:
+    """Keras layers for a preprocessing, so it lives (serialisably, without Lambda) inside the model."""
+    import numpy as np
+    from keras import layers
+
+    if kind == "none":
+        return []
+    if kind == "scale_-1_1":
+        return [layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")]
+    if kind == "caffe":  # RGB -> BGR and ImageNet means off: a fixed 1x1 linear map on the channels
+        swap = np.eye(3, dtype="float32")[::-1]
+        mean = np.array([103.939, 116.779, 123.68], "float32")
+        dense = layers.Dense(3, trainable=False, name="preprocess")
+        dense.build((None, 3))
+        dense.set_weights([swap, -mean])
+        return [dense]
+    raise ValueError(kind)
+
+
+def build_backbone(name: str, *, weights: str, image_size: int | None) -> tuple[Any, list[Any], int]:
+    """(backbone, preprocessing layers, input size); a file backbone keeps its own preprocessing."""
+    import keras
+
+    from image_transfer.model import embedding_model, load_keras, read_metadata
+
+    if name in BACKBONES:
+        spec = BACKBONES[name]
+        size = image_size or DEFAULT_IMAGE_SIZE
+        if weights == "none":
+            w: str | None = None
+        elif weights == "imagenet":
+            w = "imagenet"
+        else:
+            if not Path(weights).is_file():
+                raise UserError(f"weights file not found: {weights}")
+            w = weights
+        try:
+            net = getattr(keras.applications, spec.constructor)(
+                include_top=False, weights=w, input_shape=(size, size, 3), pooling="avg"
+            )
+        except ValueError as exc:
+            raise UserError(f"cannot build {name} with weights {weights}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a failed imagenet download surfaces as many types
+            if w == "imagenet":
+                raise UserError(
+                    f"cannot load the ImageNet weights for {name} ({type(exc).__name__}: {exc}); they are "
+                    "downloaded on first use: without internet, pass --weights PATH or --weights none"
+                ) from exc
+            raise
+        return net, _preprocess_layers(spec.preprocess), size
+    # A Keras file: a feature extractor, or a classifier cut before its last layer.
+    net = load_keras(name)
+    if read_metadata(name).get("class_names"):
+        net = embedding_model(net, None)
+    if weights not in ("imagenet", "none"):
+        net.load_weights(weights)
+    shape = tuple(net.inputs[0].shape)
+    if len(shape) != 4 or shape[-1] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
+        raise UserError(f"backbone {name} must take square RGB images [None, n, n, 3], takes {shape}")
+    if image_size is not None and image_size != shape[1]:
+        raise UserError(f"backbone {name} takes {shape[1]}x{shape[2]} images; --image-size {image_size} differs")
+    if len(net.outputs[0].shape) == 4:
+        net = keras.Model(net.inputs, keras.layers.GlobalAveragePooling2D()(net.outputs[0]))
+    if len(net.outputs[0].shape) != 2:
+        raise UserError(f"backbone {name} must output features [None, d], outputs {tuple(net.outputs[0].shape)}")
+    return net, [], int(shape[1])
+
+
+def build_classifier(backbone: Any, preprocess: Sequence[Any], *, classes: int, size: int, dropout: float) -> Any:
+    """Frozen ``backbone`` under a new softmax head: float RGB 0..255 [None, size, size, 3] -> [None, classes]."""
+    import keras
+
+    backbone.trainable = False
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs
+    for layer in preprocess:
+        x = layer(x)
+    x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuned
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="image_transfer_classifier")
+
+
+def unfreeze_top(backbone: Any, layers: int) -> int:
+    """Make the top ``layers`` layers with weights trainable (BatchNorm stays frozen); returns how many."""
+    import keras
+
+    backbone.trainable = True
+    weighted = [lyr for lyr in backbone.layers if lyr.weights]
+    top = {id(lyr) for lyr in weighted[-layers:]} if layers else set()
+    count = 0
+    for lyr in backbone.layers:
+        lyr.trainable = id(lyr) in top and not isinstance(lyr, keras.layers.BatchNormalization)
+        count += lyr.trainable
+    return count
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def _throughput_callback(batch_size: int, log: list[dict[str, Any]]) -> Any:
+    import keras
+
+    class Throughput(keras.callbacks.Callback):
+        """Training images per second of each epoch (validation excluded)."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.start, self.end, self.steps = time.perf_counter(), None, 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.steps += 1
+            self.end = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds = (self.end or time.perf_counter()) - self.start
+            log.append({"images": self.steps * batch_size, "train_seconds": seconds})
+
+    return Throughput()
+
+
+def _fit_phase(
+    model: Any,
+    train_ds: Any,
+    val_ds: Any | None,
+    *,
+    phase: str,
+    first_epoch: int,
+    epochs: int,
+    steps: int,
+    val_steps: int,
+    config: TrainConfig,
+    checkpoint: Path,
+    best: float | None,
+    callbacks: Sequence[Any],
+) -> tuple[list[dict[str, Any]], float | None]:
+    """One ``fit`` phase; restores the best weights seen so far (this phase's or ``best`` before it)."""
+    import keras
+
+    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    timing: list[dict[str, Any]] = []
+    saver = keras.callbacks.ModelCheckpoint(
+        str(checkpoint),
+        monitor=monitor,
+        mode="max",
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=best,
+    )
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience)
+    history = model.fit(
+        train_ds,
+        epochs=first_epoch + epochs,
+        initial_epoch=first_epoch,
+        steps_per_epoch=steps,
+        validation_data=val_ds,
+        validation_steps=val_steps if val_ds is not None else None,
+        callbacks=[_throughput_callback(config.batch_size, timing), saver, stopper, *callbacks],
+        verbose=2,
+    )
+    rows = []
+    for i, t in enumerate(timing):
+        row = {"epoch": first_epoch + i + 1, "phase": phase}
+        row.update({k: float(v[i]) for k, v in history.history.items() if i < len(v)})
+        row["images_per_second"] = t["images"] / t["train_seconds"] if t["train_seconds"] > 0 else 0.0
+        row.update(t)
+        rows.append(row)
+    if checkpoint.exists():
+        model.load_weights(str(checkpoint))
+    scores = [r[monitor] for r in rows if monitor in r]
+    if scores and (best is None or max(scores) > best):
+        best = max(scores)
+    return rows, best
+
+
+def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) -> float:
+    """Exact accuracy over one pass of ``feed``."""
+    import numpy as np
+
+    correct = total = 0
+    with feed.make_tf_dataset(batch_size=batch_size, image_size=(image_size, image_size)) as ds:
+        for images, labels in ds:
+            predicted = np.argmax(model.predict_on_batch(images), axis=-1)
+            correct += int((predicted == labels.numpy()).sum())
+            total += len(predicted)
+    return correct / total if total else 0.0
+
+
+def train(
+    df: Any,
+    config: TrainConfig,
+    *,
+    output_model: str,
+    metrics_path: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
+
+    The feed caches are deleted when this returns or raises. ``callbacks`` are extra Keras callbacks.
+    """
+    import keras
+
+    from image_transfer.feed import open_feed
+    from image_transfer.model import save_model
+    from image_transfer.prepare import class_names, usable
+
+    if not output_model.endswith(".keras"):
+        raise UserError(f"--output-model must be a .keras file path, got {output_model}")
+    names = class_names(df)
+    if len(names) < 2:
+        raise UserError(f"need at least two classes to train, found {len(names)}: {', '.join(names)}")
+    train_df, val_df = usable(df, "train"), usable(df, "validation")
+    has_val = not val_df.isEmpty()
+    keras.utils.set_random_seed(config.seed)
+    backbone, preprocess, size = build_backbone(config.backbone, weights=config.weights, image_size=config.image_size)
+    model = build_classifier(backbone, preprocess, classes=len(names), size=size, dropout=config.dropout)
+    shape = (size, size)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="image-transfer-train-")))
+        ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else tmp / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        train_feed = stack.enter_context(open_feed(train_df, path=config.data_path, cache_dir=config.cache_dir))
+        val_feed = (
+            stack.enter_context(open_feed(val_df, path=train_feed.path, cache_dir=config.cache_dir))
+            if has_val
+            else None
+        )
+        steps = math.ceil(train_feed.rows / config.batch_size)
+        val_steps = math.ceil(val_feed.rows / config.batch_size) if val_feed else 0
+        epochs: list[dict[str, Any]] = []
+        best: float | None = None
+        phases = [("head", config.epochs, config.learning_rate)]
+        if config.fine_tune_layers:
+            phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
+        for phase, n_epochs, lr in phases:
+            if phase == "fine_tune":
+                unfreeze_top(backbone, config.fine_tune_layers)
+            model.compile(
+                optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            )
+            with contextlib.ExitStack() as datasets:
+                train_ds = datasets.enter_context(
+                    train_feed.make_tf_dataset(
+                        batch_size=config.batch_size,
+                        image_size=shape,
+                        training=config.augment,
+                        num_epochs=None,
+                        seed=config.seed + len(epochs),
+                    )
+                )
+                val_ds = (
+                    datasets.enter_context(
+                        val_feed.make_tf_dataset(batch_size=config.batch_size, image_size=shape, num_epochs=None)
+                    )
+                    if val_feed
+                    else None
+                )
+                checkpoint = ckpt_dir / f"best-{phase}.weights.h5"
+                checkpoint.unlink(missing_ok=True)  # never restore a previous run's weights
+                rows, best = _fit_phase(
+                    model,
+                    train_ds,
+                    val_ds,
+                    phase=phase,
+                    first_epoch=len(epochs),
+                    epochs=n_epochs,
+                    steps=steps,
+                    val_steps=val_steps,
+                    config=config,
+                    checkpoint=checkpoint,
+                    best=best,
+                    callbacks=callbacks,
+                )
+            epochs += rows
+            if phase == "fine_tune" and not checkpoint.exists():  # fine-tuning never beat the head phase
+                model.load_weights(str(ckpt_dir / "best-head.weights.h5"))
+        final = _evaluate_split(model, val_feed, batch_size=config.batch_size, image_size=size) if val_feed else None
+        data_path, train_rows = train_feed.path, train_feed.rows
+        val_rows = val_feed.rows if val_feed else 0
+        seconds = time.perf_counter() - started
+        save_model(
+            model,
+            output_model,
+            class_names=names,
+            extra={"backbone": config.backbone, "image_size": size, "trained_by": "image-transfer train"},
+        )
+    images = sum(e["images"] for e in epochs)
+    train_seconds = sum(e["train_seconds"] for e in epochs)
+    result = TrainResult(
+        model_path=output_model,
+        class_names=list(names),
+        image_size=size,
+        data_path=data_path,
+        train_rows=train_rows,
+        validation_rows=val_rows,
+        epochs=epochs,
+        final_validation_accuracy=final,
+        images_per_second=images / train_seconds if train_seconds > 0 else 0.0,
+        seconds=seconds,
+        config=asdict(replace(config, image_size=size)),
+    )
+    metrics = Path(metrics_path) if metrics_path else Path(output_model).with_suffix(".metrics.json")
+    write_metrics(result, metrics)
+    result.mlflow_run_id = log_to_mlflow(result)
+    return result
+
+
+def write_metrics(result: TrainResult, path: Path) -> None:
+    """The metrics JSON at ``path`` and the training curves as a PNG beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot = path.with_suffix(".png")
+    plot_training_curves(result.epochs, plot)
+    result.metrics_path, result.plot_path = str(path), str(plot)
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def plot_training_curves(epochs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, with the fine-tuning start marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    x = [e["epoch"] for e in epochs]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+            ax.plot(x, [e.get(metric) for e in epochs], marker="o", label=f"train {metric}")
+            if any(f"val_{metric}" in e for e in epochs):
+                ax.plot(x, [e.get(f"val_{metric}") for e in epochs], marker="o", label=f"validation {metric}")
+            tuned = [e["epoch"] for e in epochs if e["phase"] == "fine_tune"]
+            if tuned:
+                ax.axvline(tuned[0] - 0.5, color="grey", linestyle="--", label="fine-tuning")
+            ax.set_xlabel("epoch")
+            ax.set_title(metric)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
+
+
+def mlflow_enabled() -> bool:
+    """MLflow is importable and a tracking server is configured (always the case on Databricks)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        return False
+    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def log_to_mlflow(result: TrainResult) -> str | None:
+    """Log params, per-epoch metrics, the model file, metrics JSON and curves; returns the run id."""
+    if not mlflow_enabled():
+        return None
+    import mlflow
+
+    with mlflow.start_run(nested=mlflow.active_run() is not None) as run:
+        params = {k: v for k, v in result.config.items() if v is not None}
+        params.update(data_path=result.data_path, classes=",".join(result.class_names))  # the path "auto" chose
+        mlflow.log_params(params)
+        for e in result.epochs:
+            values = {k: v for k, v in e.items() if isinstance(v, float) and k != "train_seconds"}
+            mlflow.log_metrics(values, step=e["epoch"])
+        if result.final_validation_accuracy is not None:
+            mlflow.log_metric("final_validation_accuracy", result.final_validation_accuracy)
+        mlflow.log_metric("train_images_per_second", result.images_per_second)
+        mlflow.log_artifact(result.model_path, artifact_path="model")
+        for extra in (result.metrics_path, result.plot_path):
+            if extra:
+                mlflow.log_artifact(extra)
+        return run.info.run_id

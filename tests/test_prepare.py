@@ -1,0 +1,158 @@
+"""prepare: folder -> labelled Parquet dataset with a stable split; bad files reported, never dropped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hostile_images import corpus
+
+from image_transfer import cli
+from image_transfer.errors import UserError
+from image_transfer.prepare import class_names, prepare, usable
+
+CLASSES = ["circle", "cross", "ring", "square", "star", "triangle"]
+
+
+def _copy_classes(fixtures_dir: Path, dest: Path, classes=CLASSES, per_class: int = 40) -> None:
+    for cls in classes:
+        (dest / cls).mkdir(parents=True)
+        for f in sorted((fixtures_dir / "images" / cls).iterdir())[:per_class]:
+            shutil.copy(f, dest / cls / f.name)
+
+
+@pytest.fixture(scope="module")
+def messy_folder(fixtures_dir, tmp_path_factory) -> Path:
+    """Three fixture classes with 10 images each, plus every hostile file the corpus has under ``junk/``,
+    an image outside any class folder and a file with an extension that is not read."""
+    root = tmp_path_factory.mktemp("messy") / "images"
+    _copy_classes(fixtures_dir, root, CLASSES[:3], per_class=10)
+    (root / "junk").mkdir()
+    for name, (data, _) in corpus().items():
+        (root / "junk" / name).write_bytes(data)
+    shutil.copy(fixtures_dir / "images" / "circle" / "circle_000.png", root / "loose.png")
+    (root / "circle" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy(spark, messy_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("messy-out") / "dataset.parquet"
+    result = prepare(spark, str(messy_folder), str(out), extensions=["jpg", "jpeg", "png", "gif", "bmp", "webp", "tif"])
+    return result, spark.read.parquet(str(out))
+
+
+def test_bad_files_are_listed_and_kept_out_of_training_not_dropped(messy):
+    result, df = messy
+    hostile = corpus()
+    bad = {f"junk/{n}" for n, (_, ok) in hostile.items() if not ok}
+    rejected = {r["path"].split("/images/", 1)[1]: r["reason"] for r in result.rejected}
+    assert bad <= set(rejected), f"not reported: {bad - set(rejected)}"
+    assert rejected["loose.png"] == "no label"
+    assert "not an image" in rejected["junk/text.png"] and "truncated" in rejected["junk/truncated.jpg"]
+    assert rejected["junk/empty.jpg"] == "empty image"
+    # Every file read is a row; every reported file is out of the usable rows.
+    assert df.count() == result.rows == 3 * 10 + len(hostile) + 1
+    usable_paths = {r["path"] for r in usable(df).select("path").collect()}
+    assert not usable_paths & {r["path"] for r in result.rejected}
+    assert all(not p.endswith(".txt") for p in usable_paths)
+
+
+def test_readable_oddities_are_usable_and_decodable_by_tensorflow(messy):
+    import tensorflow as tf
+
+    _, df = messy
+    junk = usable(df).where("label = 'junk'").select("path", "content").collect()
+    names = {r["path"].rsplit("/", 1)[1] for r in junk}
+    assert names == {n for n, (_, ok) in corpus().items() if ok}
+    for r in junk:  # WebP and TIFF were re-encoded so the training graph can decode them
+        assert tf.io.decode_image(bytes(r["content"]), channels=3, expand_animations=False).shape[-1] == 3
+
+
+def test_labels_counts_and_label_index(messy):
+    result, df = messy
+    assert result.class_names == ("circle", "cross", "junk", "ring") or result.class_names == tuple(
+        sorted(result.counts)
+    )
+    assert class_names(df) == result.class_names
+    for label, counts in result.counts.items():
+        n = usable(df).where(f"label = '{label}'").count()
+        assert sum(counts.values()) == n
+    assert {r["label_index"] for r in usable(df).select("label_index").distinct().collect()} == set(
+        range(len(result.class_names))
+    )
+    assert sum(result.counts["circle"].values()) == 10
+
+
+def test_split_is_stable_when_the_folder_moves_and_follows_the_fraction(spark, fixtures_dir, tmp_path):
+    splits = []
+    for where in ("a", "b/deeper"):
+        root = tmp_path / where / "imgs"
+        _copy_classes(fixtures_dir, root, CLASSES[:2], per_class=40)
+        out = tmp_path / where / "ds.parquet"
+        prepare(spark, str(root), str(out), validation_fraction=0.25)
+        rows = spark.read.parquet(str(out)).select("path", "split").collect()
+        splits.append({r["path"].split("/imgs/", 1)[1]: r["split"] for r in rows})
+    assert splits[0] == splits[1]
+    share = sum(s == "validation" for s in splits[0].values()) / len(splits[0])
+    assert 0.12 <= share <= 0.38, share
+    assert set(splits[0].values()) == {"train", "validation"}
+
+
+def test_labels_csv_joined_on_relative_or_absolute_paths(spark, fixtures_dir, tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    expected = {}
+    for cls in ("star", "ring"):
+        for f in sorted((fixtures_dir / "images" / cls).iterdir())[:6]:
+            shutil.copy(f, root / f.name)
+            expected[f.name] = f"{cls}-label"
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for i, (name, label) in enumerate(sorted(expected.items())):
+            if name.startswith("star_000"):
+                continue  # one image without a label
+            w.writerow([name if i % 2 else str(root / name), label])
+    result = prepare(spark, str(root), str(tmp_path / "ds.parquet"), labels=str(labels))
+    got = {
+        r["path"].rsplit("/", 1)[1]: r["label"]
+        for r in usable(spark.read.parquet(str(tmp_path / "ds.parquet"))).select("path", "label").collect()
+    }
+    del expected[next(n for n in expected if n.startswith("star_000"))]
+    assert got == expected
+    assert [r["reason"] for r in result.rejected] == ["no label"]
+
+
+def test_cli_prepare_prints_counts_and_writes_summary(spark, fixtures_dir, tmp_path, capsys):
+    root = tmp_path / "imgs"
+    _copy_classes(fixtures_dir, root, CLASSES[:2], per_class=8)
+    (root / "square").mkdir()
+    (root / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    summary = tmp_path / "summary.json"
+    code = cli.run(
+        ["prepare", "--images", str(root), "--output", str(tmp_path / "ds"), "--summary", str(summary)]
+        + ["--validation-fraction", "0.5", "--extensions", "png,jpg"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "circle" in out and "cross" in out and "broken.png" in out
+    data = json.loads(summary.read_text())
+    assert data["class_names"] == ["circle", "cross"]
+    assert sum(data["counts"]["circle"].values()) == 8
+    assert data["rejected_count"] == 1 and data["rejected"][0]["path"].endswith("square/broken.png")
+
+
+def test_clear_errors(spark, tmp_path):
+    with pytest.raises(UserError, match="validation-fraction"):
+        prepare(spark, str(tmp_path), str(tmp_path / "o"), validation_fraction=1.0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):
+        prepare(spark, str(tmp_path / "empty"), str(tmp_path / "o"))
+    df = spark.createDataFrame([("p", b"x")], "path string, content binary")
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        usable(df)

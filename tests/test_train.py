@@ -1,0 +1,192 @@
+"""Transfer learning on the fixtures: a fine-tuned model that `score` and `evaluate` use, and clean failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from training_data import fixture_dataset
+
+from image_transfer import cli
+from image_transfer.errors import UserError
+from image_transfer.model import inspect_model, load_keras, preprocess_fn, save_model
+from image_transfer.prepare import usable
+from image_transfer.train import (
+    BACKBONES,
+    TrainConfig,
+    build_backbone,
+    build_classifier,
+    log_to_mlflow,
+    train,
+    unfreeze_top,
+)
+
+CLASSES = ["circle", "cross", "ring", "square", "star", "triangle"]
+CHANCE = 1 / len(CLASSES)
+# The bar: three times chance. The frozen fixture backbone was pre-trained on other shapes; a new head
+# plus its top conv layer fine-tuned reaches about 0.65-0.8 on the 46 validation images here.
+ACCURACY_BAR = 0.5
+
+
+@pytest.fixture(scope="module")
+def dataset(spark):
+    return spark.read.parquet(fixture_dataset(spark))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, backbone_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    cache = out / "cache"
+    cache.mkdir()
+    config = TrainConfig(
+        backbone=str(backbone_model),
+        epochs=12,
+        fine_tune_layers=1,
+        fine_tune_epochs=8,
+        batch_size=16,
+        learning_rate=1e-2,
+        patience=20,
+        cache_dir=str(cache),
+    )
+    result = train(dataset, config, output_model=str(out / "model.keras"), metrics_path=str(out / "m" / "train.json"))
+    return result, out
+
+
+def test_fine_tuned_model_is_far_above_chance(trained):
+    result, _ = trained
+    assert result.final_validation_accuracy >= ACCURACY_BAR, (result.final_validation_accuracy, CHANCE)
+    assert result.validation_rows == 46 and result.train_rows == 194
+    assert [e["phase"] for e in result.epochs].count("fine_tune") >= 1
+
+
+def test_model_metrics_and_curves_are_written(trained):
+    result, out = trained
+    info = inspect_model(result.model_path)
+    assert info.class_names == tuple(CLASSES) and (info.height, info.width) == (64, 64)
+    assert info.preprocess == "none"
+    metrics = json.loads((out / "m" / "train.json").read_text())
+    assert metrics["final_validation_accuracy"] == result.final_validation_accuracy
+    assert metrics["images_per_second"] > 0 and metrics["data_path"] == result.data_path
+    for epoch in metrics["epochs"]:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_second"} <= set(epoch)
+    assert (out / "m" / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any((out / "cache").iterdir()), "the feed cache outlived training"
+
+
+def test_evaluate_scores_the_split_with_the_trained_model(spark, trained, tmp_path, capsys):
+    result, out = trained
+    path = fixture_dataset(spark)
+    code = cli.run(["evaluate", "--data", path, "--model", result.model_path, "--metrics", str(tmp_path / "eval.json")])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["rows"] == 46 and metrics["rows_failed"] == 0
+    # The scoring graph decodes like the training feed: the same images, the same accuracy.
+    assert abs(metrics["accuracy"] - result.final_validation_accuracy) <= 1 / 46 + 1e-9
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_failure_mid_training_leaves_no_cache_and_no_model(dataset, backbone_model, tmp_path):
+    import keras
+
+    class Boom(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("boom at the end of an epoch")
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    config = TrainConfig(backbone=str(backbone_model), epochs=2, batch_size=32, cache_dir=str(cache))
+    with pytest.raises(RuntimeError, match="boom"):
+        train(dataset, config, output_model=str(tmp_path / "model.keras"), callbacks=[Boom()])
+    assert not any(cache.iterdir())
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_cli_train_publishes_the_model(spark, backbone_model, tmp_path, capsys):
+    model = tmp_path / "out" / "model.keras"
+    code = cli.run(
+        ["train", "--data", fixture_dataset(spark), "--output-model", str(model), "--backbone", str(backbone_model)]
+        + ["--epochs", "1", "--batch-size", "32", "--data-path", "arrow", "--cache-dir", str(tmp_path)]
+        + ["--metrics", str(tmp_path / "metrics.json")]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert inspect_model(str(model)).class_names == tuple(CLASSES)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["data_path"] == "arrow" and len(metrics["epochs"]) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("image-transfer-feed")] == []
+    assert "validation accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_applications_backbones_build_save_and_load_for_scoring(name, tmp_path):
+    backbone, preprocess, size = build_backbone(name, weights="none", image_size=32)
+    model = build_classifier(backbone, preprocess, classes=3, size=size, dropout=0.2)
+    assert not backbone.trainable
+    path = save_model(model, tmp_path / f"{name}.keras", class_names=["a", "b", "c"])
+    info = inspect_model(str(path))  # safe mode: the preprocessing is plain layers, no Lambda
+    assert info.class_names == ("a", "b", "c") and (info.height, info.output_width) == (32, 3)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(load_keras(path)(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+    if preprocess:  # the in-model preprocessing equals the named one scoring knows
+        import tensorflow as tf
+
+        kind = BACKBONES[name].preprocess
+        expected = np.asarray(preprocess_fn(kind)(tf.constant(x)))
+        np.testing.assert_allclose(preprocess[0](x).numpy(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_weights_from_a_local_file(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    source, _, _ = build_backbone("mobilenet_v2", weights="none", image_size=32)
+    source.save_weights(tmp_path / "mnv2.weights.h5")
+    loaded, _, _ = build_backbone("mobilenet_v2", weights=str(tmp_path / "mnv2.weights.h5"), image_size=32)
+    for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="weights file not found"):
+        build_backbone("mobilenet_v2", weights=str(tmp_path / "missing.h5"), image_size=32)
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen():
+    import keras
+
+    backbone, _, _ = build_backbone("mobilenet_v2", weights="none", image_size=32)
+    build_classifier(backbone, [], classes=2, size=32, dropout=0.0)
+    count = unfreeze_top(backbone, 10)
+    trainable = [lyr for lyr in backbone.layers if lyr.trainable and lyr.weights]
+    assert 0 < count == len(trainable) <= 10
+    assert not any(isinstance(lyr, keras.layers.BatchNormalization) for lyr in trainable)
+
+
+def test_clear_configuration_errors(dataset, backbone_model, tmp_path):
+    with pytest.raises(UserError, match="unknown backbone"):
+        TrainConfig(backbone="vgg99")
+    with pytest.raises(UserError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(UserError, match="image-size 96"):
+        build_backbone(str(backbone_model), weights="imagenet", image_size=96)
+    with pytest.raises(UserError, match=".keras"):
+        train(dataset, TrainConfig(backbone=str(backbone_model)), output_model=str(tmp_path / "m.h5"))
+    from pyspark.sql import functions as F
+
+    one_class = usable(dataset).where("label = 'star'").withColumn("label_index", F.lit(0))
+    with pytest.raises(UserError, match="two classes"):
+        train(one_class, TrainConfig(backbone=str(backbone_model)), output_model=str(tmp_path / "m.keras"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="MLflow not installed")
+def test_mlflow_gets_params_metrics_and_the_model(trained, tmp_path, monkeypatch):
+    import mlflow
+
+    result, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    mlflow.set_tracking_uri(f"file://{tmp_path}/mlruns")
+    run_id = log_to_mlflow(result)
+    run = mlflow.get_run(run_id)
+    assert run.data.params["data_path"] == result.data_path
+    assert run.data.metrics["final_validation_accuracy"] == pytest.approx(result.final_validation_accuracy)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
+    assert artifacts == {"model/model.keras"}
