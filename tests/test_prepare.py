@@ -156,3 +156,17 @@ def test_clear_errors(spark, tmp_path):
     df = spark.createDataFrame([("p", b"x")], "path string, content binary")
     with pytest.raises(UserError, match="not a prepared dataset"):
         usable(df)
+
+
+def test_training_runs_over_a_folder_mixing_hostile_files(messy, backbone_model, tmp_path):
+    from image_transfer.train import TrainConfig, train
+
+    result, df = messy
+    config = TrainConfig(backbone=str(backbone_model), epochs=1, batch_size=8, augment=False, cache_dir=str(tmp_path))
+    trained = train(df, config, output_model=str(tmp_path / "m.keras"))
+    # Every usable row is trained or validated on; the rejected ones never reach TensorFlow.
+    assert trained.train_rows == usable(df, "train").count()
+    assert trained.validation_rows == usable(df, "validation").count()
+    assert trained.train_rows + trained.validation_rows + len(result.rejected) == result.rows
+    assert sorted(trained.class_names) == sorted(result.class_names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "m.metrics.json", "m.metrics.png"]  # no cache
