@@ -193,6 +193,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="prepared Parquet dataset path")
+    src.add_argument("--data-table", help="prepared dataset table")
+
+
 def _add_training_parsers(sub: Any) -> None:
     """``prepare``, ``train`` and ``evaluate`` (options as the bundle's training job passes them)."""
     p = sub.add_parser("prepare", help="labelled image folder -> Parquet dataset with a train/validation split")
@@ -208,9 +214,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="prepared Parquet dataset path")
-    src.add_argument("--data-table", help="prepared dataset table")
+    _add_dataset_options(p)
     p.add_argument("--output-model", required=True, help="where to save the model (.keras)")
     p.add_argument(
         "--backbone", default="mobilenet_v2", help="mobilenet_v2, resnet50, efficientnet_b0, or a .keras file"
@@ -230,9 +234,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="prepared Parquet dataset path")
-    src.add_argument("--data-table", help="prepared dataset table")
+    _add_dataset_options(p)
     p.add_argument("--model", required=True, help="Keras model file (.keras) with class names")
     p.add_argument("--split", default="validation", choices=["train", "validation"])
     p.add_argument("--metrics", help="write the metrics JSON here")
