@@ -278,3 +278,43 @@ def test_failed_write_keeps_previous_output(spark, tmp_path):
     assert sorted(r["id"] for r in spark.read.parquet(str(out)).collect()) == list(range(5))
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]  # no staging or backup left behind
     assert write_output(spark.range(3), str(out)).count() == 3
+
+
+def test_tables_in_and_out(spark, fixture_images, shapes_model, tmp_path, capsys):
+    spark.read.parquet(fixture_images).limit(12).write.mode("overwrite").saveAsTable("it_images")
+    try:
+        out = tmp_path / "pred.parquet"
+        code = cli.run(
+            [
+                "score",
+                "--input-table",
+                "it_images",
+                "--model",
+                str(shapes_model),
+                "--output",
+                str(out),
+                "--output-table",
+                "it_predictions",
+            ]
+        )
+        assert code == 0
+        table = spark.table("it_predictions")
+        assert table.count() == 12 and table.columns == ["path", "prediction", "probability", "top_k", "error"]
+        assert (
+            cli.run(
+                [
+                    "score",
+                    "--input-table",
+                    "no_such_table",
+                    "--model",
+                    str(shapes_model),
+                    "--output",
+                    str(tmp_path / "x.parquet"),
+                ]
+            )
+            == 2
+        )
+        assert "cannot read input no_such_table" in capsys.readouterr().err
+    finally:
+        spark.sql("DROP TABLE IF EXISTS it_images")
+        spark.sql("DROP TABLE IF EXISTS it_predictions")
