@@ -258,20 +258,17 @@ def check_path(client: WorkspaceClient, path: str) -> Check:
         ok, detail = _read_volume(client, volume)
         return Check(name, ok, detail)
     clean = "/" + "/".join(parts)
-    try:
-        client.files.get_directory_metadata(clean)
-        return Check(name, True, "folder exists")
-    except NotFound:
-        pass
-    except Exception as exc:
-        return Check(name, False, _failure(exc))
-    try:
-        client.files.get_metadata(clean)
-        return Check(name, True, "file exists")
-    except NotFound:
-        pass
-    except Exception as exc:
-        return Check(name, False, _failure(exc))
+    for lookup, found in (
+        (client.files.get_directory_metadata, "folder exists"),
+        (client.files.get_metadata, "file exists"),
+    ):
+        try:
+            lookup(clean)
+            return Check(name, True, found)
+        except NotFound:
+            continue
+        except Exception as exc:
+            return Check(name, False, _failure(exc))
     ok, detail = _read_volume(client, volume)
     if ok:
         return Check(name, False, f"not found in {detail}; create it: databricks fs mkdir dbfs:{clean}")
