@@ -1,1 +1,29 @@
-"""image-transfer."""
+"""image-transfer: transfer learning and batch image scoring on Spark.
+
+>>> from image_transfer import read_images, score_images
+>>> scored = score_images(read_images(spark, "/Volumes/main/ml/images"), "/Volumes/main/ml/models/m.keras")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+from image_transfer.api import (  # noqa: E402 - the version is importable without pyspark or TensorFlow
+    TooManyFailures,
+    featurize_images,
+    read_images,
+    score_images,
+    scoring_run,
+)
+from image_transfer.errors import RunFailed, UserError  # noqa: E402
+
+__all__ = [
+    "RunFailed",
+    "TooManyFailures",
+    "UserError",
+    "__version__",
+    "featurize_images",
+    "read_images",
+    "score_images",
+    "scoring_run",
+]

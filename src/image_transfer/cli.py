@@ -14,13 +14,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from image_transfer.errors import UserError
+from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
+from image_transfer.errors import RunFailed, TooManyFailures, UserError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _spark(app_name: str, master: str | None = None) -> Any:
-    """The SparkSession: the cluster's on Databricks, an embedded ``local[*]`` one elsewhere."""
+def _parse_conf(pairs: Sequence[str] | None) -> dict[str, str]:
+    conf: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--conf takes key=value, got {pair!r}")
+        conf[key.strip()] = value
+    return conf
+
+
+def _spark(app_name: str, master: str | None = None, conf: dict[str, str] | None = None) -> Any:
+    """The SparkSession: the cluster's on Databricks, an embedded ``local[*]`` one elsewhere.
+
+    ``conf`` (``--conf key=value``) is applied to the builder, so it reaches a local session's
+    SparkContext (resources, ``local-cluster`` settings); on an existing session only SQL settings
+    can change.
+    """
     # Workers must run the same interpreter (and so the same installed package) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -35,6 +51,8 @@ def _spark(app_name: str, master: str | None = None) -> Any:
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.driver.memory", os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g"))
         )
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
@@ -62,8 +80,33 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
         help="models up to this size are broadcast as bytes; larger ones load from the shared path",
     )
     _add_limit_options(p)
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=DEFAULT_MAX_FAILED_FRACTION,
+        help="fail the run (exit 3, output kept) when more than this share of rows fail (default 0.5)",
+    )
+    p.add_argument(
+        "--partitions", type=int, help="score in at least this many tasks (default: the cluster's task slots)"
+    )
     p.add_argument("--summary", help="write a JSON run summary here")
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        help="seconds between progress reports (default 1 on a terminal, 30 in logs)",
+    )
+    _add_spark_options(p)
+
+
+def _add_spark_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Spark setting for the session (repeatable), e.g. spark.executor.resource.gpu.amount=1",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="read a folder of image files into Parquet (path, content)")
     p.add_argument("--images", required=True, help="folder of images (read recursively)")
     p.add_argument("--output", required=True, help="Parquet output path")
-    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    _add_spark_options(p)
     p.set_defaults(handler=_cmd_ingest)
 
     _add_training_parsers(sub)
@@ -93,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
     p.add_argument("--master", help="Spark master (default local[2])")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="Spark setting (repeatable)")
     p.set_defaults(handler=_cmd_demo)
 
     from image_transfer.workspace import DEFAULT_SPARK_VERSION, DEFAULT_TIMEOUT_SECONDS
@@ -140,38 +184,42 @@ def _image_limits(args: argparse.Namespace) -> Any:
     return limits
 
 
-def _scoring_request(args: argparse.Namespace) -> Any:
-    from image_transfer.score import ScoringRequest
-
-    limits = _image_limits(args)
-    return ScoringRequest(
-        model_path=args.model,
-        image_column=args.image_column,
-        key_columns=tuple(args.key_columns or ["path"]),
-        batch_size=args.batch_size,
-        broadcast_max_bytes=int(args.broadcast_max_mb * 1024 * 1024),
-        limits=limits,
-    )
+def _session(args: argparse.Namespace, what: str) -> Any:
+    return _spark(f"image-transfer {what}", args.master, _parse_conf(getattr(args, "conf", None)))
 
 
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
-    from image_transfer import score
+    from image_transfer import api, jobs
     from image_transfer.io import read_input, write_output
 
-    request = _scoring_request(args)
-    prepared = score.prepare_model(
-        request, mode=mode, top_k=getattr(args, "top_k", 5), layer=getattr(args, "layer", None)
-    )
-    spark = _spark(f"image-transfer {mode}", args.master)
+    spark = _session(args, "score" if mode == "classify" else "featurize")
     source = read_input(spark, path=args.input, table=args.input_table)
-    result = score.run(
-        spark,
-        source,
-        request,
-        prepared,
-        writer=lambda df: write_output(df, args.output, table=args.output_table),
+    options = dict(
+        image_column=args.image_column,
+        key_columns=tuple(args.key_columns or ["path"]),
+        batch_size=args.batch_size,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_pixels,
+        broadcast_max_mb=args.broadcast_max_mb,
+        partitions=args.partitions,
+        max_failed_fraction=args.max_failed_fraction,
     )
-    _report(result, args.summary)
+    if mode == "classify":
+        scored = api.score_images(source, args.model, top_k=args.top_k, **options)
+    else:
+        scored = api.featurize_images(source, args.model, layer=args.layer, **options)
+    rows_in = jobs.count_rows(source)
+    jobs.require_rows(rows_in)
+    jobs.write_scored(
+        spark,
+        scored,
+        rows_in=rows_in,
+        writer=lambda df: write_output(df, args.output, table=args.output_table),
+        output=args.output_table or args.output,
+        mode=mode,
+        progress_interval=args.progress_interval,
+        summary_path=args.summary,
+    )
     return 0
 
 
@@ -187,7 +235,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from image_transfer.images import read_image_files
     from image_transfer.io import write_output
 
-    spark = _spark("image-transfer ingest", args.master)
+    spark = _session(args, "ingest")
     rows = write_output(read_image_files(spark, args.images), args.output).count()
     print(f"ingested {rows} files from {args.images} into {args.output}")
     return 0
@@ -210,7 +258,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
     p.add_argument("--summary", help="write a JSON summary (counts, rejected files) here")
     _add_limit_options(p)
-    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    _add_spark_options(p)
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
@@ -230,7 +278,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
     p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
-    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
@@ -238,14 +286,14 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--model", required=True, help="Keras model file (.keras) with class names")
     p.add_argument("--split", default="validation", choices=["train", "validation"])
     p.add_argument("--metrics", help="write the metrics JSON here")
-    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    _add_spark_options(p)
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from image_transfer.prepare import prepare
 
-    spark = _spark("image-transfer prepare", args.master)
+    spark = _session(args, "prepare")
     result = prepare(
         spark,
         args.images,
@@ -287,7 +335,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         cache_dir=args.cache_dir,
     )
-    spark = _spark("image-transfer train", args.master)
+    spark = _session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table)
     result = train(data, config, output_model=args.output_model, metrics_path=args.metrics)
     print(result.describe())
@@ -299,7 +347,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from image_transfer.evaluate import evaluate
     from image_transfer.io import read_input
 
-    spark = _spark("image-transfer evaluate", args.master)
+    spark = _session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table)
     result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
     print(result.describe())
@@ -308,10 +356,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
     """prepare -> train (the fixture backbone, 64x64) -> score the validation split with the new model."""
-    from image_transfer import score
+    from image_transfer import api, jobs
     from image_transfer.io import write_output
     from image_transfer.prepare import prepare, usable
-    from image_transfer.score import ScoringRequest
     from image_transfer.train import TrainConfig, train
 
     dataset = workdir / "dataset.parquet"
@@ -328,12 +375,17 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
     model = workdir / "model.keras"
     trained = train(spark.read.parquet(str(dataset)), config, output_model=str(model))
     print(trained.describe())
-    request = ScoringRequest(model_path=str(model), key_columns=("path", "label"))
-    prepared = score.prepare_model(request, mode="classify", top_k=3)
     out = workdir / "validation_predictions.parquet"
     source = usable(spark.read.parquet(str(dataset)), "validation").select("path", "label", "content")
-    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(df, str(out)))
-    print(result.describe())
+    scored = api.score_images(source, str(model), key_columns=("path", "label"), top_k=3)
+    jobs.write_scored(
+        spark,
+        scored,
+        rows_in=jobs.count_rows(source),
+        writer=lambda df: write_output(df, str(out)),
+        output=str(out),
+        mode="classify",
+    )
     print(f"validation accuracy of the trained model: {trained.final_validation_accuracy:.3f}")
     print(f"trained model: {model}\nvalidation predictions: {out}")
 
@@ -345,27 +397,29 @@ def default_fixtures() -> Path:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from image_transfer import score
-    from image_transfer.images import ImageLimits, read_image_files
+    from image_transfer import api, jobs, score
     from image_transfer.io import write_output
-    from image_transfer.score import ScoringRequest
 
     fixtures = Path(args.fixtures) if args.fixtures else default_fixtures()
     workdir = Path(args.workdir).resolve()
     model_path = fixtures / "model" / "shapes.keras"
     if not model_path.exists():
         raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
-    spark = _spark("image-transfer demo", args.master or "local[2]")
+    spark = _spark("image-transfer demo", args.master or "local[2]", _parse_conf(args.conf))
     images = workdir / "images.parquet"
-    n = write_output(read_image_files(spark, str(fixtures / "images")), str(images)).count()
+    n = write_output(api.read_images(spark, str(fixtures / "images")), str(images)).count()
     print(f"ingested {n} fixture images into {images}")
-    request = ScoringRequest(model_path=str(model_path), limits=ImageLimits.default())
-    prepared = score.prepare_model(request, mode="classify", top_k=3)
-    out = workdir / "predictions.parquet"
+    out, summary = workdir / "predictions.parquet", workdir / "summary.json"
     source = spark.read.parquet(str(images))
-    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(df, str(out)))
-    summary = workdir / "summary.json"
-    _report(result, str(summary))
+    jobs.write_scored(
+        spark,
+        api.score_images(source, str(model_path), top_k=3),
+        rows_in=n,
+        writer=lambda df: write_output(df, str(out)),
+        output=str(out),
+        mode="classify",
+        summary_path=str(summary),
+    )
     scored = spark.read.parquet(str(out))
     scored.orderBy("path").show(5, truncate=60)
     accuracy = score.label_accuracy(scored)
@@ -388,16 +442,12 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else 1
 
 
-def _report(result: Any, summary_path: str | None) -> None:
-    summary = result.to_dict()
-    print(result.describe())
-    if summary_path:
-        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n")
-
-
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the subcommand; returns the exit status (2 for a user error)."""
+    """Parse ``argv`` and run the subcommand; returns the exit status.
+
+    0 success; 1 the run failed (the model raised); 2 a user error (nothing written); 3 too many rows
+    failed (the output and summary are written).
+    """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     handler: Handler = args.handler
@@ -406,6 +456,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"image-transfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TooManyFailures as exc:
+        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        return 3
+    except RunFailed as exc:
+        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def main() -> None:

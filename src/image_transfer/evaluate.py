@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,51 +49,50 @@ def evaluate(
     """Classify the ``split`` rows of a prepared dataset and compare the predictions with ``label``."""
     from pyspark.sql import functions as F
 
-    from image_transfer import score
+    from image_transfer.api import score_images, scoring_run
     from image_transfer.prepare import usable
-    from image_transfer.score import ScoringRequest
 
     rows = usable(df, split).select("path", "label", "label_index", "content")
-    if rows.isEmpty():
+    if rows.select().isEmpty():
         raise UserError(f"the dataset has no usable rows in the {split} split")
-    request = ScoringRequest(model_path=model_path, key_columns=("path", "label", "label_index"), batch_size=batch_size)
-    prepared = score.prepare_model(request, mode="classify", top_k=1)
-    names = prepared.info.class_names
+    scored = score_images(
+        rows, model_path, key_columns=("path", "label", "label_index"), top_k=1, batch_size=batch_size
+    )
+    run = scoring_run(scored)
+    names = run.model.info.class_names
     if names is not None:
         unknown = {r["label"] for r in rows.select("label").distinct().collect()} - set(names)
         if unknown:
             raise UserError(f"the model does not know the classes {', '.join(sorted(unknown))} (it has {names})")
-
-    held: list[Any] = []
-
-    def keep(scored: Any) -> Any:  # nothing to write: hold the predictions in memory for the counts
-        held.append(scored.persist())
-        held[0].count()
-        return held[0]
-
-    try:
-        run = score.run(spark, rows, request, prepared, writer=keep)
-        predictions = held[0]
-        ok = predictions.where(F.col("error").isNull())
-        # A model without class names predicts output indices: compare those with label_index.
-        truth = F.col("label") if names is not None else F.col("label_index").cast("string")
-        hit = (F.col("prediction") == truth).cast("double")
-        per_class = {
-            r["label"]: {"rows": float(r["rows"]), "accuracy": float(r["accuracy"])}
-            for r in ok.groupBy("label").agg(F.count("*").alias("rows"), F.avg(hit).alias("accuracy")).collect()
-        }
-        overall = ok.agg(F.avg(hit).alias("a")).first()["a"]
-    finally:
-        for h in held:
-            h.unpersist()
+    # A model without class names predicts output indices: compare those with label_index.
+    truth = F.col("label") if names is not None else F.col("label_index").cast("string")
+    ok = F.col("error").isNull()
+    started = time.perf_counter()
+    with run:  # one pass: per-class counts, hits and failures
+        by_class = (
+            scored.groupBy("label")
+            .agg(
+                F.count("*").alias("rows"),
+                F.sum(ok.cast("int")).alias("ok"),
+                F.sum((ok & (F.col("prediction") == truth)).cast("int")).alias("hits"),
+            )
+            .collect()
+        )
+    seconds = time.perf_counter() - started
+    per_class = {
+        r["label"]: {"rows": float(r["ok"]), "accuracy": (r["hits"] / r["ok"]) if r["ok"] else 0.0} for r in by_class
+    }
+    total = sum(r["rows"] for r in by_class)
+    scored_ok = sum(r["ok"] for r in by_class)
+    hits = sum(r["hits"] for r in by_class)
     result = EvaluationResult(
         model=model_path,
         split=split,
-        rows=run.rows_out,
-        rows_failed=run.rows_failed,
-        accuracy=float(overall or 0.0),
+        rows=total,
+        rows_failed=total - scored_ok,
+        accuracy=hits / scored_ok if scored_ok else 0.0,
         per_class=per_class,
-        images_per_second=round(run.images_per_second, 2),
+        images_per_second=round(total / seconds, 2) if seconds > 0 else 0.0,
     )
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Screening (``screen_batch``) is the cheap Python step before the traced graph: it reads only image
 headers, refuses rows that are null, empty, too large, not an image, truncated, or that declare an
-absurd pixel count (a decompression bomb), and re-encodes the rare formats TensorFlow cannot decode
-(WebP, TIFF, ...) losslessly to PNG. Everything else goes to ``decode_resize`` inside the graph.
+absurd pixel count (a decompression bomb), reads the EXIF orientation (phone photos), and re-encodes
+the rare formats TensorFlow cannot decode (WebP, TIFF, ...) losslessly to PNG. Everything else goes to
+``decode_resize`` inside the graph, which applies the orientation before an antialiased resize.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _PNG_IEND = b"IEND\xaeB`\x82"
 class ImageLimits:
     """Per-image limits, applied from the encoded size and the header before anything is decoded."""
 
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = 24 * 1024 * 1024  # 64 images per Arrow batch stay under Arrow's 2 GB binary limit
     max_pixels: int = 64_000_000
 
     @classmethod
@@ -47,6 +48,7 @@ class Screened:
     payloads: list[bytes]  # images to decode, in row order of ``kept``
     kept: list[int]  # row positions of ``payloads``
     errors: list[str | None]  # per input row: None when kept
+    orientations: list[int]  # EXIF orientation (1..8) of each payload; 1 = as stored
 
 
 def _sniff(data: bytes) -> str | None:
@@ -75,46 +77,44 @@ def _truncated(fmt: str, data: bytes) -> bool:
     return False
 
 
-def screen_one(data: Any, limits: ImageLimits) -> tuple[bytes | None, str | None]:
-    """Check one encoded image; returns (bytes to decode, None) or (None, reason it was refused)."""
-    from PIL import Image, UnidentifiedImageError
+_EXIF_ORIENTATION = 0x0112
 
-    if data is None:
-        return None, "null image"
-    data = bytes(data)
-    if not data:
-        return None, "empty image"
-    if len(data) > limits.max_bytes:
-        return None, f"encoded size {len(data)} bytes exceeds the limit of {limits.max_bytes}"
-    sniffed = _sniff(data)
+
+def exif_orientation(img: Any) -> int:
+    """The EXIF orientation (1..8) of an opened Pillow image; 1 when absent or invalid."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            fmt = img.format or sniffed or "unknown"
-    except Image.DecompressionBombError as exc:
-        return None, f"refused before decoding: {exc}"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if sniffed is None:
-            return None, "not an image (unrecognised format)"
-        return None, f"unreadable {sniffed} header ({exc})"
-    if width <= 0 or height <= 0:
-        return None, f"{fmt} declares an empty size {width}x{height}"
-    if width * height > limits.max_pixels:
-        return None, (
-            f"refused before decoding: {fmt} declares {width}x{height} = {width * height} pixels, "
-            f"over the limit of {limits.max_pixels}"
-        )
-    if sniffed in _TF_NATIVE:
-        if _truncated(sniffed, data):
-            return None, f"truncated {sniffed} (no end marker)"
-        return data, None
-    # A format the graph cannot decode: decode once with Pillow and hand the graph a lossless PNG.
+        value = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is not worth refusing the image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def screen_one(data: Any, limits: ImageLimits, *, upright: bool = False) -> tuple[bytes | None, str | None]:
+    """Check one encoded image; returns (bytes to decode, None) or (None, reason it was refused).
+
+    With ``upright``, an image with an EXIF orientation is returned re-encoded (PNG) the right way up,
+    for consumers that decode without orientation (training data); scoring passes the orientation to
+    the graph instead (``screen_batch``).
+    """
+    payload, error, orientation = _screen(data, limits)
+    if payload is None or not upright or orientation == 1:
+        return payload, error
+    return _reencode(payload, orientation)
+
+
+def _reencode(data: bytes, orientation: int = 1) -> tuple[bytes | None, str | None]:
+    """Decode with Pillow, turn upright, and return a lossless RGB PNG."""
+    from PIL import Image, ImageOps
+
+    fmt = "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or fmt
             img.load()
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
             rgb = img.convert("RGB")
         out = io.BytesIO()
         rgb.save(out, "PNG", compress_level=1)
@@ -123,41 +123,113 @@ def screen_one(data: Any, limits: ImageLimits) -> tuple[bytes | None, str | None
         return None, f"could not decode {fmt}: {exc}"
 
 
+def _screen(data: Any, limits: ImageLimits) -> tuple[bytes | None, str | None, int]:
+    """(bytes for the graph or None, error or None, EXIF orientation)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        return None, "null image", 1
+    data = bytes(data)
+    if not data:
+        return None, "empty image", 1
+    if len(data) > limits.max_bytes:
+        return None, f"encoded size {len(data)} bytes exceeds the limit of {limits.max_bytes}", 1
+    sniffed = _sniff(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            fmt = img.format or sniffed or "unknown"
+    except Image.DecompressionBombError as exc:
+        return None, f"refused before decoding: {exc}", 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if sniffed is None:
+            return None, "not an image (unrecognised format)", 1
+        return None, f"unreadable {sniffed} header ({exc})", 1
+    if width <= 0 or height <= 0:
+        return None, f"{fmt} declares an empty size {width}x{height}", 1
+    if width * height > limits.max_pixels:
+        message = (
+            f"refused before decoding: {fmt} declares {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_pixels}"
+        )
+        return None, message, 1
+    orientation = exif_orientation(img)
+    if sniffed in _TF_NATIVE:
+        if _truncated(sniffed, data):
+            return None, f"truncated {sniffed} (no end marker)", 1
+        return data, None, orientation
+    # A format the graph cannot decode: decode once with Pillow and hand the graph a lossless PNG
+    # (turned upright here, so the graph gets orientation 1).
+    payload, error = _reencode(data, orientation)
+    return payload, error, 1
+
+
 def screen_batch(values: Sequence[Any], limits: ImageLimits) -> Screened:
     """Screen a batch of encoded images (``bytes``, ``bytearray``, ``memoryview`` or None)."""
     payloads: list[bytes] = []
     kept: list[int] = []
     errors: list[str | None] = []
+    orientations: list[int] = []
     for i, value in enumerate(values):
-        data, error = screen_one(value, limits)
+        data, error, orientation = _screen(value, limits)
         errors.append(error)
         if data is not None:
             payloads.append(data)
             kept.append(i)
-    return Screened(payloads=payloads, kept=kept, errors=errors)
+            orientations.append(orientation)
+    return Screened(payloads=payloads, kept=kept, errors=errors, orientations=orientations)
 
 
-def decode_resize(encoded: Any, height: int, width: int) -> Any:
+def orient(image: Any, orientation: Any) -> Any:
+    """Graph op: turn a decoded [h, w, c] image the right way up for its EXIF orientation (1..8).
+
+    The same transposes as Pillow's ``ImageOps.exif_transpose``.
+    """
+    import tensorflow as tf
+
+    branches = [
+        lambda: image,  # 1: as stored
+        lambda: tf.image.flip_left_right(image),  # 2: mirrored
+        lambda: tf.image.rot90(image, k=2),  # 3: upside down
+        lambda: tf.image.flip_up_down(image),  # 4: mirrored vertically
+        lambda: tf.image.transpose(image),  # 5: transposed
+        lambda: tf.image.rot90(image, k=3),  # 6: turned 90 degrees clockwise to display
+        lambda: tf.image.rot90(tf.image.transpose(image), k=2),  # 7: transverse
+        lambda: tf.image.rot90(image, k=1),  # 8: turned 90 degrees counter-clockwise to display
+    ]
+    index = tf.clip_by_value(tf.cast(orientation, tf.int32) - 1, 0, 7)
+    return tf.switch_case(index, branches)
+
+
+def decode_resize(encoded: Any, height: int, width: int, orientation: Any = None) -> Any:
     """Graph op: one encoded image (scalar string tensor) -> float32 [height, width, 3] in 0..255.
 
     Any channel layout becomes RGB (grayscale is repeated, alpha dropped, 16-bit scaled to 8-bit),
-    an animated GIF gives its first frame, and the image is resized bilinearly to the model's size.
+    an animated GIF gives its first frame, the EXIF ``orientation`` (when given) is applied, and the
+    image is resized bilinearly to the model's size, antialiased when shrinking (no aliasing of
+    large photos).
     """
     import tensorflow as tf
 
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [height, width], method="bilinear")
+    if orientation is not None:
+        image = orient(image, orientation)
+    image = tf.image.resize(image, [height, width], method="bilinear", antialias=True)
     return tf.ensure_shape(image, [height, width, 3])
 
 
-def decode_batch(encoded: Any, height: int, width: int) -> Any:
-    """Graph op: a batch of encoded images [n] -> float32 [n, height, width, 3]."""
+def decode_batch(encoded: Any, height: int, width: int, orientations: Any = None) -> Any:
+    """Graph op: a batch of encoded images [n] (and their EXIF orientations [n]) -> float32 [n, h, w, 3]."""
     import tensorflow as tf
 
+    if orientations is None:
+        orientations = tf.ones_like(encoded, dtype=tf.int32)
     return tf.map_fn(
-        lambda e: decode_resize(e, height, width),
-        encoded,
+        lambda args: decode_resize(args[0], height, width, args[1]),
+        (encoded, orientations),
         fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
         parallel_iterations=16,
     )

@@ -261,24 +261,57 @@ def pack(path: str, kind: str) -> bytes:
     return buf.getvalue()
 
 
-def unpack(data: bytes, kind: str) -> str:
-    """Write broadcast model bytes to a private temp dir on the worker; returns the local model path."""
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / f"image-transfer-model-{os.getpid()}-{digest}"
+def content_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a model's bytes (a SavedModel: of its files' relative paths and bytes), hex."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def unpack(data: bytes, kind: str, digest: str | None = None) -> str:
+    """Materialise shipped model bytes on the worker; returns the local model path.
+
+    The model lands in ``<tmp>/image-transfer-models/<digest>`` and is reused by every worker process
+    of the machine that ships the same model (written to a private dir, then renamed into place, so
+    readers never see half a model); nothing accumulates per process.
+    """
+    digest = digest or hashlib.sha256(data).hexdigest()
+    root = Path(tempfile.gettempdir()) / "image-transfer-models"
+    final = root / digest[:32]
+    name = "model.keras" if kind == "keras" else "model"
+    if (final / name).exists():
+        return str(final / name)
     root.mkdir(parents=True, exist_ok=True)
-    if kind == "keras":
-        target = root / "model.keras"
-        target.write_bytes(data)
-        return str(target)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(root, filter="data")
-        else:  # Python < 3.11.4: refuse members that would escape the target directory
-            for member in tar.getmembers():
-                if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
-                    raise UserError(f"unsafe path in packed model: {member.name}")
-            tar.extractall(root)
-    return str(root / "model")
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    try:
+        if kind == "keras":
+            (staging / name).write_bytes(data)
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, filter="data")
+                else:  # Python < 3.11.4: refuse members that would escape the target directory
+                    for member in tar.getmembers():
+                        if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
+                            raise UserError(f"unsafe path in packed model: {member.name}")
+                    tar.extractall(staging)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another worker put the same model in place first
+            pass
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(final / name)
 
 
 def configure_threads(cores: int) -> bool:

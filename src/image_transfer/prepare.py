@@ -73,7 +73,7 @@ def _screen_udf(limits: ImageLimits) -> Any:
 
         from image_transfer.images import screen_one
 
-        payload, error = screen_one(data, limits)
+        payload, error = screen_one(data, limits, upright=True)
         if error is not None:
             return error, None
         try:  # headers were fine; decode the pixels once so training never meets a corrupt body

@@ -1,45 +1,66 @@
-"""Scoring and featurization with ``predict_batch_udf``: shipped once, loaded and traced once per worker.
+"""Scoring and featurizing with ``predict_batch_udf``: the model shipped once, loaded and traced once per worker.
 
-The driver inspects the model (clear errors before any work), ships it once (broadcast bytes, or the
-shared path when large) and builds one ``predict_batch_udf``. On each executor Python worker,
-``make_predict_fn`` runs once (the UDF caches it per worker): it sets TensorFlow's threads from the
-task's cores, loads the model in Keras safe mode and traces one ``tf.function`` whose input signature
-is a batch of encoded images, so decoding, resizing, preprocessing, the model and top-k all run in
-one graph that is traced once whatever the batch sizes. Per batch, Python only screens image headers.
+Driver side: ``prepare_model`` checks the model (nothing is scheduled when it is unusable) and
+``scored_frame`` builds the lazy scored DataFrame and its ``ScoringRun`` handle. Worker side:
+``make_predict_fn`` finds the model's traced scoring function in a per-process cache keyed by the
+model's content digest and the scoring mode (a second run in the same session, or a later
+micro-batch, neither loads nor traces again), and each batch only screens headers in Python.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from image_transfer.errors import UserError
+from image_transfer.errors import TooManyFailures, UserError
 from image_transfer.images import ImageLimits, screen_batch
-from image_transfer.model import ModelInfo, inspect_model
-from image_transfer.stats import WorkerStats, peak_rss_mb, record
+from image_transfer.model import ModelInfo, content_digest, inspect_model
+from image_transfer.stats import STATS_FIELD, BatchReporter, WorkerStats, count, is_connect
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+ARROW_BYTES_CONF = "spark.sql.execution.arrow.maxBytesPerBatch"  # Spark >= 4.0
+ARROW_BATCH_BYTES = 1536 * 1024 * 1024  # encoded bytes per Arrow batch: under Arrow's 2 GB binary limit
+CLOSURE_MAX_BYTES = 64 * 1024 * 1024  # Spark Connect: models up to this size travel in the UDF itself
+OUTPUT_COLUMNS = {"classify": ("prediction", "probability", "top_k"), "embed": ("embedding",)}
+RESERVED = {"prediction", "probability", "top_k", "error", "embedding", "model_version"}
+MODEL_ERROR = "image-transfer: the model failed"
+
+
+class ModelFailure(RuntimeError):
+    """The model itself raised while scoring (not an undecodable image): the run fails with this reason."""
 
 
 @dataclass(frozen=True)
-class ScoringRequest:
-    """What to score and how: the model, the input columns, batching, shipping and image limits."""
+class ScoringOptions:
+    """How to score: input columns, batching, limits and shipping (the API's keyword options)."""
 
-    model_path: str
     image_column: str = "content"
     key_columns: tuple[str, ...] = ("path",)
     batch_size: int = 64
-    broadcast_max_bytes: int = 256 * 1024 * 1024
     limits: ImageLimits = field(default_factory=ImageLimits.default)
+    broadcast_max_bytes: int = 256 * 1024 * 1024
+    max_batch_bytes: int = ARROW_BATCH_BYTES
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.partitions is not None and self.partitions < 1:
+            raise UserError(f"partitions must be at least 1, got {self.partitions}")
+        if self.limits.max_bytes > self.max_batch_bytes:
+            raise UserError(
+                f"the image size limit ({self.limits.max_bytes} bytes) is over the bytes per batch "
+                f"({self.max_batch_bytes}): one image would not fit in a batch"
+            )
+        clash = RESERVED & set(self.key_columns)
+        if clash:
+            raise UserError(f"key columns may not be named like output columns: {', '.join(sorted(clash))}")
 
 
 @dataclass(frozen=True)
@@ -48,47 +69,69 @@ class PreparedModel:
 
     info: ModelInfo
     mode: str
+    digest: str
     top_k: int = 5
     layer: str | None = None
     width: int = 0  # classify: k actually reported; embed: embedding size
+    version: str = ""  # what output rows carry as ``model_version``
+
+    @property
+    def cache_key(self) -> tuple[Any, ...]:
+        """What identifies the traced scoring function in a worker's cache."""
+        return (self.digest, self.mode, self.layer, self.width, self.info.preprocess)
 
 
-def prepare_model(request: ScoringRequest, *, mode: str, top_k: int = 5, layer: str | None = None) -> PreparedModel:
+def prepare_model(
+    model_path: str,
+    *,
+    mode: str,
+    top_k: int = 5,
+    layer: str | None = None,
+    version: str | None = None,
+) -> PreparedModel:
     """Load and check the model on the driver; raises UserError before any Spark work is scheduled."""
-    if mode not in ("classify", "embed"):
+    if mode not in OUTPUT_COLUMNS:
         raise ValueError(f"mode must be classify or embed, not {mode!r}")
     if mode == "classify" and top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    info = inspect_model(request.model_path, layer=layer, embed=mode == "embed")
+        raise UserError(f"top_k must be at least 1, got {top_k}")
+    info = inspect_model(model_path, layer=layer, embed=mode == "embed")
     width = min(top_k, info.output_width) if mode == "classify" else info.output_width
-    return PreparedModel(info=info, mode=mode, top_k=top_k, layer=layer, width=width)
+    digest = content_digest(info.path)
+    return PreparedModel(
+        info=info,
+        mode=mode,
+        digest=digest,
+        top_k=top_k,
+        layer=layer,
+        width=width,
+        version=version or f"sha256:{digest[:12]}",
+    )
 
 
-def validate_input(df: Any, request: ScoringRequest) -> None:
-    """Check the image and key columns exist with the right types, and that there is at least one row."""
+def validate_columns(df: Any, options: ScoringOptions) -> None:
+    """Check the image and key columns exist with the right types (from the schema: no Spark job)."""
     from pyspark.sql.types import BinaryType
 
     fields = {f.name: f.dataType for f in df.schema.fields}
-    if request.image_column not in fields:
+    if options.image_column not in fields:
         raise UserError(
-            f"no image column {request.image_column!r} in the input (columns: {', '.join(fields) or 'none'})"
+            f"no image column {options.image_column!r} in the input (columns: {', '.join(fields) or 'none'})"
         )
-    if not isinstance(fields[request.image_column], BinaryType):
+    if not isinstance(fields[options.image_column], BinaryType):
         raise UserError(
-            f"image column {request.image_column!r} must be binary (encoded image bytes), "
-            f"not {fields[request.image_column].simpleString()}"
+            f"image column {options.image_column!r} must be binary (encoded image bytes), "
+            f"not {fields[options.image_column].simpleString()}"
         )
-    missing = [k for k in request.key_columns if k not in fields]
+    missing = [k for k in options.key_columns if k not in fields]
     if missing:
         raise UserError(f"no key column {', '.join(missing)} in the input (columns: {', '.join(fields)})")
-    clash = {"prediction", "probability", "top_k", "error", "embedding"} & set(request.key_columns)
-    if clash:
-        raise UserError(f"key columns may not be named like output columns: {', '.join(sorted(clash))}")
-    if df.isEmpty():
-        raise UserError("the input has no rows")
 
 
 # ---- the worker side -------------------------------------------------------------------------------
+
+_CACHE_SIZE = 2  # traced scoring functions kept per worker process (least recently used goes)
+_CACHE: OrderedDict[tuple[Any, ...], Scorer] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 def _task_cores() -> int:
@@ -101,92 +144,149 @@ def _task_cores() -> int:
         return 1
 
 
-def _load_on_worker(prepared: PreparedModel, payload: Any, stats: Any) -> Any:
-    """Materialise and load the model, then build the traced scoring function (once per worker)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from image_transfer.model import configure_threads, embedding_model, load_model, preprocess_fn, unpack
+class Scorer:
+    """A loaded model and its traced functions, built once per worker process and model."""
 
-    configure_threads(_task_cores())
-    import tensorflow as tf
+    def __init__(self, prepared: PreparedModel, path: str) -> None:
+        import tensorflow as tf
 
-    from image_transfer.images import decode_batch
+        from image_transfer.images import decode_batch
+        from image_transfer.model import embedding_model, load_model, preprocess_fn
 
-    info = prepared.info
-    path = unpack(payload.value, info.kind) if payload is not None else info.path
-    model = load_model(path, info.kind)
-    if prepared.mode == "embed":
-        model = embedding_model(model, prepared.layer)
-    record(stats, model_loads=1)
-    preprocess = preprocess_fn(info.preprocess)
-    height, width, k = info.height, info.width, prepared.width
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
-    def serve(encoded: Any) -> Any:
-        record(stats, traces=1)  # Python side effect: runs only while tracing
-        images = preprocess(decode_batch(encoded, height, width))
-        outputs = tf.cast(model(images, training=False), tf.float32)
+        info = prepared.info
+        model = load_model(path, info.kind)
         if prepared.mode == "embed":
-            return {"embedding": outputs}
-        top = tf.math.top_k(outputs, k=k)
-        return {"probabilities": top.values, "indices": top.indices}
+            model = embedding_model(model, prepared.layer)
+        count(model_loads=1)
+        preprocess = preprocess_fn(info.preprocess)
+        height, width, k, mode = info.height, info.width, prepared.width, prepared.mode
+        signature = [tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)]
 
-    return serve
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def serve(encoded: Any, orientations: Any) -> Any:
+            count(traces=1)  # Python side effect: runs only while tracing
+            images = preprocess(decode_batch(encoded, height, width, orientations))
+            outputs = tf.cast(model(images, training=False), tf.float32)
+            if mode == "embed":
+                return {"embedding": outputs}
+            top = tf.math.top_k(outputs, k=k)
+            return {"probabilities": top.values, "indices": top.indices}
 
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def decode_only(encoded: Any, orientations: Any) -> Any:  # traced only if a batch fails
+            return tf.shape(decode_batch(encoded, height, width, orientations))
 
-def _run_graph(serve: Callable[[Any], Any], payloads: list[bytes]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-    """Run the graph on the screened payloads; a decode failure is isolated to its rows by bisection.
+        self.serve = serve
+        self._decode_only = decode_only
 
-    Returns the outputs for the rows that decoded (in order) and, by payload position, the errors.
-    Every call has the same input signature, so isolating failures never retraces.
-    """
-    import tensorflow as tf
+    def run(self, payloads: list[bytes], orientations: list[int]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Outputs for the payloads that decode (in order) and, by payload position, decode errors.
 
-    def call(lo: int, hi: int) -> tuple[list[dict[str, np.ndarray]], list[int], dict[int, str]]:
+        A failing batch is bisected with the decode-only function to find the images that do not
+        decode; an error the model raises on decodable images is a ``ModelFailure`` (not a per-row one).
+        """
+        import tensorflow as tf
+
+        if not payloads:
+            return {}, {}
         try:
-            out = serve(tf.constant(payloads[lo:hi]))
-            return [{k: v.numpy() for k, v in out.items()}], list(range(lo, hi)), {}
+            return self._call(payloads, orientations), {}
+        except tf.errors.InvalidArgumentError as exc:
+            first = exc
+        errors: dict[int, str] = {}
+        self._bisect(payloads, orientations, 0, len(payloads), errors)
+        good = [i for i in range(len(payloads)) if i not in errors]
+        if not errors:
+            raise ModelFailure(f"{MODEL_ERROR}: {_first_line(first)}") from first
+        if not good:
+            return {}, errors
+        try:
+            return self._call([payloads[i] for i in good], [orientations[i] for i in good]), errors
+        except tf.errors.InvalidArgumentError as exc:
+            raise ModelFailure(f"{MODEL_ERROR}: {_first_line(exc)}") from exc
+
+    def _call(self, payloads: list[bytes], orientations: list[int]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        out = self.serve(tf.constant(payloads), tf.constant(orientations, tf.int32))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def _bisect(self, payloads: list[bytes], orientations: list[int], lo: int, hi: int, errors: dict[int, str]) -> None:
+        import tensorflow as tf
+
+        try:
+            self._decode_only(tf.constant(payloads[lo:hi]), tf.constant(orientations[lo:hi], tf.int32))
+            return
         except tf.errors.InvalidArgumentError as exc:
             if hi - lo == 1:
-                message = str(exc.message).strip().splitlines()[0] if exc.message else "decode failed"
-                return [], [], {lo: f"could not decode image: {message[:200]}"}
-            mid = (lo + hi) // 2
-            a_out, a_ok, a_err = call(lo, mid)
-            b_out, b_ok, b_err = call(mid, hi)
-            return a_out + b_out, a_ok + b_ok, {**a_err, **b_err}
+                errors[lo] = f"could not decode image: {_first_line(exc)[:200]}"
+                return
+        mid = (lo + hi) // 2
+        self._bisect(payloads, orientations, lo, mid, errors)
+        self._bisect(payloads, orientations, mid, hi, errors)
 
-    if not payloads:
-        return {}, {}
-    parts, _, errors = call(0, len(payloads))
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    return merged, errors
+
+def _first_line(exc: Any) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    lines = str(message).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
+    """The worker's cached Scorer for this model and mode, loading it on a miss."""
+    key = prepared.cache_key
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from image_transfer.model import configure_threads, unpack
+
+    configure_threads(_task_cores())
+    info = prepared.info
+    if shipped is None:
+        path = info.path
+    else:
+        data = shipped.value if hasattr(shipped, "value") else shipped  # a broadcast, or bytes in the closure
+        path = unpack(data, info.kind, prepared.digest)
+    scorer = Scorer(prepared, path)
+    with _CACHE_LOCK:
+        _CACHE[key] = scorer
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return scorer
 
 
 def _make_predict_fn_factory(
-    prepared: PreparedModel, payload: Any, stats: Any, limits: ImageLimits
+    prepared: PreparedModel, shipped: Any, sink: Any, limits: ImageLimits
 ) -> Callable[[], Callable[[np.ndarray], dict[str, np.ndarray]]]:
-    """The closure factory handed to ``predict_batch_udf`` (it runs once per Python worker)."""
+    """The closure factory handed to ``predict_batch_udf`` (it runs once per Python worker and UDF)."""
     classes = prepared.info.output_width if prepared.mode == "classify" else 0
     names = np.array([prepared.info.label(i) for i in range(classes)], dtype=object)
 
     def make_predict_fn() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        serve = _load_on_worker(prepared, payload, stats)
+        reporter = BatchReporter(sink)  # before loading: the load belongs to this UDF's first report
+        scorer = _scorer(prepared, shipped)
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:
             n = len(encoded)
             screened = screen_batch(encoded, limits)
             errors = list(screened.errors)
-            outputs, graph_errors = _run_graph(serve, screened.payloads)
+            outputs, graph_errors = scorer.run(screened.payloads, screened.orientations)
             ok_rows = [row for j, row in enumerate(screened.kept) if j not in graph_errors]
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
-            record(stats, batches=1, rows=n, rows_failed=n - len(ok_rows), peak_rss_mb=peak_rss_mb())
+            stats_col = np.full(n, None, dtype=object)
+            stats_col[0] = reporter.report(
+                rows=n, rows_failed=n - len(ok_rows), batch_bytes=sum(len(p) for p in screened.payloads)
+            )
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
                 emb = np.zeros((n, prepared.width), np.float32)
                 if ok_rows:
                     emb[ok_rows] = outputs["embedding"]
-                return {"embedding": emb, "error": error_col}
+                return {"embedding": emb, "error": error_col, STATS_FIELD: stats_col}
             labels = np.full((n, k), None, dtype=object)
             probs = np.zeros((n, k), np.float32)
             prediction = np.full(n, None, dtype=object)
@@ -202,6 +302,7 @@ def _make_predict_fn_factory(
                 "top_k_labels": labels,
                 "top_k_probabilities": probs,
                 "error": error_col,
+                STATS_FIELD: stats_col,
             }
 
         return predict
@@ -216,145 +317,179 @@ def return_type(prepared: PreparedModel) -> Any:
     """The UDF's struct type (top-k comes back as two parallel arrays, zipped in Spark)."""
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
+    tail = [StructField("error", StringType()), StructField(STATS_FIELD, StringType())]
     if prepared.mode == "embed":
-        return StructType([StructField("embedding", ArrayType(FloatType())), StructField("error", StringType())])
+        return StructType([StructField("embedding", ArrayType(FloatType())), *tail])
     return StructType(
         [
             StructField("prediction", StringType()),
             StructField("probability", FloatType()),
             StructField("top_k_labels", ArrayType(StringType())),
             StructField("top_k_probabilities", ArrayType(FloatType())),
-            StructField("error", StringType()),
+            *tail,
         ]
     )
 
 
-def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> Any:
-    """Broadcast the model bytes once when small enough; None means workers read the shared path."""
+def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple[Any, str]:
+    """How the model reaches the workers: (payload, description); a None payload means the shared path.
+
+    Classic sessions broadcast models up to ``broadcast_max_bytes``; Spark Connect has no broadcasts,
+    so small models travel inside the UDF (Spark ships it with each task) and larger ones by path.
+    """
     from image_transfer.model import pack
 
-    if prepared.info.size_bytes > broadcast_max_bytes:
-        return None
-    return spark.sparkContext.broadcast(pack(prepared.info.path, prepared.info.kind))
+    size = prepared.info.size_bytes
+    if is_connect(spark):
+        if size <= min(broadcast_max_bytes, CLOSURE_MAX_BYTES):
+            return pack(prepared.info.path, prepared.info.kind), "in the UDF"
+        return None, "shared path"
+    if size > broadcast_max_bytes:
+        return None, "shared path"
+    return spark.sparkContext.broadcast(pack(prepared.info.path, prepared.info.kind)), "broadcast"
 
 
-def scoring_udf(spark: Any, request: ScoringRequest, prepared: PreparedModel, stats: WorkerStats) -> Any:
-    """The ``predict_batch_udf`` column function for this model (build once per run)."""
-    from pyspark.ml.functions import predict_batch_udf
+def _spread(df: Any, options: ScoringOptions) -> Any:
+    """Give every task slot a share: split at read time when the input allows, else a round-robin shuffle.
 
-    payload = ship(spark, prepared, request.broadcast_max_bytes)
-    factory = _make_predict_fn_factory(prepared, payload, stats.accumulator, request.limits)
-    return predict_batch_udf(factory, return_type=return_type(prepared), batch_size=request.batch_size)
+    File sources already split a file by row groups into about one split per core; only when the plan
+    still has fewer partitions than slots (one row group, one small file) are the rows redistributed.
+    A ``repartition(n)`` is not coalesced by adaptive execution. Under Spark Connect the partition
+    count is not visible without running a job: pass ``partitions`` there to spread a small input.
+    """
+    spark = df.sparkSession
+    if is_connect(spark):
+        return df.repartition(options.partitions) if options.partitions else df
+    wanted = options.partitions or spark.sparkContext.defaultParallelism
+    have = df.rdd.getNumPartitions()
+    return df.repartition(wanted) if have < wanted else df
 
 
-def score_frame(df: Any, request: ScoringRequest, prepared: PreparedModel, udf: Any) -> Any:
-    """Apply the UDF: keys, then ``prediction, probability, top_k, error`` (or ``embedding, error``)."""
-    from pyspark.sql import functions as F
-
-    keys = [F.col(k) for k in request.key_columns]
-    scored = df.select(*keys, udf(F.col(request.image_column)).alias("_r"))
-    if prepared.mode == "embed":
-        return scored.select(
-            *request.key_columns,
-            F.when(F.col("_r.error").isNull(), F.col("_r.embedding")).alias("embedding"),
-            F.col("_r.error").alias("error"),
-        )
-    top_k = F.when(
-        F.col("_r.error").isNull(),
-        F.arrays_zip(F.col("_r.top_k_labels"), F.col("_r.top_k_probabilities")).cast(
-            "array<struct<label:string,probability:float>>"
-        ),
-    )
-    return scored.select(
-        *request.key_columns,
-        F.col("_r.prediction").alias("prediction"),
-        F.col("_r.probability").alias("probability"),
-        top_k.alias("top_k"),
-        F.col("_r.error").alias("error"),
-    )
+def _arrow_batches(spark: Any, options: ScoringOptions) -> None:
+    """One Arrow batch = one model call, and never more encoded bytes than ``max_batch_bytes``."""
+    records = options.batch_size
+    if int(str(spark.version).split(".")[0]) >= 4:
+        # Spark closes a batch once it reaches the byte size: leave room for one more image.
+        spark.conf.set(ARROW_BYTES_CONF, str(max(1, options.max_batch_bytes - options.limits.max_bytes)))
+    else:  # Spark 3.5 batches by records only: few enough that the largest images still fit
+        records = max(1, min(records, options.max_batch_bytes // options.limits.max_bytes))
+    spark.conf.set(ARROW_BATCH_CONF, str(records))
 
 
 @dataclass
-class RunResult:
-    """What a scoring run did; ``to_dict`` is the ``--summary`` JSON."""
+class ScoringRun:
+    """The handle of one scoring call: the model, how it was shipped, and worker statistics after an action.
 
-    mode: str
-    model: str
-    rows_in: int
-    rows_out: int
-    rows_failed: int
-    seconds: float
-    workers: dict[str, dict[str, int]]
+    ``stats`` is empty before an action has run. On a classic session it adds up every action on the
+    returned DataFrame; under Spark Connect it describes the first action (Spark's ``Observation``).
+    ``close`` releases the model's broadcast (also on ``with``).
+    """
+
+    model: PreparedModel
+    options: ScoringOptions
     shipped: str
-    errors_sample: list[str] = field(default_factory=list)
+    stats: WorkerStats
+    max_failed_fraction: float = 1.0
+    _payload: Any = None
 
     @property
-    def images_per_second(self) -> float:
-        """Output rows per second of the scoring action."""
-        return self.rows_out / self.seconds if self.seconds > 0 else 0.0
+    def model_version(self) -> str:
+        """What the output's ``model_version`` column says."""
+        return self.model.version
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        out = asdict(self)
-        out["images_per_second"] = round(self.images_per_second, 2)
-        out["seconds"] = round(self.seconds, 3)
-        return out
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Per ``host:pid`` worker: model_loads, traces, batches, rows, rows_failed, peak_rss_mb, ..."""
+        return self.stats.by_worker()
 
-    def describe(self) -> str:
-        """A short human summary."""
-        loads = sorted(w.get("model_loads", 0) for w in self.workers.values())
-        traces = sorted(w.get("traces", 0) for w in self.workers.values())
-        lines = [
-            f"{self.mode}: {self.rows_in} rows in, {self.rows_out} out, {self.rows_failed} failed, "
-            f"{self.seconds:.1f}s ({self.images_per_second:.1f} images/s); model {self.shipped}",
-            f"workers: {len(self.workers)}; model loads per worker {loads}; traces per worker {traces}",
-        ]
-        lines += [f"  failed: {e}" for e in self.errors_sample]
-        return "\n".join(lines)
+    def totals(self) -> dict[str, int]:
+        """rows, rows_failed, batches, model_loads and traces over all workers."""
+        names = ("rows", "rows_failed", "batches", "model_loads", "traces")
+        workers = self.workers().values()
+        return {n: int(sum(w.get(n, 0) for w in workers)) for n in names}
+
+    def check(self, *, rows: int | None = None, failed: int | None = None, sample: Sequence[str] = ()) -> None:
+        """Raise ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
+
+        Counts default to the worker statistics (after an action); a job passes the written output's.
+        """
+        if rows is None or failed is None:
+            totals = self.totals()
+            rows, failed = totals["rows"], totals["rows_failed"]
+        if rows and failed / rows > self.max_failed_fraction:
+            reasons = "".join(f"\n  {s}" for s in sample)
+            raise TooManyFailures(
+                f"{failed} of {rows} rows failed ({failed / rows:.1%}), over the allowed "
+                f"{self.max_failed_fraction:.1%} (max_failed_fraction){reasons}"
+            )
+
+    def close(self) -> None:
+        """Release the broadcast model bytes (workers keep the loaded model in their cache)."""
+        if self._payload is not None and hasattr(self._payload, "unpersist"):
+            try:
+                self._payload.unpersist()
+            except Exception:  # noqa: BLE001 - a stopped context has nothing left to release
+                pass
+        self._payload = None
+
+    def __enter__(self) -> ScoringRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def run(
-    spark: Any,
-    source: Any,
-    request: ScoringRequest,
-    prepared: PreparedModel,
-    *,
-    writer: Callable[[Any], Any],
-    partitions: int | None = None,
-) -> RunResult:
-    """Validate the input, score it and hand the result to ``writer``.
+def scored_frame(
+    df: Any, prepared: PreparedModel, options: ScoringOptions, *, shipment: tuple[Any, str] | None = None
+) -> tuple[Any, ScoringRun]:
+    """The lazy scored DataFrame (keys, outputs, ``error``, ``model_version``) and its run handle.
 
-    ``writer`` stores the scored DataFrame and returns it as read back from where it was stored, so
-    the counts in the result describe what was written.
-    The input is spread over at least ``partitions`` (default: the cluster's parallelism) so every
-    worker gets a share, and Arrow batches are aligned with the scoring batch size.
+    ``shipment`` is what ``ship`` returned, for callers that score several DataFrames with one model
+    shipped once (micro-batches); the handle then does not release it on ``close``.
     """
+    from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
 
-    validate_input(source, request)
-    spark.conf.set(ARROW_BATCH_CONF, str(request.batch_size))
-    rows_in = source.count()
-    wanted = partitions or spark.sparkContext.defaultParallelism
-    if source.rdd.getNumPartitions() < wanted:
-        source = source.repartition(wanted)
-    stats = WorkerStats.create(spark.sparkContext)
-    udf = scoring_udf(spark, request, prepared, stats)
-    started = time.perf_counter()
-    written = writer(score_frame(source, request, prepared, udf))
-    seconds = time.perf_counter() - started
-    failed = written.where(F.col("error").isNotNull())
-    sample = [f"{r[request.key_columns[0]]}: {r['error']}" for r in failed.limit(5).collect()]
-    return RunResult(
-        mode="score" if prepared.mode == "classify" else "featurize",
-        model=prepared.info.path,
-        rows_in=rows_in,
-        rows_out=written.count(),
-        rows_failed=failed.count(),
-        errors_sample=sample,
-        seconds=seconds,
-        workers=stats.by_worker(),
-        shipped="broadcast" if prepared.info.size_bytes <= request.broadcast_max_bytes else "shared path",
+    validate_columns(df, options)
+    spark = df.sparkSession
+    _arrow_batches(spark, options)
+    stats = WorkerStats.create(spark)
+    owned = shipment is None
+    payload, shipped = ship(spark, prepared, options.broadcast_max_bytes) if owned else shipment
+    factory = _make_predict_fn_factory(prepared, payload, stats.sink, options.limits)
+    udf = predict_batch_udf(factory, return_type=return_type(prepared), batch_size=options.batch_size)
+
+    image = F.col(options.image_column)
+    too_big = F.length(image) > F.lit(options.limits.max_bytes)
+    # Oversized images never cross into Python (nor into an Arrow batch): refused here by length.
+    guarded = F.when(too_big, F.lit(None).cast("binary")).otherwise(image)
+    oversize = F.when(
+        too_big,
+        F.format_string(f"encoded size %d bytes exceeds the limit of {options.limits.max_bytes}", F.length(image)),
     )
+    keys = [F.col(k) for k in options.key_columns]
+    scored = _spread(df, options).select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
+    scored = stats.attach(scored, F.col(f"_r.{STATS_FIELD}"))
+    error = F.coalesce(F.col("_oversize"), F.col("_r.error"))
+    ok = error.isNull()
+    if prepared.mode == "embed":
+        outputs = [F.when(ok, F.col("_r.embedding")).alias("embedding")]
+    else:
+        top_k = F.when(
+            ok,
+            F.arrays_zip(F.col("_r.top_k_labels"), F.col("_r.top_k_probabilities")).cast(
+                "array<struct<label:string,probability:float>>"
+            ),
+        )
+        outputs = [
+            F.when(ok, F.col("_r.prediction")).alias("prediction"),
+            F.when(ok, F.col("_r.probability")).alias("probability"),
+            top_k.alias("top_k"),
+        ]
+    result = scored.select(
+        *options.key_columns, *outputs, error.alias("error"), F.lit(prepared.version).alias("model_version")
+    )
+    run = ScoringRun(model=prepared, options=options, shipped=shipped, stats=stats, _payload=payload if owned else None)
+    return result, run
 
 
 def label_accuracy(scored: Any) -> float:
@@ -368,3 +503,8 @@ def label_accuracy(scored: Any) -> float:
         .first()
     )
     return float(row["acc"] or 0.0)
+
+
+def columns(mode: str, key_columns: Sequence[str]) -> list[str]:
+    """The output columns of a scoring mode, in order."""
+    return [*key_columns, *OUTPUT_COLUMNS[mode], "error", "model_version"]

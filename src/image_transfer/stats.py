@@ -1,53 +1,63 @@
-"""Per-worker counters (model loads, traces, batches, rows) gathered on the driver with an accumulator.
+"""Per-worker counters (model loads, traces, batches, rows, failures, peak memory) gathered on the driver.
 
-``predict_batch_udf`` caches the predict function per Python worker, so the accumulator object it
-closed over belongs to the task that created it. Spark deserializes a fresh copy of the accumulator
-with every task and sends back only that copy's updates, so ``record`` adds to the copy registered
-for the running task (found by id), which keeps counts from every task, not just the first.
+Workers are keyed by ``host:pid`` (pids repeat across the nodes of a cluster). The worker side is the
+same on every session: each scoring batch reports what changed since the last one (``BatchReporter``).
+How the reports reach the driver depends on the session:
+
+- classic: an accumulator. ``predict_batch_udf`` caches the predict function per Python worker, so the
+  accumulator object it closed over belongs to the task that created it; Spark deserializes a fresh
+  copy with every task and sends back only that copy's updates, so reports go to the copy registered
+  for the running task (found by id), which keeps counts from every task.
+- Spark Connect (no accumulators): the report rides in a ``_stats`` column on the batch's first row and
+  is aggregated by an ``Observation`` while the action runs, so no extra pass is needed.
+
+Model loads and traces are counted per process (``count``), so a model cached in a worker from an
+earlier run shows 0 loads and 0 traces in the next run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.accumulators import AccumulatorParam
+Counts = dict[str, dict[str, Any]]
 
-Counts = dict[str, dict[str, int]]
-
-
-class _CountsParam(AccumulatorParam):
-    """Merges ``{worker pid: {counter: n}}`` dictionaries: adds counters, keeps the maximum of ``peak_*``."""
-
-    def zero(self, value: Counts) -> Counts:
-        return {}
-
-    def addInPlace(self, value1: Counts, value2: Counts) -> Counts:  # noqa: N802 - Spark's name
-        for worker, counts in value2.items():
-            mine = value1.setdefault(worker, {})
-            for name, n in counts.items():
-                if name.startswith("peak_"):
-                    mine[name] = max(mine.get(name, 0), n)
-                else:
-                    mine[name] = mine.get(name, 0) + n
-        return value1
+_PROCESS: dict[str, int] = {"model_loads": 0, "traces": 0}  # this worker process, all runs
+_WORKER_EXTRA: dict[str, Any] = {}  # per-process facts every report carries (e.g. the pinned GPU)
+STATS_FIELD = "_stats"
 
 
-@dataclass(frozen=True)
-class WorkerStats:
-    """A handle on the run's accumulator; pass ``accumulator`` into UDF closures."""
+def worker_id() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    accumulator: Any
 
-    @classmethod
-    def create(cls, sc: Any) -> WorkerStats:
-        """A new, empty accumulator on this SparkContext."""
-        return cls(sc.accumulator({}, _CountsParam()))
+def count(**events: int) -> None:
+    """Count process-wide events (``model_loads``, ``traces``) in this worker."""
+    for name, n in events.items():
+        _PROCESS[name] = _PROCESS.get(name, 0) + n
 
-    def by_worker(self) -> Counts:
-        """Counters per worker pid (driver side, after the action)."""
-        return {str(pid): dict(counts) for pid, counts in sorted(self.accumulator.value.items())}
+
+def set_worker_fact(name: str, value: Any) -> None:
+    """A fact about this worker process carried by every report (last value wins)."""
+    _WORKER_EXTRA[name] = value
+
+
+def merge(total: Counts, worker: str, counts: dict[str, Any]) -> Counts:
+    """Add ``counts`` into ``total[worker]``: numbers add up, ``peak_*`` keep the maximum, others the latest."""
+    mine = total.setdefault(worker, {})
+    for name, n in counts.items():
+        if name.startswith("peak_"):
+            mine[name] = max(mine.get(name, 0), n)
+        elif isinstance(n, (int, float)) and not isinstance(n, bool):
+            mine[name] = mine.get(name, 0) + n
+        else:
+            mine[name] = n
+    return total
 
 
 def peak_rss_mb() -> int:
@@ -59,9 +69,106 @@ def peak_rss_mb() -> int:
     return int(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024)
 
 
-def record(accumulator: Any, **counts: int) -> None:
-    """Add counters for this process to the running task's copy of ``accumulator``."""
-    from pyspark.accumulators import _accumulatorRegistry
+class BatchReporter:
+    """Worker side: turns each batch into a report of what changed since the previous one.
 
-    current = _accumulatorRegistry.get(accumulator.aid, accumulator)
-    current.add({str(os.getpid()): counts})
+    ``sink`` is an accumulator (classic) or None (Connect: ``report`` returns the JSON for the
+    ``_stats`` column). Create it before loading the model so the load is part of the first report.
+    """
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+        self._seen = dict(_PROCESS)
+        self._worker = worker_id()
+
+    def report(self, **batch: int) -> str | None:
+        """Record one batch (``rows``, ``rows_failed``, ...); returns the ``_stats`` value for its first row."""
+        counts: dict[str, Any] = {"batches": 1, **batch, "peak_rss_mb": peak_rss_mb()}
+        for name, n in _PROCESS.items():
+            counts[name] = n - self._seen.get(name, 0)
+        self._seen = dict(_PROCESS)
+        counts.update(_WORKER_EXTRA)
+        if self._sink is None:
+            return json.dumps({"worker": self._worker, "counts": counts}, separators=(",", ":"))
+        from pyspark.accumulators import _accumulatorRegistry
+
+        current = _accumulatorRegistry.get(self._sink.aid, self._sink)
+        current.add({self._worker: counts})
+        return None
+
+
+def _counts_param() -> Any:
+    from pyspark.accumulators import AccumulatorParam
+
+    class _CountsParam(AccumulatorParam):
+        """Merges ``{worker: {counter: n}}`` dictionaries with ``merge``."""
+
+        def zero(self, value: Counts) -> Counts:
+            return {}
+
+        def addInPlace(self, value1: Counts, value2: Counts) -> Counts:  # noqa: N802 - Spark's name
+            for worker, counts in value2.items():
+                merge(value1, worker, counts)
+            return value1
+
+    return _CountsParam()
+
+
+def is_connect(spark: Any) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no SparkContext, accumulators or JVM gateway)."""
+    try:
+        from pyspark.sql.utils import is_remote
+
+        if is_remote():
+            return True
+    except ImportError:  # pragma: no cover - very old pyspark
+        pass
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+@dataclass
+class WorkerStats:
+    """Driver side: the sink handed to workers, and the per-worker counts after an action.
+
+    ``accumulator`` is set on a classic session; under Spark Connect ``observation`` is (attached to
+    the scored DataFrame with ``attach``). ``by_worker`` is empty until an action has run.
+    """
+
+    accumulator: Any = None
+    observation: Any = None
+
+    @classmethod
+    def create(cls, spark: Any) -> WorkerStats:
+        """An accumulator on a classic session, an Observation under Spark Connect."""
+        if is_connect(spark):
+            from pyspark.sql import Observation
+
+            return cls(observation=Observation(f"image_transfer_{uuid.uuid4().hex[:12]}"))
+        return cls(accumulator=spark.sparkContext.accumulator({}, _counts_param()))
+
+    @property
+    def sink(self) -> Any:
+        """What ``BatchReporter`` needs on the workers (picklable)."""
+        return self.accumulator
+
+    def attach(self, scored: Any, column: Any) -> Any:
+        """Observe the per-batch ``_stats`` column (Connect); classic sessions return ``scored`` as it is."""
+        if self.observation is None:
+            return scored
+        from pyspark.sql import functions as F
+
+        return scored.observe(self.observation, F.collect_list(column).alias("reports"))
+
+    def by_worker(self) -> Counts:
+        """Counters per ``host:pid`` worker (after the action; ``{}`` before)."""
+        if self.accumulator is not None:
+            return {w: dict(c) for w, c in sorted(self.accumulator.value.items())}
+        try:
+            reports = self.observation.get.get("reports") or []
+        except Exception:  # noqa: BLE001 - no action has run yet
+            return {}
+        total: Counts = {}
+        for raw in reports:
+            item = json.loads(raw)
+            merge(total, item["worker"], item["counts"])
+        return dict(sorted(total.items()))

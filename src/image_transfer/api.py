@@ -1,0 +1,154 @@
+"""The Python API: lazy scored DataFrames for notebooks, jobs and the CLI alike.
+
+>>> from image_transfer import read_images, score_images, scoring_run
+>>> scored = score_images(read_images(spark, "/Volumes/main/ml/images"), "/Volumes/main/ml/models/m.keras")
+>>> scored.orderBy("probability").show()          # the least confident predictions
+>>> scoring_run(scored).workers()                 # after an action: loads, traces, rows per worker
+
+Each call checks the model on the driver (a clear ``UserError`` before anything is scheduled) and
+returns a lazy DataFrame: keys, then ``prediction, probability, top_k`` (or ``embedding``), ``error``
+and ``model_version``. Nothing runs until an action (``show``, ``write``, ``collect``, ``display``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from image_transfer.errors import TooManyFailures, UserError
+from image_transfer.images import IMAGE_EXTENSIONS, ImageLimits, read_image_files
+from image_transfer.score import ScoringOptions, ScoringRun, prepare_model, scored_frame
+
+_RUN_ATTRIBUTE = "_image_transfer_run"
+DEFAULT_MAX_FAILED_FRACTION = 0.5
+
+
+def read_images(spark: Any, folder: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Any:
+    """A folder tree of image files as a DataFrame ``path, content`` (every matching file, empty ones too)."""
+    return read_image_files(spark, folder, extensions=extensions)
+
+
+def _options(
+    *,
+    image_column: str,
+    key_columns: Sequence[str],
+    batch_size: int,
+    max_image_bytes: int | None,
+    max_pixels: int | None,
+    broadcast_max_mb: float,
+    partitions: int | None,
+) -> ScoringOptions:
+    limits = ImageLimits.default()
+    try:
+        if max_image_bytes is not None:
+            limits = limits.replace(max_bytes=max_image_bytes)
+        if max_pixels is not None:
+            limits = limits.replace(max_pixels=max_pixels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return ScoringOptions(
+        image_column=image_column,
+        key_columns=tuple(key_columns),
+        batch_size=batch_size,
+        limits=limits,
+        broadcast_max_bytes=int(broadcast_max_mb * 1024 * 1024),
+        partitions=partitions,
+    )
+
+
+def _attach(df: Any, run: ScoringRun, max_failed_fraction: float) -> Any:
+    if not 0.0 <= max_failed_fraction <= 1.0:
+        raise UserError(f"max_failed_fraction must be between 0 and 1, got {max_failed_fraction}")
+    run.max_failed_fraction = max_failed_fraction
+    setattr(df, _RUN_ATTRIBUTE, run)
+    return df
+
+
+def score_images(
+    df: Any,
+    model: str,
+    *,
+    image_column: str = "content",
+    key_columns: Sequence[str] = ("path",),
+    top_k: int = 5,
+    batch_size: int = 64,
+    max_image_bytes: int | None = None,
+    max_pixels: int | None = None,
+    broadcast_max_mb: float = 256.0,
+    partitions: int | None = None,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    model_version: str | None = None,
+) -> Any:
+    """Classify the images in ``df[image_column]``: keys, ``prediction, probability, top_k, error, model_version``.
+
+    ``model`` is a ``.keras`` file or a SavedModel directory (local or on a mounted path such as
+    ``/Volumes/...``). Bad images become a row with ``error`` set, never a failed job.
+    ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
+    ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
+    """
+    prepared = prepare_model(model, mode="classify", top_k=top_k, version=model_version)
+    options = _options(
+        image_column=image_column,
+        key_columns=key_columns,
+        batch_size=batch_size,
+        max_image_bytes=max_image_bytes,
+        max_pixels=max_pixels,
+        broadcast_max_mb=broadcast_max_mb,
+        partitions=partitions,
+    )
+    result, run = scored_frame(df, prepared, options)
+    return _attach(result, run, max_failed_fraction)
+
+
+def featurize_images(
+    df: Any,
+    model: str,
+    *,
+    layer: str | None = None,
+    image_column: str = "content",
+    key_columns: Sequence[str] = ("path",),
+    batch_size: int = 64,
+    max_image_bytes: int | None = None,
+    max_pixels: int | None = None,
+    broadcast_max_mb: float = 256.0,
+    partitions: int | None = None,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    model_version: str | None = None,
+) -> Any:
+    """Embed the images with a layer of ``model``: keys, ``embedding array<float>, error, model_version``.
+
+    ``layer`` names the layer whose output is the embedding; by default the input of the final
+    classifier layer (the pooled backbone features of a transfer-learning model).
+    """
+    prepared = prepare_model(model, mode="embed", layer=layer, version=model_version)
+    options = _options(
+        image_column=image_column,
+        key_columns=key_columns,
+        batch_size=batch_size,
+        max_image_bytes=max_image_bytes,
+        max_pixels=max_pixels,
+        broadcast_max_mb=broadcast_max_mb,
+        partitions=partitions,
+    )
+    result, run = scored_frame(df, prepared, options)
+    return _attach(result, run, max_failed_fraction)
+
+
+def scoring_run(df: Any) -> ScoringRun:
+    """The ``ScoringRun`` handle of a DataFrame returned by ``score_images`` or ``featurize_images``.
+
+    Transformations return new DataFrames without the handle: keep the one the call returned.
+    """
+    run = getattr(df, _RUN_ATTRIBUTE, None) if _RUN_ATTRIBUTE in vars(df) else None
+    if run is None:
+        raise UserError("not a DataFrame returned by score_images or featurize_images")
+    return run
+
+
+__all__ = [
+    "TooManyFailures",
+    "featurize_images",
+    "read_images",
+    "score_images",
+    "scoring_run",
+]

@@ -1,0 +1,121 @@
+"""Progress of long runs from Spark's status tracker: tasks (and so about how many images) done, rate, ETA.
+
+A live bar on a terminal; plain periodic lines when the output is not a terminal (job logs).
+
+>>> with Progress(spark, "score", total_rows=1_204_311):
+...     scored.write.parquet(out)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from typing import Any, TextIO
+
+from image_transfer.stats import is_connect
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """Report the progress of the Spark jobs started inside the ``with`` block every ``interval`` seconds.
+
+    The jobs are tagged with a job group (and ``description`` as the Spark UI's job description);
+    images done are estimated from the share of tasks done times ``total_rows``. Under Spark Connect
+    (no status tracker) only the description is set.
+    """
+
+    def __init__(
+        self,
+        spark: Any,
+        label: str,
+        *,
+        total_rows: int,
+        description: str | None = None,
+        interval: float | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.spark = spark
+        self.label = label
+        self.total_rows = total_rows
+        self.description = description or label
+        self.stream = stream or sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if interval is not None else (1.0 if self.live else 30.0)
+        self.group = f"image-transfer-{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+        self.lines: list[str] = []
+
+    def __enter__(self) -> Progress:
+        self._started = time.monotonic()
+        if is_connect(self.spark):
+            return self
+        sc = self.spark.sparkContext
+        sc.setJobGroup(self.group, self.description)
+        self._thread = threading.Thread(target=self._loop, name="image-transfer-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._emit(final=True)
+            self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+            self.spark.sparkContext.setLocalProperty("spark.job.description", None)
+
+    def tasks(self) -> tuple[int, int]:
+        """(tasks done, tasks known) over the group's jobs so far."""
+        tracker = self.spark.sparkContext.statusTracker()
+        done = total = 0
+        for job_id in tracker.getJobIdsForGroup(self.group) or []:
+            job = tracker.getJobInfo(job_id)
+            if job is None:
+                continue
+            for stage_id in job.stageIds:
+                stage = tracker.getStageInfo(stage_id)
+                if stage is not None:
+                    done += stage.numCompletedTasks
+                    total += stage.numTasks
+        return done, total
+
+    def render(self, done: int, total: int, elapsed: float) -> str:
+        """One progress line: tasks, estimated images, images/s and ETA."""
+        share = done / total if total else 0.0
+        images = int(self.total_rows * share)
+        rate = images / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_rows - images) / rate if rate > 0 else None
+        width = 24
+        bar = "#" * int(width * share) + "-" * (width - int(width * share))
+        return (
+            f"{self.label}: [{bar}] {done}/{total} tasks, ~{images:,}/{self.total_rows:,} images, "
+            f"{rate:.1f} images/s, elapsed {_fmt_duration(elapsed)}, "
+            f"ETA {_fmt_duration(eta) if eta is not None else '?'}"
+        )
+
+    def _emit(self, *, final: bool = False) -> None:
+        try:
+            done, total = self.tasks()
+        except Exception:  # noqa: BLE001 - the context is stopping; nothing more to say
+            return
+        if total == 0 and not final:
+            return
+        line = self.render(done, total, time.monotonic() - self._started)
+        self.lines.append(line)
+        if self.live:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._emit()
