@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from image_transfer import cli, score
+from image_transfer import cli, read_images, score_images
 from image_transfer.errors import UserError
-from image_transfer.images import read_image_files
 from image_transfer.io import write_output
 from image_transfer.model import save_model
-from image_transfer.score import ScoringRequest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def images_parquet(spark, fixtures_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("failures") / "images.parquet"
-    write_output(read_image_files(spark, str(fixtures_dir / "images")), str(out))
+    write_output(read_images(spark, str(fixtures_dir / "images")), str(out))
     return str(out)
 
 
@@ -36,10 +34,8 @@ def _rows(spark, path) -> list[tuple]:
     )
 
 
-def _score_in_process(spark, images, model, out) -> score.RunResult:
-    request = ScoringRequest(model_path=str(model), batch_size=16)
-    prepared = score.prepare_model(request, mode="classify", top_k=2)
-    return score.run(spark, spark.read.parquet(images), request, prepared, writer=lambda df: write_output(df, str(out)))
+def _score_in_process(spark, images, model, out) -> None:
+    write_output(score_images(spark.read.parquet(images), str(model), batch_size=16, top_k=2), str(out))
 
 
 def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_parquet, shapes_model, tmp_path):
@@ -106,13 +102,13 @@ def test_a_task_retried_after_a_fault_duplicates_no_rows(images_parquet, shapes_
     assert result == {"rows_in": 240, "rows_out": 240, "distinct_paths": 240, "failed": 0}
 
 
-def test_class_names_must_match_the_output_width(shapes_model, tmp_path):
+def test_class_names_must_match_the_output_width(spark, shapes_model, tmp_path):
     import keras
 
     model = keras.models.load_model(shapes_model, compile=False)
     wrong = save_model(model, tmp_path / "wrong.keras", class_names=["a", "b"])
     with pytest.raises(UserError, match="6 outputs but its metadata names 2 classes"):
-        score.prepare_model(ScoringRequest(model_path=str(wrong)), mode="classify")
+        score_images(spark.createDataFrame([], "path string, content binary"), str(wrong))
 
 
 def test_secrets_stay_out_of_bundle_summary_and_logs(images_parquet, shapes_model, tmp_path, capsys, monkeypatch):

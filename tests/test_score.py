@@ -11,29 +11,55 @@ import pytest
 from hostile_images import corpus
 from PIL import Image
 
-from image_transfer import cli, score
-from image_transfer.images import ImageLimits, read_image_files
+from image_transfer import cli, featurize_images, read_images, score_images, scoring_run
 from image_transfer.io import write_output
-from image_transfer.score import ScoringRequest
-from image_transfer.stats import WorkerStats
+from image_transfer.model import save_model
+
+FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
 
 
 @pytest.fixture(scope="module")
 def fixture_images(spark, fixtures_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data") / "images.parquet"
-    write_output(read_image_files(spark, str(fixtures_dir / "images")), str(out))
+    write_output(read_images(spark, str(fixtures_dir / "images")), str(out))
     return str(out)
 
 
-def _score(spark, source, tmp_path: Path, model: Path, **request_options):
-    mode = request_options.pop("mode", "classify")
-    top_k = request_options.pop("top_k", 3)
-    layer = request_options.pop("layer", None)
-    request = ScoringRequest(model_path=str(model), **request_options)
-    prepared = score.prepare_model(request, mode=mode, top_k=top_k, layer=layer)
+def fresh_copy(model: Path, folder: Path) -> Path:
+    """The same network under a new digest, so no worker has it cached from an earlier test."""
+    import uuid
+
+    import keras
+
+    from image_transfer.model import read_metadata
+
+    meta = read_metadata(model)
+    return save_model(
+        keras.models.load_model(model, compile=False),
+        folder / f"model-{uuid.uuid4().hex[:8]}.keras",
+        class_names=meta.get("class_names"),
+        preprocess=meta.get("preprocess", "none"),
+        extra={"copy": uuid.uuid4().hex},
+    )
+
+
+def _score(spark, source, tmp_path: Path, model: Path, **options):
+    """Score (or featurize, with mode="embed") through the API and write; returns (run, written)."""
+    mode = options.pop("mode", "classify")
+    if mode == "embed":
+        scored = featurize_images(source, str(model), **options)
+    else:
+        scored = score_images(source, str(model), top_k=options.pop("top_k", 3), **options)
     out = tmp_path / "out.parquet"
-    result = score.run(spark, source, request, prepared, writer=lambda df: write_output(df, str(out)))
-    return result, spark.read.parquet(str(out))
+    with scoring_run(scored) as run:
+        write_output(scored, str(out))
+    return run, spark.read.parquet(str(out))
+
+
+def _resize(image: np.ndarray, h: int, w: int):
+    import tensorflow as tf
+
+    return tf.image.resize(image, [h, w], method="bilinear", antialias=True)
 
 
 def _expected_probabilities(model_path: Path, contents: list[bytes]) -> np.ndarray:
@@ -44,39 +70,67 @@ def _expected_probabilities(model_path: Path, contents: list[bytes]) -> np.ndarr
     model = keras.models.load_model(model_path, compile=False)
     _, h, w, _ = model.inputs[0].shape
     arrays = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB"), dtype=np.float32) for c in contents]
-    batch = tf.stack([tf.image.resize(a, [h, w], method="bilinear") for a in arrays])
+    batch = tf.stack([_resize(a, h, w) for a in arrays])
     return model(batch, training=False).numpy()
 
 
 def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
     spark, fixture_images, shapes_model, tmp_path
 ):
-    request = ScoringRequest(model_path=str(shapes_model), batch_size=13)  # 13: batches of uneven sizes
-    prepared = score.prepare_model(request, mode="classify", top_k=2)
+    model = fresh_copy(shapes_model, tmp_path)
     source = spark.read.parquet(fixture_images).repartition(9)  # 9 partitions of ~27 rows
-    stats = WorkerStats.create(spark.sparkContext)
-    scored = score.score_frame(source, request, prepared, score.scoring_udf(spark, request, prepared, stats))
+    scored = score_images(source, str(model), top_k=2, batch_size=13)  # 13: batches of uneven sizes
+    run = scoring_run(scored)
 
     first = scored.collect()
-    scored.write.parquet(str(tmp_path / "second.parquet"))  # a second action on the same UDF
+    scored.write.parquet(str(tmp_path / "second.parquet"))  # a second action on the same DataFrame
 
-    workers = stats.by_worker()
+    workers = run.workers()
     assert len(first) == 240
     assert 1 <= len(workers) <= 3, workers
-    for pid, counts in workers.items():
-        assert counts["model_loads"] == 1, (pid, counts)
-        assert counts["traces"] == 1, (pid, counts)
-    assert sum(c["rows"] for c in workers.values()) == 2 * 240
+    assert all(":" in w for w in workers)  # host:pid
+    for worker, counts in workers.items():
+        assert counts["model_loads"] == 1, (worker, counts)
+        assert counts["traces"] == 1, (worker, counts)
+    assert run.totals()["rows"] == 2 * 240
     # 9 partitions x ceil(~27/13) batches per action: many more batches than loads or traces
-    assert sum(c["batches"] for c in workers.values()) >= 2 * 9 * 2
+    assert run.totals()["batches"] >= 2 * 9 * 2
+
+
+def test_a_second_run_in_the_session_neither_loads_nor_traces(spark, fixture_images, shapes_model, tmp_path):
+    model = fresh_copy(shapes_model, tmp_path)
+    source = spark.read.parquet(fixture_images)
+    first, second = (score_images(source, str(model), top_k=2) for _ in range(2))
+    with scoring_run(first) as run:
+        a = {r["path"]: r["probability"] for r in first.collect()}
+    assert run.totals()["model_loads"] >= 1 and run.totals()["traces"] >= 1
+    with scoring_run(second) as run:
+        b = {r["path"]: r["probability"] for r in second.collect()}
+    assert a == b
+    assert run.totals()["rows"] == 240
+    assert all(c["model_loads"] == 0 and c["traces"] == 0 for c in run.workers().values()), run.workers()
+    assert run._payload is None  # the broadcast was released
+
+
+def test_a_one_file_input_is_scored_by_every_task_slot(spark, fixture_images, shapes_model, tmp_path):
+    one = tmp_path / "one.parquet"
+    spark.read.parquet(fixture_images).coalesce(1).write.parquet(str(one))
+    assert len(list(one.glob("*.parquet"))) == 1
+    run, out = _score(spark, spark.read.parquet(str(one)), tmp_path, shapes_model)
+    assert out.count() == 240
+    rows = sorted(c["rows"] for c in run.workers().values())
+    assert len(rows) == 2 and sum(rows) == 240, run.workers()
+    assert rows[0] >= 0.3 * 240, rows  # roughly half each, not one worker scoring everything
 
 
 def test_predictions_equal_the_models_own(spark, fixture_images, shapes_model, tmp_path):
-    result, out = _score(spark, spark.read.parquet(fixture_images), tmp_path, shapes_model, top_k=6, batch_size=32)
+    run, out = _score(spark, spark.read.parquet(fixture_images), tmp_path, shapes_model, top_k=6, batch_size=32)
     rows = {r["path"]: r for r in out.collect()}
     source = {r["path"]: r["content"] for r in spark.read.parquet(fixture_images).collect()}
-    assert result.rows_in == result.rows_out == len(rows) == 240
-    assert result.rows_failed == 0
+    assert run.totals()["rows"] == len(rows) == 240
+    assert run.totals()["rows_failed"] == 0
+    assert {r["model_version"] for r in rows.values()} == {run.model_version}
+    assert run.model_version.startswith("sha256:")
 
     paths = sorted(source)
     expected = _expected_probabilities(shapes_model, [source[p] for p in paths])
@@ -98,7 +152,7 @@ def test_every_bad_input_class_is_a_row_with_an_error(spark, shapes_model, tmp_p
     cases = corpus()
     data = [(name, content) for name, (content, _) in cases.items()] + [("null.jpg", None)]
     source = spark.createDataFrame(data, "path string, content binary").repartition(3)
-    result, out = _score(spark, source, tmp_path, shapes_model, batch_size=8)
+    run, out = _score(spark, source, tmp_path, shapes_model, batch_size=8)
     rows = {r["path"]: r for r in out.collect()}
 
     assert sorted(rows) == sorted(name for name, _ in data)  # every input row, exactly once
@@ -118,11 +172,11 @@ def test_every_bad_input_class_is_a_row_with_an_error(spark, shapes_model, tmp_p
     assert "not an image" in rows["html_named.jpg"]["error"]
     for bomb in ("bomb.png", "bomb.jpg"):
         assert "refused before decoding" in rows[bomb]["error"], rows[bomb]["error"]
-    assert result.rows_failed == sum(1 for _, ok in cases.values() if not ok) + 1
-    workers = result.workers.values()
-    assert all(c["model_loads"] == 1 and c["traces"] == 1 for c in workers), result.workers
+    assert run.totals()["rows_failed"] == sum(1 for _, ok in cases.values() if not ok) + 1
+    workers = run.workers().values()
+    assert all(c["model_loads"] <= 1 and c["traces"] <= 1 for c in workers), run.workers()
     # The bombs declare 900 Mpx (2.7 GB as RGB): refused from the header, memory stays bounded.
-    assert all(c["peak_rss_mb"] < 2000 for c in workers), result.workers
+    assert all(c["peak_rss_mb"] < 2000 for c in workers), run.workers()
 
 
 def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
@@ -132,8 +186,9 @@ def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
     data = [(n, cases[n][0]) for n in ("good.jpg", "good.png")] + [("plain.png", plain.getvalue())]
     assert len(plain.getvalue()) < len(cases["good.png"][0])
     source = spark.createDataFrame(data, "path string, content binary")
-    limits = ImageLimits.default().replace(max_pixels=1_000_000, max_bytes=len(cases["good.png"][0]) - 1)
-    _, out = _score(spark, source, tmp_path, shapes_model, limits=limits)
+    _, out = _score(
+        spark, source, tmp_path, shapes_model, max_pixels=1_000_000, max_image_bytes=len(cases["good.png"][0]) - 1
+    )
     errors = {r["path"]: r["error"] for r in out.collect()}
     assert errors["good.jpg"] is None
     assert "1200x1000 = 1200000 pixels, over the limit of 1000000" in errors["plain.png"]
@@ -142,10 +197,10 @@ def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
 
 def test_featurize_outputs_the_pooled_embedding(spark, fixture_images, shapes_model, tmp_path):
     source = spark.read.parquet(fixture_images).limit(20)
-    result, out = _score(spark, source, tmp_path, shapes_model, mode="embed")
+    run, out = _score(spark, source, tmp_path, shapes_model, mode="embed")
     assert out.schema["embedding"].dataType.simpleString() == "array<float>"
     rows = out.collect()
-    assert len(rows) == 20 and result.rows_failed == 0
+    assert len(rows) == 20 and run.totals()["rows_failed"] == 0
     assert all(len(r["embedding"]) == 64 and r["error"] is None for r in rows)
 
     # the same as the backbone's output (the layer named "shapes_backbone" in the classifier)
@@ -156,9 +211,8 @@ def test_featurize_outputs_the_pooled_embedding(spark, fixture_images, shapes_mo
     backbone = model.get_layer("shapes_backbone")
     first = rows[0]
     image = np.asarray(Image.open(io.BytesIO(contents[first["path"]])).convert("RGB"), dtype=np.float32)
-    import tensorflow as tf
 
-    want = backbone(tf.image.resize(image, [64, 64])[None], training=False).numpy()[0]
+    want = backbone(_resize(image, 64, 64)[None], training=False).numpy()[0]
     np.testing.assert_allclose(first["embedding"], want, atol=2e-2 if first["path"].endswith(".jpg") else 1e-4)
 
     _, named = _score(spark, source, tmp_path / "named", shapes_model, mode="embed", layer="shapes_backbone")
@@ -171,9 +225,9 @@ def test_savedmodel_from_the_shared_path_without_class_names(spark, fixture_imag
     exported = tmp_path / "exported"
     keras.models.load_model(shapes_model, compile=False).export(str(exported))
     source = spark.read.parquet(fixture_images).limit(30)
-    # broadcast_max_bytes=0: workers load from the path instead of broadcast bytes
-    result, out = _score(spark, source, tmp_path, exported, broadcast_max_bytes=0)
-    assert result.shipped == "shared path"
+    # broadcast_max_mb=0: workers load from the path instead of broadcast bytes
+    run, out = _score(spark, source, tmp_path, exported, broadcast_max_mb=0)
+    assert run.shipped == "shared path"
     rows = out.collect()
     assert len(rows) == 30 and all(r["error"] is None for r in rows)
     assert {r["prediction"] for r in rows} <= {str(i) for i in range(6)}  # no names: class indices
@@ -209,10 +263,11 @@ def test_cli_score_writes_output_and_summary(fixture_images, shapes_model, tmp_p
     data = json.loads(summary.read_text())
     assert data["rows_in"] == data["rows_out"] == 240 and data["rows_failed"] == 0
     assert data["images_per_second"] > 0
-    assert data["workers"] and all(w["model_loads"] == 1 and w["traces"] == 1 for w in data["workers"].values())
+    assert data["workers"] and all(w["model_loads"] <= 1 and w["traces"] <= 1 for w in data["workers"].values())
     assert sum(w["rows"] for w in data["workers"].values()) == 240
     written = spark.read.parquet(str(out))
-    assert written.columns == ["path", "prediction", "probability", "top_k", "error"]
+    assert written.columns == ["path", "prediction", "probability", "top_k", "error", "model_version"]
+    assert data["model_version"] == written.first()["model_version"]
     assert {len(r["top_k"]) for r in written.select("top_k").collect()} == {2}
     assert "240 rows in, 240 out, 0 failed" in capsys.readouterr().out
 
@@ -299,7 +354,8 @@ def test_tables_in_and_out(spark, fixture_images, shapes_model, tmp_path, capsys
         )
         assert code == 0
         table = spark.table("it_predictions")
-        assert table.count() == 12 and table.columns == ["path", "prediction", "probability", "top_k", "error"]
+        assert table.count() == 12
+        assert table.columns == ["path", "prediction", "probability", "top_k", "error", "model_version"]
         assert (
             cli.run(
                 [
@@ -318,3 +374,45 @@ def test_tables_in_and_out(spark, fixture_images, shapes_model, tmp_path, capsys
     finally:
         spark.sql("DROP TABLE IF EXISTS it_images")
         spark.sql("DROP TABLE IF EXISTS it_predictions")
+
+
+def test_the_api_returns_what_the_cli_writes(spark, fixture_images, shapes_model, tmp_path):
+    out = tmp_path / "cli.parquet"
+    assert cli.run(["score", "--input", fixture_images, "--model", str(shapes_model), "--output", str(out)]) == 0
+    scored = score_images(spark.read.parquet(fixture_images), str(shapes_model))  # lazy: nothing has run
+    assert scored.columns == spark.read.parquet(str(out)).columns
+    api_rows = {r["path"]: r for r in scored.collect()}
+    cli_rows = {r["path"]: r for r in spark.read.parquet(str(out)).collect()}
+    assert sorted(api_rows) == sorted(cli_rows) and len(api_rows) == 240
+    for path, want in cli_rows.items():
+        got = api_rows[path]
+        assert (got["prediction"], got["error"], got["model_version"]) == (
+            want["prediction"],
+            want["error"],
+            want["model_version"],
+        )
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+        assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+
+
+def test_the_api_checks_the_model_before_anything_is_scheduled(spark, fixture_images, tmp_path):
+    from image_transfer.errors import UserError
+
+    source = spark.read.parquet(fixture_images)
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup(None) or [])
+    with pytest.raises(UserError, match="model not found"):
+        score_images(source, str(tmp_path / "missing.keras"))
+    with pytest.raises(UserError, match="no image column 'image'"):
+        featurize_images(source, str(FIXTURE_MODEL), image_column="image")
+    assert set(tracker.getJobIdsForGroup(None) or []) == before  # no Spark job ran
+
+
+def test_long_runs_report_progress(fixture_images, shapes_model, tmp_path, capsys):
+    args = ["score", "--input", fixture_images, "--model", str(shapes_model), "--output", str(tmp_path / "p.parquet")]
+    assert cli.run([*args, "--batch-size", "8", "--progress-interval", "0.2"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("score: [")]
+    assert len(lines) >= 2, err[-2000:]  # periodic lines, then the final one
+    assert all("tasks" in ln and "images/s" in ln and "ETA" in ln for ln in lines)
+    assert "/240 images" in lines[-1] and "~240/240" in lines[-1]

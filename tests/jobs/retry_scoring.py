@@ -16,7 +16,7 @@ from pathlib import Path
 def main(images: str, model: str, output: str, markers: str) -> int:
     from pyspark.sql import functions as F
 
-    from image_transfer import score
+    from image_transfer import score_images
     from image_transfer.cli import _spark
     from image_transfer.io import write_output
 
@@ -33,26 +33,17 @@ def main(images: str, model: str, output: str, markers: str) -> int:
         return path
 
     flaky = F.udf(fail_first_attempt, "string")
-    request = score.ScoringRequest(model_path=model, batch_size=16)
-    prepared = score.prepare_model(request, mode="classify", top_k=2)
-    source = spark.read.parquet(images)
-    result = score.run(
-        spark,
-        source,
-        request,
-        prepared,
-        partitions=4,
-        writer=lambda df: write_output(df.withColumn("path", flaky("path")), output),
-    )
+    scored = score_images(spark.read.parquet(images), model, batch_size=16, top_k=2, partitions=4)
+    write_output(scored.withColumn("path", flaky("path")), output)
     written = spark.read.parquet(output)
     print(
         "RESULT "
         + json.dumps(
             {
-                "rows_in": result.rows_in,
+                "rows_in": spark.read.parquet(images).count(),
                 "rows_out": written.count(),
                 "distinct_paths": written.select("path").distinct().count(),
-                "failed": result.rows_failed,
+                "failed": written.where("error is not null").count(),
             }
         )
     )
