@@ -241,7 +241,7 @@ def test_job_clusters_are_set_up_for_gpu_scoring(target):
             batch_sizes = {
                 parse(run_time_values(job, t)).batch_size
                 for t in job["tasks"]
-                if t["python_wheel_task"]["parameters"][0] in ("score", "featurize")
+                if "python_wheel_task" in t and t["python_wheel_task"]["parameters"][0] in ("score", "featurize")
             }
             for cluster in job["job_clusters"]:
                 spec, where = cluster["new_cluster"], f"{job_key}.{cluster['job_cluster_key']}"
