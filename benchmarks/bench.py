@@ -9,7 +9,7 @@ session, fresh memory high-water marks); results go to ``benchmarks/results/`` (
 
 Part 1 (scoring, local[2], same data and model): the floor (no Spark: one process, tf.data decoding
 in parallel into a traced model call, 2 intra-op threads), the row UDFs, the Series pandas UDF, the
-iterator pandas UDF with ``model.predict`` and this project's ``score.run``, each timed on its
+iterator pandas UDF with ``model.predict`` and this project's ``score_images``, each timed on its
 scoring action (write of the scored Parquet) only. Cheap variants are repeated (median), all run
 interleaved in one session.
 Part 2 (training input): images/s of ``image_transfer.feed`` over Petastorm and over Arrow, against
@@ -279,8 +279,9 @@ def child_scoring(cfg: dict[str, Any]) -> dict[str, Any]:
     configure_tf(FLOOR_THREADS)  # the driver process hosts the floor
     from pyspark.sql import functions as F
 
-    from image_transfer import score
+    from image_transfer import score_images, scoring_run
     from image_transfer.io import write_output
+    from image_transfer.score import ARROW_BATCH_CONF
     from image_transfer.stats import WorkerStats
 
     started = time.perf_counter()
@@ -301,17 +302,19 @@ def child_scoring(cfg: dict[str, Any]) -> dict[str, Any]:
     n = len(local["path"])
     floor = Floor(cfg["model"], local["content"])
     model_bytes = Path(cfg["model"]).read_bytes()
-    request = score.ScoringRequest(model_path=cfg["model"], batch_size=BATCH)
-    prepared = score.prepare_model(request, mode="classify", top_k=5)
     out_root = Path(tempfile.mkdtemp(prefix="bench-scoring-", dir=CACHE))
 
     def spark_variant(name: str, frame: Any, out: str) -> tuple[float, dict[str, Any], Any, int]:
         """Score ``frame`` with one variant: (seconds of the scoring action, per-worker stats, written, failed)."""
-        spark.conf.set(score.ARROW_BATCH_CONF, str(BATCH))
+        spark.conf.set(ARROW_BATCH_CONF, str(BATCH))
         if name == "score":
-            result = score.run(spark, frame, request, prepared, writer=lambda d: write_output(d, out))
-            return result.seconds, result.workers, spark.read.parquet(out), result.rows_failed
-        stats = WorkerStats.create(sc)
+            scored = score_images(frame, cfg["model"], batch_size=BATCH, top_k=5)
+            t0 = time.perf_counter()
+            with scoring_run(scored) as run:
+                written = write_output(scored, out)
+            seconds = time.perf_counter() - t0
+            return seconds, run.workers(), written, written.where(F.col("error").isNotNull()).count()
+        stats = WorkerStats.create(spark)
         acc = stats.accumulator
         broadcast = None
         if name == "row_udf_closure":
@@ -646,35 +649,33 @@ def child_scaling(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     from pyspark.sql import functions as F
 
-    from image_transfer import score
+    from image_transfer import score_images, scoring_run
     from image_transfer.io import write_output
-    from image_transfer.stats import WorkerStats
+    from image_transfer.score import prepare_model
 
     spark = spark_session("bench scaling")
     spark.range(1).count()
     session_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    request = score.ScoringRequest(model_path=cfg["model"], batch_size=BATCH)
-    prepared = score.prepare_model(request, mode="classify", top_k=5)
+    prepare_model(cfg["model"], mode="classify", top_k=5)
     check_seconds = time.perf_counter() - t0
 
     out_root = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=CACHE))
-    spark.conf.set(score.ARROW_BATCH_CONF, str(BATCH))
-    stats = WorkerStats.create(spark.sparkContext)
-    udf = score.scoring_udf(spark, request, prepared, stats)  # one UDF: warm-up and timed run share workers' model
-
     t0 = time.perf_counter()
-    warm = spark.read.parquet(cfg["files"][0]).limit(8).repartition(2)
-    write_output(score.score_frame(warm, request, prepared, udf), str(out_root / "warm")).count()
+    warm = score_images(spark.read.parquet(cfg["files"][0]).limit(8).repartition(2), cfg["model"], batch_size=BATCH)
+    with scoring_run(warm) as warm_run:
+        write_output(warm, str(out_root / "warm")).count()
     warm_seconds = time.perf_counter() - t0
-    after_warm = stats.by_worker()
+    after_warm = warm_run.workers()
 
     df = spark.read.parquet(*cfg["files"]).select("path", "content")
     partitions = df.rdd.getNumPartitions()
     load = load_average()
+    scored = score_images(df, cfg["model"], batch_size=BATCH)  # the workers' cached model: no load, no trace
     t0 = time.perf_counter()
-    written = write_output(score.score_frame(df, request, prepared, udf), str(out_root / "scored"))
+    with scoring_run(scored) as run:
+        written = write_output(scored, str(out_root / "scored"))
     seconds = time.perf_counter() - t0
     rows = written.count()
     failed = written.where(F.col("error").isNotNull()).count()
@@ -688,7 +689,7 @@ def child_scaling(cfg: dict[str, Any]) -> dict[str, Any]:
         "rows_out": rows,
         "rows_failed": failed,
         "workers_after_warmup": after_warm,
-        "workers": stats.by_worker(),
+        "workers": run.workers(),
         "driver_python_peak_mb": python_peak_mb(),
         "driver_jvm_peak_mb": jvm_peak_mb(spark),
         "load_average_before": load,
@@ -715,8 +716,10 @@ def render_scaling(raw: dict[str, Any], folder: Path) -> str:
             f"{r['warmup_seconds']:.1f} | {r['seconds']:.1f} | {r['images'] / r['seconds']:.1f} | "
             f"{1000 * r['seconds'] / r['images']:.1f} | {r['driver_python_peak_mb']} | {r['driver_jvm_peak_mb']} | "
             f"{', '.join(str(c.get('peak_rss_mb', '?')) for c in w.values())} | "
+            f"{', '.join(str(c.get('model_loads', 0)) for c in r['workers_after_warmup'].values())} / "
+            f"{', '.join(str(c.get('traces', 0)) for c in r['workers_after_warmup'].values())} (warm-up), "
             f"{', '.join(str(c.get('model_loads', 0)) for c in w.values())} / "
-            f"{', '.join(str(c.get('traces', 0)) for c in w.values())} |"
+            f"{', '.join(str(c.get('traces', 0)) for c in w.values())} (run) |"
         )
     xs = [r["images"] for r in runs]
     ys = [r["seconds"] for r in runs]
@@ -736,15 +739,322 @@ def render_scaling(raw: dict[str, Any], folder: Path) -> str:
         "Start-up is measured separately from the scoring: session start (JVM), the driver's model check "
         "(`prepare_model`), and a warm-up scoring of 8 images with the same UDF, which starts both Python "
         "workers, imports TensorFlow there, loads the model from the broadcast and traces it. The timed run "
-        "then reuses those workers' cached model (the same `predict_batch_udf`), so loads/traces stay 1 per "
-        "worker over warm-up + run, and the scoring column is the steady-state cost. (`score.run` builds a "
-        "new UDF per call, so a CLI run pays one load + trace per worker inside its action; see Part 1.) "
+        "is a second `score_images` call: each worker finds the traced model in its cache (keyed by the "
+        "model's digest), so it shows 0 loads and 0 traces, and the scoring column is the steady-state cost "
+        "(a cold CLI run pays one load + trace per worker inside its action; see Part 4). "
         "Memory: driver Python `ru_maxrss`, driver JVM `VmHWM` (local mode: the JVM is also the executor), "
         "each worker's `ru_maxrss` from score's own per-worker stats. The input is read from Parquet, not "
         "cached, and nothing is collected to the driver.",
     ]
     text = "\n".join(lines) + "\n"
     (folder / "scaling.md").write_text(text)
+    return text
+
+
+# ---- part 4: input layout, cold and warm --------------------------------------------------------
+
+
+def one_file(files: list[str], name: str) -> str:
+    """The images of ``files`` in a single Parquet file with one row group (cannot be split at read time)."""
+    import pyarrow.parquet as pq
+
+    path = CACHE / f"{name}.parquet"
+    if not path.exists():
+        table = pq.ParquetDataset(files).read()
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp, row_group_size=table.num_rows)
+        tmp.rename(path)
+    return str(path)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds so far of ``root``'s descendants: the JVM(s) and the Python workers, by kind."""
+    children: dict[int, list[int]] = {}
+    comm: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, rest = stat.read_text().rsplit(")", 1)
+            pid = int(stat.parent.name)
+            children.setdefault(int(rest.split()[1]), []).append(pid)
+            comm[pid] = head.split("(", 1)[1]
+        except (OSError, IndexError, ValueError):
+            continue
+    out = {"jvm": 0.0, "python_workers": 0.0}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            kind = (
+                "jvm"
+                if comm.get(pid) == "java"
+                else "python_workers"
+                if comm.get(pid, "").startswith("python")
+                else None
+            )
+            if kind:
+                out[kind] += proc_cpu_seconds(pid)
+        except OSError:
+            continue
+    return out
+
+
+def child_floor_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One of the cold floor's fresh processes: import TF, load, decode + score its share in one graph, write."""
+    t0 = time.perf_counter()
+    configure_tf(1)
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from image_transfer.images import decode_resize
+    from image_transfer.model import load_keras, preprocess_fn, read_metadata
+
+    table = pq.read_table(cfg["file"], columns=["path", "content"])
+    rows = table.slice(cfg["shard"] * table.num_rows // cfg["shards"], table.num_rows // cfg["shards"])
+    model = load_keras(cfg["model"])
+    preprocess = preprocess_fn(read_metadata(cfg["model"]).get("preprocess", "none"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def serve(encoded: Any) -> Any:
+        images = tf.map_fn(lambda e: preprocess(decode_resize(e, SIZE, SIZE)), encoded, fn_output_signature=tf.float32)
+        top = tf.math.top_k(tf.cast(model(images, training=False), tf.float32), k=5)
+        return top.values, top.indices
+
+    contents = rows.column("content").to_pylist()
+    probs, idx = [], []
+    for i in range(0, len(contents), BATCH):
+        v, k = serve(tf.constant(contents[i : i + BATCH]))
+        probs.append(v.numpy()[:, 0])
+        idx.append(k.numpy()[:, 0])
+    out = pa.table(
+        {"path": rows.column("path"), "prediction": np.concatenate(idx), "probability": np.concatenate(probs)}
+    )
+    pq.write_table(out, cfg["out"])
+    return {"rows": out.num_rows, "seconds": time.perf_counter() - t0}
+
+
+def cold_floor(file: str, shards: int = 2) -> dict[str, Any]:
+    """Fresh plain processes (no Spark), one per core, each scoring its share: wall time of them all."""
+    out_root = Path(tempfile.mkdtemp(prefix="bench-cold-floor-", dir=CACHE))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    procs = []
+    for k in range(shards):
+        cfg = {
+            "file": file,
+            "model": str(MODEL_PATH),
+            "shard": k,
+            "shards": shards,
+            "out": str(out_root / f"{k}.parquet"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    "floor_worker",
+                    "--config",
+                    json.dumps(cfg),
+                    "--child-out",
+                    str(out_root / f"{k}.json"),
+                ],
+                env=env,
+            )
+        )
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError("a cold floor process failed")
+    seconds = time.perf_counter() - t0
+    rows = sum(json.loads((out_root / f"{k}.json").read_text())["rows"] for k in range(shards))
+    shutil.rmtree(out_root, ignore_errors=True)
+    return {"seconds": seconds, "rows": rows}
+
+
+def cold_score(file_or_dir: list[str], images: int) -> dict[str, Any]:
+    """``image-transfer score`` as a scheduled job runs it: a fresh process, session and Python workers."""
+    out_root = Path(tempfile.mkdtemp(prefix="bench-cold-score-", dir=CACHE))
+    summary = out_root / "summary.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore", PYSPARK_PYTHON=sys.executable)
+    inputs = file_or_dir[0] if len(file_or_dir) == 1 else str(Path(file_or_dir[0]).parent)
+    command = [
+        sys.executable,
+        "-m",
+        "image_transfer.cli",
+        "score",
+        "--input",
+        inputs,
+        "--model",
+        str(MODEL_PATH),
+        "--output",
+        str(out_root / "out.parquet"),
+        "--summary",
+        str(summary),
+        "--master",
+        "local[2]",
+        "--batch-size",
+        str(BATCH),
+        "--progress-interval",
+        "600",
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    data = json.loads(summary.read_text())
+    shutil.rmtree(out_root, ignore_errors=True)
+    assert data["rows_out"] == images, data
+    return {"seconds": seconds, "action_seconds": data["seconds"], "workers": data["workers"]}
+
+
+def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Warm: in one session, score once (workers start, load, trace), then time a second scoring and the floor."""
+    configure_tf(FLOOR_THREADS)
+    import tensorflow as tf
+
+    from image_transfer import score_images, scoring_run
+    from image_transfer.images import ImageLimits, decode_resize, screen_batch
+    from image_transfer.io import write_output
+    from image_transfer.model import load_keras, preprocess_fn, read_metadata
+
+    spark = spark_session("bench warm")
+    out_root = Path(tempfile.mkdtemp(prefix="bench-warm-", dir=CACHE))
+    df = spark.read.parquet(*cfg["files"]).select("path", "content")
+    read_partitions = df.rdd.getNumPartitions()
+    first = score_images(df, cfg["model"], batch_size=BATCH)
+    with scoring_run(first) as run:
+        write_output(first, str(out_root / "first"))
+    cold_in_session = run.workers()
+    runs = []
+    for k in range(cfg["repeats"]):
+        scored = score_images(df, cfg["model"], batch_size=BATCH)
+        cpu0 = process_tree_cpu(os.getpid())
+        t0 = time.perf_counter()
+        with scoring_run(scored) as run:
+            write_output(scored, str(out_root / f"run{k}"))
+        seconds = time.perf_counter() - t0
+        cpu1 = process_tree_cpu(os.getpid())
+        runs.append({"seconds": seconds, "workers": run.workers(), "cpu": {c: cpu1[c] - cpu0[c] for c in cpu0}})
+    local = read_local(cfg["files"], ["path", "content"])
+    floor = Floor(cfg["model"], local["content"])
+    floors = [floor.run()[0] for _ in range(cfg["repeats"])]
+    # The limit: decoding alone and the model alone, each with both cores.
+    encoded = tf.constant(local["content"])
+    decode = (
+        tf.data.Dataset.from_tensor_slices(encoded)
+        .map(lambda e: decode_resize(e, SIZE, SIZE), num_parallel_calls=FLOOR_THREADS)
+        .batch(BATCH)
+    )
+    t0 = time.perf_counter()
+    batches = [b for b in decode]
+    decode_s = time.perf_counter() - t0
+    model = load_keras(cfg["model"])
+    preprocess = preprocess_fn(read_metadata(cfg["model"]).get("preprocess", "none"))
+    call = tf.function(lambda x: model(preprocess(x), training=False))
+    call(batches[0])
+    t0 = time.perf_counter()
+    for b in batches:
+        call(b).numpy()
+    model_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    limits = ImageLimits.default()
+    for i in range(0, len(local["content"]), BATCH):
+        screen_batch(local["content"][i : i + BATCH], limits)
+    screen_s = time.perf_counter() - t0
+    spark.stop()
+    shutil.rmtree(out_root, ignore_errors=True)
+    n = len(local["content"])
+    return {
+        "images": n,
+        "read_partitions": read_partitions,
+        "first_run_workers": cold_in_session,
+        "runs": runs,
+        "floor_seconds": floors,
+        "decode_alone_ips": n / decode_s,
+        "model_alone_ips": n / model_s,
+        "screen_ms_per_image": 1000 * screen_s / n,
+    }
+
+
+def run_layout(images_list: list[int], per_file_8: dict[int, list[str]], repeats: int) -> dict[str, Any]:
+    results = []
+    for n in images_list:
+        files8 = per_file_8[n]
+        single = one_file(files8, f"one-file-{n}")
+        floor = cold_floor(single)
+        print(f"[layout] cold floor {n}: {floor}", flush=True)
+        for layout, files in (("1 file", [single]), ("8 files", files8)):
+            cold = cold_score(files, n)
+            print(f"[layout] cold score {layout} {n}: {cold['seconds']:.1f}s", flush=True)
+            warm = run_child("warm", {"files": files, "model": str(MODEL_PATH), "repeats": repeats})
+            print(
+                f"[layout] warm {layout} {n}: {[r['seconds'] for r in warm['runs']]} floor {warm['floor_seconds']}",
+                flush=True,
+            )
+            results.append({"images": n, "layout": layout, "cold": cold, "cold_floor": floor, "warm": warm})
+    return {"results": results}
+
+
+def render_layout(raw: dict[str, Any], folder: Path) -> str:
+    lines = [
+        f"`score` on one Parquet file (one row group: it cannot be split when read) and on 8 files, cold and "
+        f"warm, against floors measured the same way; {raw.get('machine', '')}",
+        "",
+        "| images | input | cold: whole command (s) | cold img/s | cold floor img/s | cold x floor | warm img/s | "
+        "warm floor img/s | warm x floor | decode+model limit img/s | rows per worker (warm) | loads / traces per worker (cold; warm) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in raw["results"]:
+        n, w = r["images"], r["warm"]
+        cold_ips = n / r["cold"]["seconds"]
+        floor_ips = n / r["cold_floor"]["seconds"]
+        warm_s = statistics.median(x["seconds"] for x in w["runs"])
+        warm_floor_s = statistics.median(w["floor_seconds"])
+        limit = 1 / (1 / w["decode_alone_ips"] + 1 / w["model_alone_ips"])
+        last = w["runs"][-1]["workers"]
+        cold_w = r["cold"]["workers"]
+        r["ratios"] = {"cold": cold_ips / floor_ips, "warm": (n / warm_s) / (n / warm_floor_s)}
+        lines.append(
+            f"| {n} | {r['layout']} | {r['cold']['seconds']:.1f} | {cold_ips:.1f} | {floor_ips:.1f} | "
+            f"{r['ratios']['cold']:.2f} | {n / warm_s:.1f} | {n / warm_floor_s:.1f} | {r['ratios']['warm']:.2f} | "
+            f"{limit:.1f} | {', '.join(str(c.get('rows', 0)) for c in last.values())} | "
+            f"{', '.join(str(c.get('model_loads', 0)) for c in cold_w.values())} / "
+            f"{', '.join(str(c.get('traces', 0)) for c in cold_w.values())}; "
+            f"{', '.join(str(c.get('model_loads', 0)) for c in last.values())} / "
+            f"{', '.join(str(c.get('traces', 0)) for c in last.values())} |"
+        )
+    lines += [
+        "",
+        "Where the warm time goes (median run):",
+        "",
+        "| images | input | JVM CPU s | Python workers CPU s | wall s | screening ms/image (one core) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in raw["results"]:
+        w = r["warm"]
+        run = sorted(w["runs"], key=lambda x: x["seconds"])[len(w["runs"]) // 2]
+        lines.append(
+            f"| {r['images']} | {r['layout']} | {run['cpu']['jvm']:.1f} | {run['cpu']['python_workers']:.1f} | "
+            f"{run['seconds']:.1f} | {w['screen_ms_per_image']:.2f} |"
+        )
+    lines += [
+        "",
+        "Cold: the whole `image-transfer score` command in a fresh process (JVM start, session, Python workers "
+        "importing TensorFlow, model check, load and trace, scoring, atomic write, summary), against the cold "
+        "floor: two fresh plain Python processes (no Spark), one per core, each importing TensorFlow, loading the "
+        "model, decoding and scoring half the images in one traced graph and writing Parquet. Warm: the same "
+        "session scores once, then each timed run is a new `score_images` call whose workers find the model "
+        "loaded and traced (0 loads, 0 traces), against the in-process floor of Part 1. The limit: images/s of "
+        "decoding alone and of the model alone, each on both cores, combined (1 / (1/decode + 1/model)).",
+    ]
+    text = "\n".join(lines) + "\n"
+    (folder / "layout.md").write_text(text)
     return text
 
 
@@ -804,7 +1114,8 @@ def update_readme(sections: dict[str, str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="images for parts 1 and 2 (default 1024; --quick 128)")
-    p.add_argument("--parts", default="1,2,3", help="comma-separated parts to run")
+    p.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run")
+    p.add_argument("--layout-images", default=None, help="image counts for part 4 (default 1024,4096; --quick 128)")
     p.add_argument("--quick", action="store_true", help="small and single runs, results to results/quick/")
     p.add_argument("--partitions", type=int, default=8, help="partitions of the part 1/2 input (default 8: 4 per core)")
     p.add_argument("--repeats", type=int, default=None, help="runs of the cheap variants (default 3; --quick 1)")
@@ -823,7 +1134,13 @@ def main(argv: list[str] | None = None) -> int:
             make_model()
             result: dict[str, Any] = {}
         else:
-            handler = {"scoring": child_scoring, "training": child_training, "scaling": child_scaling}[args.child]
+            handler = {
+                "scoring": child_scoring,
+                "training": child_training,
+                "scaling": child_scaling,
+                "warm": child_warm,
+                "floor_worker": child_floor_worker,
+            }[args.child]
             result = handler(cfg)
         Path(args.child_out).write_text(json.dumps(result, indent=1))
         return 0
@@ -890,6 +1207,14 @@ def main(argv: list[str] | None = None) -> int:
         sections["scaling"] = render_scaling(raw, folder)
         (folder / "scaling.json").write_text(json.dumps(raw, indent=1))
         print(sections["scaling"], flush=True)
+    if 4 in parts:
+        counts = [int(x) for x in (args.layout_images or ("128" if args.quick else "1024,4096")).split(",")]
+        per8 = {n: data_files(n // 8, 8) for n in counts}
+        raw = run_layout(counts, per8, repeats)
+        raw["machine"] = where
+        sections["layout"] = render_layout(raw, folder)
+        (folder / "layout.json").write_text(json.dumps(raw, indent=1))
+        print(sections["layout"], flush=True)
     if not args.quick:
         update_readme(sections)
     print(f"done in {time.perf_counter() - t0:.0f}s; results in {folder}")

@@ -32,6 +32,15 @@ SIZE = 224
 RESULT_DDL = "prediction int, probability float"
 
 
+def record(accumulator: Any, **counts: int) -> None:
+    """Add counters for this worker (``host:pid``) to the running task's copy of ``accumulator``."""
+    from pyspark.accumulators import _accumulatorRegistry
+
+    from image_transfer.stats import worker_id
+
+    _accumulatorRegistry.get(accumulator.aid, accumulator).add({worker_id(): counts})
+
+
 def warm_worker(threads: int) -> tuple[int, bool]:
     """Import TensorFlow in this worker and fix its thread pools (before any op runs); (pid, applied)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -78,8 +87,6 @@ def load_counted(data: bytes, stats: Any) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from image_transfer.stats import record
-
     path = os.path.join(tempfile.gettempdir(), f"bench-model-{os.getpid()}-{uuid.uuid4().hex[:8]}.keras")
     with open(path, "wb") as f:
         f.write(data)
@@ -116,8 +123,6 @@ def row_udf_closure(shipped: ShippedModel, stats: Any) -> Any:
     """Row-at-a-time UDF; the model travels in the closure (rebuilt once per task)."""
     from pyspark.sql.functions import udf
 
-    from image_transfer.stats import record
-
     def predict(content: bytes) -> tuple[int, float]:
         model = shipped.get(stats)
         probs = model.predict(decode(content)[None], verbose=0)[0]
@@ -130,8 +135,6 @@ def row_udf_closure(shipped: ShippedModel, stats: Any) -> Any:
 def row_udf_broadcast(broadcast: Any, stats: Any) -> Any:
     """Row-at-a-time UDF; the model is a broadcast value (rebuilt once per worker)."""
     from pyspark.sql.functions import udf
-
-    from image_transfer.stats import record
 
     def predict(content: bytes) -> tuple[int, float]:
         model = broadcast.value.get(stats)
@@ -146,8 +149,6 @@ def series_udf(broadcast: Any, stats: Any) -> Any:
     """Series -> DataFrame pandas UDF; per-image Pillow decode, eager model call per Arrow batch."""
     from pyspark.sql.functions import pandas_udf
 
-    from image_transfer.stats import record
-
     def predict(content: pd.Series) -> pd.DataFrame:
         model = broadcast.value.get(stats)
         images = np.stack([decode(c) for c in content])
@@ -161,8 +162,6 @@ def series_udf(broadcast: Any, stats: Any) -> Any:
 def iterator_udf(model_bytes: Any, stats: Any) -> Any:
     """Iterator pandas UDF: model rebuilt per iterator (partition), ``model.predict`` per Arrow batch."""
     from pyspark.sql.functions import pandas_udf
-
-    from image_transfer.stats import record
 
     def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         model = load_counted(model_bytes.value, stats)

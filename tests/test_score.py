@@ -14,6 +14,7 @@ from PIL import Image
 from image_transfer import cli, featurize_images, read_images, score_images, scoring_run
 from image_transfer.io import write_output
 from image_transfer.model import save_model
+from image_transfer.stats import is_connect
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
 
@@ -21,7 +22,7 @@ FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "sh
 @pytest.fixture(scope="module")
 def fixture_images(spark, fixtures_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data") / "images.parquet"
-    write_output(read_images(spark, str(fixtures_dir / "images")), str(out))
+    read_images(spark, str(fixtures_dir / "images")).write.parquet(str(out))
     return str(out)
 
 
@@ -52,7 +53,7 @@ def _score(spark, source, tmp_path: Path, model: Path, **options):
         scored = score_images(source, str(model), top_k=options.pop("top_k", 3), **options)
     out = tmp_path / "out.parquet"
     with scoring_run(scored) as run:
-        write_output(scored, str(out))
+        scored.write.parquet(str(out))
     return run, spark.read.parquet(str(out))
 
 
@@ -74,6 +75,7 @@ def _expected_probabilities(model_path: Path, contents: list[bytes]) -> np.ndarr
     return model(batch, training=False).numpy()
 
 
+@pytest.mark.connect
 def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
     spark, fixture_images, shapes_model, tmp_path
 ):
@@ -92,11 +94,13 @@ def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
     for worker, counts in workers.items():
         assert counts["model_loads"] == 1, (worker, counts)
         assert counts["traces"] == 1, (worker, counts)
-    assert run.totals()["rows"] == 2 * 240
+    actions = 1 if is_connect(spark) else 2  # Spark Connect: an Observation describes the first action
+    assert run.totals()["rows"] == actions * 240
     # 9 partitions x ceil(~27/13) batches per action: many more batches than loads or traces
-    assert run.totals()["batches"] >= 2 * 9 * 2
+    assert run.totals()["batches"] >= actions * 9 * 2
 
 
+@pytest.mark.connect
 def test_a_second_run_in_the_session_neither_loads_nor_traces(spark, fixture_images, shapes_model, tmp_path):
     model = fresh_copy(shapes_model, tmp_path)
     source = spark.read.parquet(fixture_images)
@@ -123,6 +127,7 @@ def test_a_one_file_input_is_scored_by_every_task_slot(spark, fixture_images, sh
     assert rows[0] >= 0.3 * 240, rows  # roughly half each, not one worker scoring everything
 
 
+@pytest.mark.connect
 def test_predictions_equal_the_models_own(spark, fixture_images, shapes_model, tmp_path):
     run, out = _score(spark, spark.read.parquet(fixture_images), tmp_path, shapes_model, top_k=6, batch_size=32)
     rows = {r["path"]: r for r in out.collect()}
@@ -148,6 +153,7 @@ def test_predictions_equal_the_models_own(spark, fixture_images, shapes_model, t
         assert [e["probability"] for e in row["top_k"]] == sorted(got.values(), reverse=True)
 
 
+@pytest.mark.connect
 def test_every_bad_input_class_is_a_row_with_an_error(spark, shapes_model, tmp_path):
     cases = corpus()
     data = [(name, content) for name, (content, _) in cases.items()] + [("null.jpg", None)]
@@ -179,6 +185,7 @@ def test_every_bad_input_class_is_a_row_with_an_error(spark, shapes_model, tmp_p
     assert all(c["peak_rss_mb"] < 2000 for c in workers), run.workers()
 
 
+@pytest.mark.connect
 def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
     cases = corpus()
     plain = io.BytesIO()
@@ -195,6 +202,7 @@ def test_limits_refuse_per_row(spark, shapes_model, tmp_path):
     assert "exceeds the limit" in errors["good.png"]
 
 
+@pytest.mark.connect
 def test_featurize_outputs_the_pooled_embedding(spark, fixture_images, shapes_model, tmp_path):
     source = spark.read.parquet(fixture_images).limit(20)
     run, out = _score(spark, source, tmp_path, shapes_model, mode="embed")
@@ -219,6 +227,7 @@ def test_featurize_outputs_the_pooled_embedding(spark, fixture_images, shapes_mo
     assert {len(r["embedding"]) for r in named.collect()} == {64}
 
 
+@pytest.mark.connect
 def test_savedmodel_from_the_shared_path_without_class_names(spark, fixture_images, shapes_model, tmp_path):
     import keras
 

@@ -49,12 +49,20 @@ def petastorm_available() -> bool:
     return True
 
 
-def choose_path(path: str) -> str:
-    """``auto`` -> ``petastorm`` when it imports, else ``arrow``; an explicit choice is checked."""
+def choose_path(path: str, *, connect: bool = False) -> str:
+    """``auto`` -> ``petastorm`` when it imports (and the session is classic), else ``arrow``; a choice is checked.
+
+    Petastorm's converter needs a SparkContext, which a Spark Connect session does not have.
+    """
     if path not in DATA_PATHS:
         raise UserError(f"unknown data path {path!r}; one of {', '.join(DATA_PATHS)}")
+    if path == "petastorm" and connect:
+        raise UserError(
+            "the petastorm data path needs a SparkContext, which Spark Connect (standard access, serverless) "
+            "does not have; use --data-path arrow"
+        )
     if path == "auto":
-        return "petastorm" if petastorm_available() else "arrow"
+        return "petastorm" if petastorm_available() and not connect else "arrow"
     if path == "petastorm" and not petastorm_available():
         raise UserError("the petastorm data path needs Petastorm (with pyarrow <= 14); use --data-path arrow")
     return path
@@ -74,8 +82,15 @@ def cache_location(parent: str | None, spark: Any) -> CacheLocation:
     ``parent`` may be a local path, ``file:///...``, ``file:///dbfs/...`` or ``dbfs:/...`` (DBFS through
     its FUSE mount), or ``/Volumes/...``. A cluster with remote executors needs a shared parent.
     """
+    from image_transfer.stats import is_connect
+
     name = f"image-transfer-feed-{uuid.uuid4().hex[:12]}"
     if parent is None:
+        if is_connect(spark):
+            raise UserError(
+                "give --cache-dir under Spark Connect (a Volume path): the cluster writes the cache and this "
+                "process reads it, and a Connect client cannot tell whether they share a disk"
+            )
         master = str(spark.sparkContext.master)
         if not master.startswith("local"):
             raise UserError(
@@ -314,7 +329,9 @@ def open_feed(
 
     The private cache directory is deleted on leaving the block, whether it ended normally or not.
     """
-    chosen = choose_path(path)
+    from image_transfer.stats import is_connect
+
+    chosen = choose_path(path, connect=is_connect(df.sparkSession))
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise UserError(f"no column {', '.join(missing)} to feed (columns: {', '.join(df.columns)})")

@@ -157,18 +157,19 @@ class WorkerStats:
             return scored
         from pyspark.sql import functions as F
 
-        return scored.observe(self.observation, F.collect_list(column).alias("reports"))
+        # One string metric: Spark Connect cannot send array-valued observed metrics back.
+        return scored.observe(self.observation, F.concat_ws("\n", F.collect_list(column)).alias("reports"))
 
     def by_worker(self) -> Counts:
         """Counters per ``host:pid`` worker (after the action; ``{}`` before)."""
         if self.accumulator is not None:
             return {w: dict(c) for w, c in sorted(self.accumulator.value.items())}
         try:
-            reports = self.observation.get.get("reports") or []
+            reports = self.observation.get.get("reports") or ""
         except Exception:  # noqa: BLE001 - no action has run yet
             return {}
         total: Counts = {}
-        for raw in reports:
+        for raw in reports.splitlines():
             item = json.loads(raw)
             merge(total, item["worker"], item["counts"])
         return dict(sorted(total.items()))
