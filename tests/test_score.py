@@ -425,3 +425,13 @@ def test_long_runs_report_progress(fixture_images, shapes_model, tmp_path, capsy
     assert len(lines) >= 2, err[-2000:]  # periodic lines, then the final one
     assert all("tasks" in ln and "images/s" in ln and "ETA" in ln for ln in lines)
     assert "/240 images" in lines[-1] and "~240/240" in lines[-1]
+
+
+def test_conf_options_reach_the_session(spark, fixtures_dir, tmp_path, capsys):
+    out = tmp_path / "images.parquet"
+    args = ["ingest", "--images", str(fixtures_dir / "images" / "star"), "--output", str(out)]
+    assert cli.run([*args, "--conf", "spark.sql.shuffle.partitions=7", "--conf", "spark.sql.session.timeZone=UTC"]) == 0
+    assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+    spark.conf.set("spark.sql.shuffle.partitions", "200")
+    assert cli.run([*args, "--conf", "no-equals-sign"]) == 2
+    assert "--conf takes key=value" in capsys.readouterr().err
