@@ -30,12 +30,15 @@ def _parse_conf(pairs: Sequence[str] | None) -> dict[str, str]:
     return conf
 
 
-def _spark(app_name: str, master: str | None = None, conf: dict[str, str] | None = None) -> Any:
+def _spark(
+    app_name: str, master: str | None = None, conf: dict[str, str] | None = None, remote: str | None = None
+) -> Any:
     """The SparkSession: the cluster's on Databricks, an embedded ``local[*]`` one elsewhere.
 
     ``conf`` (``--conf key=value``) is applied to the builder, so it reaches a local session's
     SparkContext (resources, ``local-cluster`` settings); on an existing session only SQL settings
-    can change.
+    can change. ``remote`` (``--remote``: ``sc://host:port``, or ``local[2]`` for a local server) makes a
+    Spark Connect session instead, as standard-access clusters and serverless compute give.
     """
     # Workers must run the same interpreter (and so the same installed package) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -43,6 +46,11 @@ def _spark(app_name: str, master: str | None = None, conf: dict[str, str] | None
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(app_name)
+    if remote:
+        builder = builder.remote(remote)
+        for key, value in (conf or {}).items():
+            builder = builder.config(key, value)
+        return builder.getOrCreate()
     if "DATABRICKS_RUNTIME_VERSION" not in os.environ:
         builder = (
             builder.master(master or os.environ.get("IMAGE_TRANSFER_MASTER", "local[*]"))
@@ -107,6 +115,7 @@ def _add_spark_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="Spark setting for the session (repeatable), e.g. spark.executor.resource.gpu.amount=1",
     )
+    p.add_argument("--remote", help="a Spark Connect server (sc://host:port, or local[2] to start one locally)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +194,8 @@ def _image_limits(args: argparse.Namespace) -> Any:
 
 
 def _session(args: argparse.Namespace, what: str) -> Any:
-    return _spark(f"image-transfer {what}", args.master, _parse_conf(getattr(args, "conf", None)))
+    conf = _parse_conf(getattr(args, "conf", None))
+    return _spark(f"image-transfer {what}", args.master, conf, getattr(args, "remote", None))
 
 
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
