@@ -81,6 +81,18 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     )
     _add_limit_options(p)
     p.add_argument(
+        "--max-batch-mb",
+        type=float,
+        default=None,
+        help="encoded image bytes per Arrow batch (default 1536, under Arrow's 2 GB limit)",
+    )
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=None,
+        help="output rows per Parquet file (default: about 256 MB files for the output's row size)",
+    )
+    p.add_argument(
         "--max-failed-fraction",
         type=float,
         default=DEFAULT_MAX_FAILED_FRACTION,
@@ -166,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (64 MiB)")
+    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (24 MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels (64 M)")
 
 
@@ -202,6 +214,7 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         max_pixels=args.max_pixels,
         broadcast_max_mb=args.broadcast_max_mb,
         partitions=args.partitions,
+        max_batch_mb=args.max_batch_mb,
         max_failed_fraction=args.max_failed_fraction,
     )
     if mode == "classify":
@@ -210,11 +223,14 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         scored = api.featurize_images(source, args.model, layer=args.layer, **options)
     rows_in = jobs.count_rows(source)
     jobs.require_rows(rows_in)
+    rows_per_file = args.rows_per_file or jobs.default_rows_per_file(scored)
     jobs.write_scored(
         spark,
         scored,
         rows_in=rows_in,
-        writer=lambda df: write_output(df, args.output, table=args.output_table),
+        writer=lambda df: write_output(
+            df, args.output, table=args.output_table, rows_per_file=rows_per_file, rows=rows_in
+        ),
         output=args.output_table or args.output,
         mode=mode,
         progress_interval=args.progress_interval,
