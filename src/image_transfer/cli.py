@@ -272,7 +272,11 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
     p.add_argument("--validation-fraction", type=float, default=0.2, help="share of images for validation")
     p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
-    p.add_argument("--summary", help="write a JSON summary (counts, rejected files) here")
+    p.add_argument("--summary", help="write a JSON summary (counts, the first rejected files) here")
+    p.add_argument(
+        "--rejected",
+        help="write every rejected file (CSV path,reason) here (default: beside --summary, as *.rejected.csv)",
+    )
     _add_limit_options(p)
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_prepare)
@@ -310,6 +314,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from image_transfer.prepare import prepare
 
     spark = _session(args, "prepare")
+    rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
     result = prepare(
         spark,
         args.images,
@@ -319,6 +324,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         extensions=args.extensions.split(","),
         limits=_image_limits(args),
+        rejected_file=rejected,
     )
     print(result.describe())
     if args.summary:
