@@ -344,7 +344,18 @@ def _complete_dir(spark, where: Path, ids: range) -> Path:
     return where
 
 
-@pytest.mark.parametrize("crash", ["writing", "before_swap", "between_renames", "during_rename", "after_swap"])
+@pytest.mark.parametrize(
+    "crash",
+    [
+        "writing",
+        "before_swap",
+        "moving_previous_aside",
+        "between_renames",
+        "between_renames_unmarked",
+        "during_rename",
+        "after_swap",
+    ],
+)
 def test_recovery_never_keeps_a_partial_output(spark, tmp_path, crash):
     dest = tmp_path / "out.parquet"
     old, new = range(0, 30), range(100, 160)
@@ -358,9 +369,18 @@ def test_recovery_never_keeps_a_partial_output(spark, tmp_path, crash):
         _complete_dir(spark, dest, old)
         _complete_dir(spark, staging, new)
         expected = list(old)
-    elif crash == "between_renames":  # previous moved aside, the complete new one not yet in place
+    elif crash == "moving_previous_aside":  # a file-by-file rename of the previous output stopped half way
+        _complete_dir(spark, dest, old)
+        _complete_dir(spark, staging, new)
+        previous.mkdir()
+        for f in sorted(p for p in dest.iterdir() if p.suffix == ".parquet")[:2]:
+            f.rename(previous / f.name)
+        expected = list(old)
+    elif crash.startswith("between_renames"):  # previous moved aside, the new one not yet in place
         _complete_dir(spark, previous, old)
         _complete_dir(spark, staging, new)
+        if crash.endswith("unmarked"):
+            (staging / COMMIT_MARKER).unlink()
         expected = list(old)
     elif crash == "during_rename":  # a file-by-file rename (object stores) stopped half way
         _complete_dir(spark, previous, old)

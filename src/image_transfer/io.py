@@ -80,7 +80,9 @@ def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> Non
 
     - ``dest`` complete (the swap finished): the previous output is deleted;
     - ``dest`` missing (killed between the two renames), unmarked or partial (killed during a rename
-      that copies file by file, as on object stores): the newest complete previous output is put back.
+      that copies file by file, as on object stores): the newest complete previous output is put back;
+    - nothing complete, but a marker shows the data split between ``dest`` and ``previous`` (killed while
+      moving the previous output aside file by file): its files are moved back together.
 
     A previous output is never discarded for a partial one. Outputs written before markers existed
     count as complete when they are the only candidate.
@@ -96,7 +98,16 @@ def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> Non
     if not previous:
         return
     states = [(_state(fs, hadoop_path, s.getPath(), jvm), s.getPath()) for s in previous]
-    if _state(fs, hadoop_path, dest, jvm) != "complete":
+    dest_state = _state(fs, hadoop_path, dest, jvm)
+    found = {st for st, _ in states}
+    if dest_state != "complete" and "complete" not in found and "partial" in {dest_state, *found}:
+        # Killed while moving the previous output aside file by file: its files are in both places.
+        for _, path in states:
+            _move_files(fs, hadoop_path, path, dest)
+        if _state(fs, hadoop_path, dest, jvm) != "complete":
+            return  # nothing complete to recover: leave every directory as it is
+        dest_state = "complete"
+    if dest_state != "complete":
         keep = next((p for st, p in states if st == "complete"), None)
         keep = keep or next((p for st, p in states if st == "unmarked"), None)  # older versions: no marker
         if keep is None:
@@ -107,6 +118,21 @@ def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> Non
     for _, path in states:
         if fs.exists(path):
             fs.delete(path, True)
+
+
+def _move_files(fs: Any, hadoop_path: Any, source: Any, target: Any) -> None:
+    """Move every file under ``source`` to the same relative place under ``target``."""
+    root = fs.makeQualified(source).toString().rstrip("/")
+    it = fs.listFiles(source, True)
+    moves = []
+    while it.hasNext():
+        path = it.next().getPath()
+        moves.append((path, fs.makeQualified(path).toString()[len(root) + 1 :]))
+    for path, relative in moves:
+        to = hadoop_path(target, relative)
+        fs.mkdirs(to.getParent())
+        if not fs.exists(to):
+            fs.rename(path, to)
 
 
 def write_output(
