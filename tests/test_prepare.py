@@ -167,6 +167,82 @@ def test_training_runs_over_a_folder_mixing_hostile_files(messy, backbone_model,
     # Every usable row is trained or validated on; the rejected ones never reach TensorFlow.
     assert trained.train_rows == usable(df, "train").count()
     assert trained.validation_rows == usable(df, "validation").count()
-    assert trained.train_rows + trained.validation_rows + len(result.rejected) == result.rows
+    assert trained.train_rows + trained.validation_rows + result.rejected_count == result.rows
     assert sorted(trained.class_names) == sorted(result.class_names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "m.metrics.json", "m.metrics.png"]  # no cache
+
+
+def _rotated_copy(src: Path, orientation: int) -> bytes:
+    """``src`` as a phone stores it: pixels turned, and an EXIF orientation saying how to turn them back."""
+    import io
+
+    from PIL import Image
+
+    store = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    upright = Image.open(src).convert("RGB").resize((90, 60))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    upright.transpose(store[orientation]).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_rotated_images_are_prepared_upright(spark, fixtures_dir, tmp_path):
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    root = tmp_path / "imgs"
+    _copy_classes(fixtures_dir, root, CLASSES[:2], per_class=3)
+    src = sorted((fixtures_dir / "images" / "star").iterdir())[0]
+    (root / "star").mkdir()
+    for o in (3, 6, 8):
+        (root / "star" / f"phone_{o}.jpg").write_bytes(_rotated_copy(src, o))
+    result = prepare(spark, str(root), str(tmp_path / "ds"))
+    assert result.rejected_count == 0
+    rows = spark.read.parquet(str(tmp_path / "ds")).where("label = 'star'").collect()
+    assert len(rows) == 3
+    for r in rows:
+        original = (root / "star" / Path(r["path"]).name).read_bytes()
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(original))).convert("RGB"))
+        # Training decodes without looking at EXIF: the stored pixels must already be upright.
+        decoded = tf.io.decode_image(bytes(r["content"]), channels=3, expand_animations=False).numpy()
+        assert decoded.shape == (60, 90, 3) == expected.shape
+        assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_prepare_persists_nothing_and_bounds_the_rejected_sample(spark, fixtures_dir, tmp_path):
+    from image_transfer import prepare as prepare_module
+
+    root = tmp_path / "imgs"
+    _copy_classes(fixtures_dir, root, CLASSES[:3], per_class=20)
+    (root / "junk").mkdir()
+    for i in range(130):  # rejected files: more than the summary lists
+        (root / "junk" / f"note_{i:03d}.png").write_bytes(b"not an image %d" % i)
+    persisted = spark.sparkContext._jsc.getPersistentRDDs().size()
+    result = prepare(spark, str(root), str(tmp_path / "ds"), rejected_file=str(tmp_path / "rejected.csv"))
+    assert spark.sparkContext._jsc.getPersistentRDDs().size() == persisted  # no image bytes kept in memory
+
+    assert result.rejected_count == 130 and len(result.rejected) == prepare_module.REJECTED_SAMPLE
+    assert [r["path"] for r in result.rejected] == sorted(r["path"] for r in result.rejected)
+    with open(tmp_path / "rejected.csv", newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert len(listed) == 130 and {r["reason"] for r in listed} == {"not an image (unrecognised format)"}
+    assert "(all in" in result.describe() and len(result.describe().splitlines()) < 40
+    df = spark.read.parquet(str(tmp_path / "ds"))
+    assert result.class_names == class_names(df) == ("circle", "cross", "ring")
+    assert df.count() == result.rows == 60 + 130
+
+
+def test_a_class_whose_every_file_is_rejected_is_left_out_and_label_index_renumbered(spark, fixtures_dir, tmp_path):
+    root = tmp_path / "imgs"
+    _copy_classes(fixtures_dir, root, ["circle", "ring"], per_class=4)
+    (root / "lost").mkdir()  # sorts between circle and ring: would leave a gap in label_index
+    (root / "lost" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = prepare(spark, str(root), str(tmp_path / "ds"))
+    df = spark.read.parquet(str(tmp_path / "ds"))
+    assert result.class_names == class_names(df) == ("circle", "ring")
+    assert [r["path"].rsplit("/", 2)[1] for r in result.rejected] == ["lost"]
+    assert df.count() == 9 and not list(tmp_path.glob(".ds.*"))

@@ -37,6 +37,7 @@ def _options(
     max_pixels: int | None,
     broadcast_max_mb: float,
     partitions: int | None,
+    max_batch_mb: float | None = None,
 ) -> ScoringOptions:
     limits = ImageLimits.default()
     try:
@@ -53,6 +54,7 @@ def _options(
         limits=limits,
         broadcast_max_bytes=int(broadcast_max_mb * 1024 * 1024),
         partitions=partitions,
+        **({"max_batch_bytes": int(max_batch_mb * 1024 * 1024)} if max_batch_mb is not None else {}),
     )
 
 
@@ -76,6 +78,7 @@ def score_images(
     max_pixels: int | None = None,
     broadcast_max_mb: float = 256.0,
     partitions: int | None = None,
+    max_batch_mb: float | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
 ) -> Any:
@@ -84,7 +87,10 @@ def score_images(
     ``model`` is a ``.keras`` file or a SavedModel directory (local or on a mounted path such as
     ``/Volumes/...``). Bad images become a row with ``error`` set, never a failed job.
     ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
-    ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
+    ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed. ``max_batch_mb`` caps
+    the encoded bytes of one Arrow batch (default 1536, under Arrow's 2 GB limit); ``max_image_bytes``
+    (default 24 MiB) must fit in it. A model over ``broadcast_max_mb`` is read by the executors from its
+    path, which on a cluster must be on shared storage (``/Volumes/...``): anything else is a UserError.
     """
     prepared = prepare_model(model, mode="classify", top_k=top_k, version=model_version)
     options = _options(
@@ -95,6 +101,7 @@ def score_images(
         max_pixels=max_pixels,
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
+        max_batch_mb=max_batch_mb,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction)
@@ -112,6 +119,7 @@ def featurize_images(
     max_pixels: int | None = None,
     broadcast_max_mb: float = 256.0,
     partitions: int | None = None,
+    max_batch_mb: float | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
 ) -> Any:
@@ -129,6 +137,7 @@ def featurize_images(
         max_pixels=max_pixels,
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
+        max_batch_mb=max_batch_mb,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction)

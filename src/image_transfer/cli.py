@@ -89,6 +89,18 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     )
     _add_limit_options(p)
     p.add_argument(
+        "--max-batch-mb",
+        type=float,
+        default=None,
+        help="encoded image bytes per Arrow batch (default 1536, under Arrow's 2 GB limit)",
+    )
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=None,
+        help="output rows per Parquet file (default: about 256 MB files for the output's row size)",
+    )
+    p.add_argument(
         "--max-failed-fraction",
         type=float,
         default=DEFAULT_MAX_FAILED_FRACTION,
@@ -175,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (64 MiB)")
+    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (24 MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels (64 M)")
 
 
@@ -212,6 +224,7 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         max_pixels=args.max_pixels,
         broadcast_max_mb=args.broadcast_max_mb,
         partitions=args.partitions,
+        max_batch_mb=args.max_batch_mb,
         max_failed_fraction=args.max_failed_fraction,
     )
     if mode == "classify":
@@ -220,11 +233,14 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         scored = api.featurize_images(source, args.model, layer=args.layer, **options)
     rows_in = jobs.count_rows(source)
     jobs.require_rows(rows_in)
+    rows_per_file = args.rows_per_file or jobs.default_rows_per_file(scored)
     jobs.write_scored(
         spark,
         scored,
         rows_in=rows_in,
-        writer=lambda df: write_output(df, args.output, table=args.output_table),
+        writer=lambda df: write_output(
+            df, args.output, table=args.output_table, rows_per_file=rows_per_file, rows=rows_in
+        ),
         output=args.output_table or args.output,
         mode=mode,
         progress_interval=args.progress_interval,
@@ -266,7 +282,11 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
     p.add_argument("--validation-fraction", type=float, default=0.2, help="share of images for validation")
     p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
-    p.add_argument("--summary", help="write a JSON summary (counts, rejected files) here")
+    p.add_argument("--summary", help="write a JSON summary (counts, the first rejected files) here")
+    p.add_argument(
+        "--rejected",
+        help="write every rejected file (CSV path,reason) here (default: beside --summary, as *.rejected.csv)",
+    )
     _add_limit_options(p)
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_prepare)
@@ -304,6 +324,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from image_transfer.prepare import prepare
 
     spark = _session(args, "prepare")
+    rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
     result = prepare(
         spark,
         args.images,
@@ -313,6 +334,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         extensions=args.extensions.split(","),
         limits=_image_limits(args),
+        rejected_file=rejected,
     )
     print(result.describe())
     if args.summary:

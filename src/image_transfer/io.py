@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from typing import Any
@@ -25,32 +26,135 @@ def _qualified(path: str) -> str:
     return path if "://" in path or path.startswith("dbfs:") else os.path.abspath(path)
 
 
-def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any) -> None:
+COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
+
+
+def _data_files(fs: Any, directory: Any) -> tuple[int, int]:
+    """(files, bytes) of the data in ``directory`` (recursive; names starting ``_`` or ``.`` are not data)."""
+    files = size = 0
+    root = fs.makeQualified(directory).toString().rstrip("/")
+    it = fs.listFiles(directory, True)
+    while it.hasNext():
+        status = it.next()
+        relative = fs.makeQualified(status.getPath()).toString()[len(root) :]
+        if any(part.startswith(("_", ".")) for part in relative.split("/") if part):
+            continue
+        files += 1
+        size += status.getLen()
+    return files, size
+
+
+def _mark_complete(fs: Any, hadoop_path: Any, directory: Any) -> None:
+    """Write the commit marker: the number and total size of the data files now in ``directory``."""
+    files, size = _data_files(fs, directory)
+    out = fs.create(hadoop_path(directory, COMMIT_MARKER), True)
+    try:
+        out.write(bytearray(f"files={files} bytes={size}\n".encode()))
+    finally:
+        out.close()
+
+
+def _state(fs: Any, hadoop_path: Any, directory: Any, jvm: Any) -> str:
+    """``complete`` (marker and data match), ``partial`` (marker, data missing), ``unmarked`` or ``missing``."""
+    if not fs.exists(directory):
+        return "missing"
+    marker = hadoop_path(directory, COMMIT_MARKER)
+    if not fs.exists(marker):
+        return "unmarked"
+    stream = fs.open(marker)
+    try:
+        text = str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
+    finally:
+        stream.close()
+    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    files, size = _data_files(fs, directory)
+    return "complete" if (str(files), str(size)) == (fields.get("files"), fields.get("bytes")) else "partial"
+
+
+def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> None:
     """Clean up after a run that was killed while writing ``dest`` (one writer per output at a time).
 
-    Its staging data is incomplete and is deleted. If it was killed between moving the previous
-    output aside and moving the new one in, the previous output is put back.
+    A killed run never counts: its staging data is deleted, complete or not. A ``previous`` directory
+    means it was killed while swapping the outputs; the commit marker (written in the staging directory
+    once the write succeeded, so it travels with the data) decides which output is complete:
+
+    - ``dest`` complete (the swap finished): the previous output is deleted;
+    - ``dest`` missing (killed between the two renames), unmarked or partial (killed during a rename
+      that copies file by file, as on object stores): the newest complete previous output is put back;
+    - nothing complete, but a marker shows the data split between ``dest`` and ``previous`` (killed while
+      moving the previous output aside file by file): its files are moved back together.
+
+    A previous output is never discarded for a partial one. Outputs written before markers existed
+    count as complete when they are the only candidate.
     """
     name = dest.getName()
     for status in fs.globStatus(hadoop_path(parent, f".{name}.staging-*")) or []:
         fs.delete(status.getPath(), True)
     previous = sorted(
-        fs.globStatus(hadoop_path(parent, f".{name}.previous-*")) or [], key=lambda s: s.getModificationTime()
+        fs.globStatus(hadoop_path(parent, f".{name}.previous-*")) or [],
+        key=lambda s: s.getModificationTime(),
+        reverse=True,
     )
-    for status in previous:
-        if not fs.exists(dest):
-            fs.rename(status.getPath(), dest)
-        else:
-            fs.delete(status.getPath(), True)
+    if not previous:
+        return
+    states = [(_state(fs, hadoop_path, s.getPath(), jvm), s.getPath()) for s in previous]
+    dest_state = _state(fs, hadoop_path, dest, jvm)
+    found = {st for st, _ in states}
+    if dest_state != "complete" and "complete" not in found and "partial" in {dest_state, *found}:
+        # Killed while moving the previous output aside file by file: its files are in both places.
+        for _, path in states:
+            _move_files(fs, hadoop_path, path, dest)
+        if _state(fs, hadoop_path, dest, jvm) != "complete":
+            return  # nothing complete to recover: leave every directory as it is
+        dest_state = "complete"
+    if dest_state != "complete":
+        keep = next((p for st, p in states if st == "complete"), None)
+        keep = keep or next((p for st, p in states if st == "unmarked"), None)  # older versions: no marker
+        if keep is None:
+            return  # nothing complete to put back: leave every directory as it is
+        if fs.exists(dest):
+            fs.delete(dest, True)
+        fs.rename(keep, dest)
+    for _, path in states:
+        if fs.exists(path):
+            fs.delete(path, True)
 
 
-def write_output(df: Any, path: str, *, table: str | None = None) -> Any:
+def _move_files(fs: Any, hadoop_path: Any, source: Any, target: Any) -> None:
+    """Move every file under ``source`` to the same relative place under ``target``."""
+    root = fs.makeQualified(source).toString().rstrip("/")
+    it = fs.listFiles(source, True)
+    moves = []
+    while it.hasNext():
+        path = it.next().getPath()
+        moves.append((path, fs.makeQualified(path).toString()[len(root) + 1 :]))
+    for path, relative in moves:
+        to = hadoop_path(target, relative)
+        fs.mkdirs(to.getParent())
+        if not fs.exists(to):
+            fs.rename(path, to)
+
+
+def write_output(
+    df: Any,
+    path: str,
+    *,
+    table: str | None = None,
+    rows_per_file: int | None = None,
+    rows: int | None = None,
+) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
 
-    The data is written to a hidden staging directory beside ``path`` and renamed into place only
-    when complete; a previous output is kept until then. A failed write leaves no staging data and
-    the previous output (if any) untouched; what a killed run left behind is cleaned up by the next.
-    With ``table``, the written data is also saved as that table (overwritten).
+    The data is written to a hidden staging directory beside ``path``, marked complete
+    (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
+    write leaves no staging data and the previous output (if any) untouched; what a killed run left
+    behind is cleaned up by the next (``_recover``). With ``table``, the written data is also saved as
+    that table (overwritten).
+
+    ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
+    too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
+    *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
+    scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
     spark = df.sparkSession
     jvm = spark.sparkContext._jvm
@@ -62,9 +166,17 @@ def write_output(df: Any, path: str, *, table: str | None = None) -> Any:
     staging = hadoop_path(parent, f".{dest.getName()}.staging-{token}")
     backup = hadoop_path(parent, f".{dest.getName()}.previous-{token}")
     fs.mkdirs(parent)
-    _recover(fs, hadoop_path, parent, dest)
+    _recover(fs, hadoop_path, parent, dest, jvm)
+    writer = df.write.mode("error")
+    if rows_per_file is not None:
+        if rows_per_file < 1:
+            raise UserError(f"rows per file must be at least 1, got {rows_per_file}")
+        if rows is not None:
+            writer = df.repartition(max(1, math.ceil(rows / rows_per_file))).write.mode("error")
+        writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
-        df.write.mode("error").parquet(staging.toString())
+        writer.parquet(staging.toString())
+        _mark_complete(fs, hadoop_path, staging)
     except BaseException:
         fs.delete(staging, True)
         raise

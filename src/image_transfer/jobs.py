@@ -68,6 +68,22 @@ class RunSummary:
         return "\n".join(lines)
 
 
+FILE_TARGET_BYTES = 256 * 1024 * 1024  # output files of about this size suit Parquet readers
+
+
+def default_rows_per_file(scored: Any) -> int:
+    """Rows per output file for files of about ``FILE_TARGET_BYTES``, from the scored output's row width."""
+    from image_transfer.api import scoring_run
+
+    run = scoring_run(scored)
+    keys = 96 * max(1, len(run.options.key_columns))  # a path or id, compressed
+    if run.model.mode == "embed":
+        row = keys + 4 * run.model.width + 64
+    else:
+        row = keys + 24 * run.model.width + 64  # prediction, probability, top-k labels and probabilities
+    return max(1000, FILE_TARGET_BYTES // row)
+
+
 def count_rows(df: Any) -> int:
     """Rows of an input without reading its image bytes (Parquet footers, file listings)."""
     return df.select().count()

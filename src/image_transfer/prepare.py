@@ -3,8 +3,13 @@
 Columns: ``path``, ``content`` (encoded bytes TensorFlow can decode), ``label``, ``label_index``,
 ``split`` (``train`` or ``validation``, from a hash of the path relative to the images folder, so the
 split does not change when the folder moves or grows) and ``error``. Rows whose ``error`` is set (not
-a readable image, or no label) stay in the dataset, are listed in the summary and are kept out of
-training and evaluation: nothing is dropped silently.
+a readable image, or no label) stay in the dataset, are counted (a sample listed) in the summary, all
+listed in a side file when asked, and are kept out of training and evaluation: nothing is dropped
+silently.
+
+The image bytes are read once: the write screens them (no persisted copy, no extra pass). Class
+names come from the labels alone (paths or the labels table, no bytes) and are checked against the
+written dataset, which also gives the counts and the rejected files by reading columns without bytes.
 """
 
 from __future__ import annotations
@@ -24,22 +29,26 @@ _HASH_BUCKETS = 10_000
 _TABLE_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*){1,2}$")
 
 
+REJECTED_SAMPLE = 100  # rejected files listed in the summary; all of them go to the side file
+
+
 @dataclass(frozen=True)
 class PrepareResult:
-    """What ``prepare`` wrote: per-class counts by split, and every file kept out of training."""
+    """What ``prepare`` wrote: per-class counts by split, and the files kept out of training."""
 
     output: str
     rows: int
     class_names: tuple[str, ...]
     counts: dict[str, dict[str, int]]  # label -> split -> usable images
-    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}, all of them
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: the first, by path
     validation_fraction: float = 0.2
+    rejected_count: int = 0  # all of them (the dataset's rows with an ``error``)
+    rejected_file: str | None = None  # CSV ``path,reason`` of every rejected file, when written
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         out = asdict(self)
         out["class_names"] = list(self.class_names)
-        out["rejected_count"] = len(self.rejected)
         return out
 
     def describe(self, *, max_rejected: int = 20) -> str:
@@ -53,11 +62,13 @@ class PrepareResult:
         lines.append(f"{'total':<{width}}  {total['train']:>7}  {total['validation']:>10}")
         lines.append(
             f"prepared {self.rows} files into {self.output}: {len(self.class_names)} classes, "
-            f"{len(self.rejected)} kept out of training"
+            f"{self.rejected_count} kept out of training"
         )
         lines += [f"  rejected: {r['path']}: {r['reason']}" for r in self.rejected[:max_rejected]]
-        if len(self.rejected) > max_rejected:
-            lines.append(f"  ... and {len(self.rejected) - max_rejected} more (see the summary)")
+        shown = min(len(self.rejected), max_rejected)
+        if self.rejected_count > shown:
+            where = self.rejected_file or "the dataset's error column"
+            lines.append(f"  ... and {self.rejected_count - shown} more (all in {where})")
         return "\n".join(lines)
 
 
@@ -168,6 +179,17 @@ def split_column(rel_path: Any, validation_fraction: float) -> Any:
     return F.when(bucket < int(round(validation_fraction * _HASH_BUCKETS)), "validation").otherwise("train")
 
 
+def _labels(df: Any) -> tuple[str, ...]:
+    """The distinct labels of ``df``, sorted (reads the label column only)."""
+    return tuple(r["label"] for r in df.select("label").distinct().orderBy("label").collect())
+
+
+def _class_index(names: Sequence[str]) -> Any:
+    from pyspark.sql import functions as F
+
+    return F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
+
+
 def build_dataset(
     images: Any,
     *,
@@ -176,44 +198,46 @@ def build_dataset(
     validation_fraction: float = 0.2,
     limits: ImageLimits | None = None,
 ) -> tuple[Any, tuple[str, ...]]:
-    """The prepared DataFrame (not yet written) and its class names in ``label_index`` order."""
+    """The prepared DataFrame (lazy: writing it is the only pass over the bytes) and its class names.
+
+    The class names, in ``label_index`` order, are the labels of at least one file, found from the
+    paths (or the labels table) without reading any image. A class whose every file turns out unusable
+    is found only when the data is written (``prepare`` then renumbers the classes).
+    """
     from pyspark.sql import functions as F
 
     if not 0.0 <= validation_fraction < 1.0:
         raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
-    screened = attach_labels(images, root, labels).withColumn(
-        "_s", _screen_udf(limits or ImageLimits.default())(F.col("content"))
-    )
-    df = screened.select(
+    labelled = attach_labels(images, root, labels)
+    names = _labels(labelled.where(F.col("label").isNotNull()))
+    if not names:
+        raise UserError("no labelled images found")
+    screened = labelled.withColumn("_s", _screen_udf(limits or ImageLimits.default())(F.col("content")))
+    error = F.when(F.col("_s.error").isNotNull(), F.col("_s.error")).when(F.col("label").isNull(), F.lit("no label"))
+    out = screened.select(
         "path",
         F.coalesce(F.col("_s.converted"), F.col("content")).alias("content"),
         "label",
-        "rel_path",
-        F.when(F.col("_s.error").isNotNull(), F.col("_s.error"))
-        .when(F.col("label").isNull(), F.lit("no label"))
-        .alias("error"),
-    )
-    # Screening runs Python per row; materialise it once for the class list and the write.
-    df = df.persist()
-    names = tuple(
-        r["label"] for r in df.where(F.col("error").isNull()).select("label").distinct().orderBy("label").collect()
-    )
-    if not names:
-        raise UserError("no labelled, readable images found")
-    index = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
-    out = df.select(
-        "path",
-        "content",
-        "label",
-        F.when(F.col("error").isNull(), index[F.col("label")]).cast("int").alias("label_index"),
+        F.when(error.isNull(), _class_index(names)[F.col("label")]).cast("int").alias("label_index"),
         split_column(F.col("rel_path"), validation_fraction).alias("split"),
-        "error",
+        error.alias("error"),
     )
     return out, names
 
 
-def summarize(written: Any, *, output: str, validation_fraction: float) -> PrepareResult:
-    """Counts per class and split, and the rejected files, from the dataset as written."""
+def summarize(
+    written: Any,
+    *,
+    output: str,
+    validation_fraction: float,
+    rejected_file: str | None = None,
+    sample: int = REJECTED_SAMPLE,
+) -> PrepareResult:
+    """Counts per class and split, and the rejected files, from the dataset as written (no image bytes read).
+
+    The summary lists the first ``sample`` rejected files by path; ``rejected_file`` gets all of them
+    (streamed a partition at a time, never collected at once).
+    """
     from pyspark.sql import functions as F
 
     ok = written.where(F.col("error").isNull())
@@ -222,10 +246,11 @@ def summarize(written: Any, *, output: str, validation_fraction: float) -> Prepa
     for r in ok.groupBy("label", "label_index", "split").count().collect():
         counts.setdefault(r["label"], {s: 0 for s in SPLITS})[r["split"]] = r["count"]
         index[r["label_index"]] = r["label"]
-    rejected = [
-        {"path": r["path"], "reason": r["error"]}
-        for r in written.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").collect()
-    ]
+    bad = written.where(F.col("error").isNotNull()).select("path", F.col("error").alias("reason"))
+    rejected = [r.asDict() for r in bad.orderBy("path").limit(sample).collect()]
+    rejected_count = bad.count() if len(rejected) == sample else len(rejected)
+    if rejected_file:
+        rejected_count = _write_rejected(bad.orderBy("path"), rejected_file)
     return PrepareResult(
         output=output,
         rows=written.count(),
@@ -233,7 +258,35 @@ def summarize(written: Any, *, output: str, validation_fraction: float) -> Prepa
         counts=counts,
         rejected=rejected,
         validation_fraction=validation_fraction,
+        rejected_count=rejected_count,
+        rejected_file=rejected_file,
     )
+
+
+def _write_rejected(bad: Any, path: str) -> int:
+    """Stream ``path, reason`` rows into a CSV file on the driver (local or a mounted Volume); returns the count."""
+    import csv
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with target.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        for r in bad.toLocalIterator():
+            w.writerow([r["path"], r["reason"]])
+            n += 1
+    return n
+
+
+def _renumber(written: Any, names: Sequence[str]) -> Any:
+    """The dataset with ``label_index`` renumbered to ``names`` (classes left without a usable image)."""
+    from pyspark.sql import functions as F
+
+    return written.withColumn(
+        "label_index", F.when(F.col("error").isNull(), _class_index(names)[F.col("label")]).cast("int")
+    ).select(*written.columns)
 
 
 def prepare(
@@ -246,8 +299,15 @@ def prepare(
     validation_fraction: float = 0.2,
     extensions: Sequence[str] = ("jpg", "jpeg", "png"),
     limits: ImageLimits | None = None,
+    rejected_file: str | None = None,
 ) -> PrepareResult:
-    """Read ``images_dir`` with ``binaryFile``, label, screen and split it, write it atomically to ``output``."""
+    """Read ``images_dir`` with ``binaryFile``, label, screen and split it, write it atomically to ``output``.
+
+    The write is the only pass over the image bytes. ``rejected_file`` (a local or mounted path) gets a
+    CSV of every rejected file; the summary lists the first ``REJECTED_SAMPLE``.
+    """
+    from pyspark.sql import functions as F
+
     from image_transfer.io import write_output
 
     if not 0.0 <= validation_fraction < 1.0:
@@ -260,13 +320,20 @@ def prepare(
         raise UserError(f"no files with extensions {', '.join(exts)} under {images_dir}")
     label_df = read_labels(spark, labels) if labels else None
     root = _qualified_root(spark, images_dir)
-    df, _ = build_dataset(images, root=root, labels=label_df, validation_fraction=validation_fraction, limits=limits)
-    try:
-        written = write_output(df, output, table=output_table)
-        result = summarize(written, output=output, validation_fraction=validation_fraction)
-    finally:
-        df.unpersist()
-    return result
+    df, names = build_dataset(
+        images, root=root, labels=label_df, validation_fraction=validation_fraction, limits=limits
+    )
+    written = write_output(df, output, table=None)
+    usable_names = _labels(written.where(F.col("error").isNull()))
+    if not usable_names:
+        raise UserError(f"no labelled, readable images found under {images_dir} (every file is listed in {output})")
+    if usable_names != names:
+        # Rare: a class whose every file was rejected. Renumber so label_index stays 0..n-1 (one more
+        # pass over the written bytes, without screening again).
+        written = write_output(_renumber(written, usable_names), output)
+    if output_table:
+        written.write.mode("overwrite").saveAsTable(output_table)
+    return summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
 
 
 def usable(df: Any, split: str | None = None) -> Any:

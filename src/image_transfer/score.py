@@ -227,9 +227,13 @@ class Scorer:
 
 
 def _first_line(exc: Any) -> str:
+    """The line of an error that says what went wrong (for TensorFlow's "Graph execution error:", its last)."""
     message = getattr(exc, "message", None) or str(exc)
-    lines = str(message).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if lines and lines[0].rstrip(":") == "Graph execution error":
+        reasons = [ln for ln in lines[1:] if not ln.startswith(("[[", "Detected at node", "File "))]
+        lines = reasons[-1:] or lines
+    return lines[0][:500] if lines else type(exc).__name__
 
 
 def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
@@ -278,8 +282,12 @@ def _make_predict_fn_factory(
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
             stats_col = np.full(n, None, dtype=object)
+            arrow_bytes = sum(len(v) for v in encoded if v is not None)  # what crossed from the JVM
             stats_col[0] = reporter.report(
-                rows=n, rows_failed=n - len(ok_rows), batch_bytes=sum(len(p) for p in screened.payloads)
+                rows=n,
+                rows_failed=n - len(ok_rows),
+                batch_bytes=sum(len(p) for p in screened.payloads),
+                peak_batch_bytes=arrow_bytes,
             )
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
@@ -331,11 +339,50 @@ def return_type(prepared: PreparedModel) -> Any:
     )
 
 
+SHARED_PREFIXES = ("/Volumes/", "/dbfs/", "/Workspace/")  # mounted on the driver and on every executor
+
+
+def _is_local_master(master: str | None) -> bool:
+    """Whether the executors run on the driver's machine (``local``, ``local[4]``, ``local-cluster[...]``).
+
+    A Databricks single-node cluster's master is ``local[*, 4]``; an unknown master counts as a cluster.
+    """
+    return master is not None and (master == "local" or master.startswith(("local[", "local-cluster[")))
+
+
+def _master(spark: Any) -> str | None:
+    try:
+        return str(spark.sparkContext.master) if not is_connect(spark) else spark.conf.get("spark.master", None)
+    except Exception:  # noqa: BLE001 - a Connect server that does not say counts as a cluster
+        return None
+
+
+def check_shared_path(path: str, master: str | None) -> None:
+    """Refuse, up front, a model path that executors cannot read when the model is not shipped as bytes.
+
+    With a local master every path works. On a cluster the path must be on storage every node mounts:
+    ``/Volumes/...``, ``/dbfs/...`` or ``/Workspace/...`` (a relative path, ``/tmp``, ``/local_disk0`` or
+    any other driver-local path exists only on the driver).
+    """
+    if _is_local_master(master):
+        return
+    bare = "/" + path[len("file:") :].lstrip("/") if path.startswith("file:") else path
+    if os.path.isabs(bare) and os.path.normpath(bare).startswith(tuple(p.rstrip("/") + "/" for p in SHARED_PREFIXES)):
+        return
+    where = "a relative path (resolved on the driver only)" if not os.path.isabs(bare) else "on the driver's disk"
+    raise UserError(
+        f"the model {path} is too large to broadcast, so executors read it from its path, but it is {where} "
+        f"and executors cannot see it (master {master or 'unknown'}): put it on a Volume (/Volumes/...), "
+        f"/dbfs/ or /Workspace/, or raise --broadcast-max-mb (broadcast_max_mb) above its size"
+    )
+
+
 def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple[Any, str]:
     """How the model reaches the workers: (payload, description); a None payload means the shared path.
 
     Classic sessions broadcast models up to ``broadcast_max_bytes``; Spark Connect has no broadcasts,
-    so small models travel inside the UDF (Spark ships it with each task) and larger ones by path.
+    so small models travel inside the UDF (Spark ships it with each task) and larger ones by path,
+    which must then be one executors can read (``check_shared_path``: a UserError before any work).
     """
     from image_transfer.model import pack
 
@@ -343,8 +390,10 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple
     if is_connect(spark):
         if size <= min(broadcast_max_bytes, CLOSURE_MAX_BYTES):
             return pack(prepared.info.path, prepared.info.kind), "in the UDF"
+        check_shared_path(prepared.info.path, _master(spark))
         return None, "shared path"
     if size > broadcast_max_bytes:
+        check_shared_path(prepared.info.path, _master(spark))
         return None, "shared path"
     return spark.sparkContext.broadcast(pack(prepared.info.path, prepared.info.kind)), "broadcast"
 
