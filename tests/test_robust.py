@@ -325,11 +325,14 @@ def test_driver_local_model_path_refused_up_front_on_a_cluster_and_fine_locally(
 # ---- recovery: a commit marker decides which output is complete ----------------------------------------
 
 
-def _fs(spark, dest: Path):
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path
-    d = hadoop_path(str(dest))
-    return d.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hadoop_path, d.getParent(), d, jvm
+def _fs(spark, dest: Path, kind: str):
+    """The output's file system as write_output uses it: Hadoop (classic) or this process (Spark Connect)."""
+    from image_transfer.io import _HadoopFs, _LocalFs
+
+    if kind == "local":
+        return _LocalFs(), str(dest)
+    fs = _HadoopFs(spark, str(dest))
+    return fs, fs.qualify(str(dest))
 
 
 def _values(spark, path: Path) -> list[int]:
@@ -356,7 +359,8 @@ def _complete_dir(spark, where: Path, ids: range) -> Path:
         "after_swap",
     ],
 )
-def test_recovery_never_keeps_a_partial_output(spark, tmp_path, crash):
+@pytest.mark.parametrize("fs_kind", ["hadoop", "local"])
+def test_recovery_never_keeps_a_partial_output(spark, tmp_path, crash, fs_kind):
     dest = tmp_path / "out.parquet"
     old, new = range(0, 30), range(100, 160)
     staging, previous = tmp_path / ".out.parquet.staging-abc", tmp_path / ".out.parquet.previous-abc"
@@ -394,7 +398,7 @@ def test_recovery_never_keeps_a_partial_output(spark, tmp_path, crash):
         _complete_dir(spark, previous, old)
         _complete_dir(spark, dest, new)
         expected = list(new)
-    _recover(*_fs(spark, dest))
+    _recover(*_fs(spark, dest, fs_kind))
     assert _values(spark, dest) == expected
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("tmp-")) == ["out.parquet"]
 

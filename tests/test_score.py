@@ -331,6 +331,7 @@ def test_cli_empty_input_and_unusable_models(spark, shapes_model, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.connect
 def test_failed_write_keeps_previous_output(spark, tmp_path):
     from pyspark.sql import functions as F
 

@@ -29,49 +29,166 @@ def _qualified(path: str) -> str:
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
 
 
-def _data_files(fs: Any, directory: Any) -> tuple[int, int]:
+class _HadoopFs:
+    """The output's file system through Spark's Hadoop FileSystem (classic sessions: any URI Spark can write)."""
+
+    def __init__(self, spark: Any, path: str) -> None:
+        self._jvm = spark.sparkContext._jvm
+        self._path = self._jvm.org.apache.hadoop.fs.Path
+        self._fs = self._path(path).getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+    def qualify(self, path: str) -> str:
+        return str(self._fs.makeQualified(self._path(path)).toString())
+
+    def join(self, parent: str, name: str) -> str:
+        return str(self._path(self._path(parent), name).toString())
+
+    def parent(self, path: str) -> str:
+        return str(self._path(path).getParent().toString())
+
+    def exists(self, path: str) -> bool:
+        return bool(self._fs.exists(self._path(path)))
+
+    def delete(self, path: str) -> None:
+        self._fs.delete(self._path(path), True)
+
+    def rename(self, source: str, target: str) -> bool:
+        return bool(self._fs.rename(self._path(source), self._path(target)))
+
+    def mkdirs(self, path: str) -> None:
+        self._fs.mkdirs(self._path(path))
+
+    def glob(self, pattern: str) -> list[tuple[str, int]]:
+        """(path, modification time) of what matches."""
+        found = self._fs.globStatus(self._path(pattern)) or []
+        return [(str(s.getPath().toString()), int(s.getModificationTime())) for s in found]
+
+    def files(self, directory: str) -> list[tuple[str, int]]:
+        """(path relative to ``directory``, size) of every file below it."""
+        root = self.qualify(directory).rstrip("/")
+        it = self._fs.listFiles(self._path(directory), True)
+        out = []
+        while it.hasNext():
+            status = it.next()
+            out.append((self.qualify(str(status.getPath().toString()))[len(root) + 1 :], int(status.getLen())))
+        return out
+
+    def write_text(self, path: str, text: str) -> None:
+        out = self._fs.create(self._path(path), True)
+        try:
+            out.write(bytearray(text.encode()))
+        finally:
+            out.close()
+
+    def read_text(self, path: str) -> str:
+        stream = self._fs.open(self._path(path))
+        try:
+            return str(self._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
+        finally:
+            stream.close()
+
+
+class _LocalFs:
+    """The output's file system from this process (Spark Connect: no JVM gateway; a path the driver sees)."""
+
+    def qualify(self, path: str) -> str:
+        return os.path.abspath(path)
+
+    def join(self, parent: str, name: str) -> str:
+        return os.path.join(parent, name)
+
+    def parent(self, path: str) -> str:
+        return os.path.dirname(os.path.abspath(path))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def delete(self, path: str) -> None:
+        import shutil
+
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def rename(self, source: str, target: str) -> bool:
+        try:
+            os.rename(source, target)
+            return True
+        except OSError:
+            return False
+
+    def mkdirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def glob(self, pattern: str) -> list[tuple[str, int]]:
+        import glob
+
+        return [(p, int(os.path.getmtime(p) * 1000)) for p in glob.glob(pattern)]
+
+    def files(self, directory: str) -> list[tuple[str, int]]:
+        out = []
+        for root, _, names in os.walk(directory):
+            for name in names:
+                full = os.path.join(root, name)
+                out.append((os.path.relpath(full, directory), os.path.getsize(full)))
+        return out
+
+    def write_text(self, path: str, text: str) -> None:
+        with open(path, "w") as fh:
+            fh.write(text)
+
+    def read_text(self, path: str) -> str:
+        with open(path) as fh:
+            return fh.read()
+
+
+def _driver_path(path: str) -> str:
+    """A path this process can open for an output under Spark Connect; UserError for a remote URI."""
+    if path.startswith("dbfs:/") and not path.startswith("dbfs://"):
+        rest = "/" + path[len("dbfs:/") :].lstrip("/")
+        return rest if rest.startswith("/Volumes/") else "/dbfs" + rest
+    if path.startswith("file:"):
+        return "/" + path[len("file:") :].lstrip("/")
+    if "://" in path:
+        raise UserError(
+            f"under Spark Connect the output must be a path this process can see (e.g. /Volumes/...), not {path}; "
+            "or write a table (--output-table)"
+        )
+    return os.path.abspath(path)
+
+
+def _data_files(fs: Any, directory: str) -> tuple[int, int]:
     """(files, bytes) of the data in ``directory`` (recursive; names starting ``_`` or ``.`` are not data)."""
     files = size = 0
-    root = fs.makeQualified(directory).toString().rstrip("/")
-    it = fs.listFiles(directory, True)
-    while it.hasNext():
-        status = it.next()
-        relative = fs.makeQualified(status.getPath()).toString()[len(root) :]
+    for relative, length in fs.files(directory):
         if any(part.startswith(("_", ".")) for part in relative.split("/") if part):
             continue
         files += 1
-        size += status.getLen()
+        size += length
     return files, size
 
 
-def _mark_complete(fs: Any, hadoop_path: Any, directory: Any) -> None:
+def _mark_complete(fs: Any, directory: str) -> None:
     """Write the commit marker: the number and total size of the data files now in ``directory``."""
     files, size = _data_files(fs, directory)
-    out = fs.create(hadoop_path(directory, COMMIT_MARKER), True)
-    try:
-        out.write(bytearray(f"files={files} bytes={size}\n".encode()))
-    finally:
-        out.close()
+    fs.write_text(fs.join(directory, COMMIT_MARKER), f"files={files} bytes={size}\n")
 
 
-def _state(fs: Any, hadoop_path: Any, directory: Any, jvm: Any) -> str:
+def _state(fs: Any, directory: str) -> str:
     """``complete`` (marker and data match), ``partial`` (marker, data missing), ``unmarked`` or ``missing``."""
     if not fs.exists(directory):
         return "missing"
-    marker = hadoop_path(directory, COMMIT_MARKER)
+    marker = fs.join(directory, COMMIT_MARKER)
     if not fs.exists(marker):
         return "unmarked"
-    stream = fs.open(marker)
-    try:
-        text = str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
-    finally:
-        stream.close()
+    text = fs.read_text(marker)
     fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
     files, size = _data_files(fs, directory)
     return "complete" if (str(files), str(size)) == (fields.get("files"), fields.get("bytes")) else "partial"
 
 
-def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> None:
+def _recover(fs: Any, dest: str) -> None:
     """Clean up after a run that was killed while writing ``dest`` (one writer per output at a time).
 
     A killed run never counts: its staging data is deleted, complete or not. A ``previous`` directory
@@ -87,24 +204,20 @@ def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> Non
     A previous output is never discarded for a partial one. Outputs written before markers existed
     count as complete when they are the only candidate.
     """
-    name = dest.getName()
-    for status in fs.globStatus(hadoop_path(parent, f".{name}.staging-*")) or []:
-        fs.delete(status.getPath(), True)
-    previous = sorted(
-        fs.globStatus(hadoop_path(parent, f".{name}.previous-*")) or [],
-        key=lambda s: s.getModificationTime(),
-        reverse=True,
-    )
+    parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
+    for path, _ in fs.glob(fs.join(parent, f".{name}.staging-*")):
+        fs.delete(path)
+    previous = [p for p, _ in sorted(fs.glob(fs.join(parent, f".{name}.previous-*")), key=lambda x: -x[1])]
     if not previous:
         return
-    states = [(_state(fs, hadoop_path, s.getPath(), jvm), s.getPath()) for s in previous]
-    dest_state = _state(fs, hadoop_path, dest, jvm)
+    states = [(_state(fs, path), path) for path in previous]
+    dest_state = _state(fs, dest)
     found = {st for st, _ in states}
     if dest_state != "complete" and "complete" not in found and "partial" in {dest_state, *found}:
         # Killed while moving the previous output aside file by file: its files are in both places.
         for _, path in states:
-            _move_files(fs, hadoop_path, path, dest)
-        if _state(fs, hadoop_path, dest, jvm) != "complete":
+            _move_files(fs, path, dest)
+        if _state(fs, dest) != "complete":
             return  # nothing complete to recover: leave every directory as it is
         dest_state = "complete"
     if dest_state != "complete":
@@ -113,26 +226,20 @@ def _recover(fs: Any, hadoop_path: Any, parent: Any, dest: Any, jvm: Any) -> Non
         if keep is None:
             return  # nothing complete to put back: leave every directory as it is
         if fs.exists(dest):
-            fs.delete(dest, True)
+            fs.delete(dest)
         fs.rename(keep, dest)
     for _, path in states:
         if fs.exists(path):
-            fs.delete(path, True)
+            fs.delete(path)
 
 
-def _move_files(fs: Any, hadoop_path: Any, source: Any, target: Any) -> None:
+def _move_files(fs: Any, source: str, target: str) -> None:
     """Move every file under ``source`` to the same relative place under ``target``."""
-    root = fs.makeQualified(source).toString().rstrip("/")
-    it = fs.listFiles(source, True)
-    moves = []
-    while it.hasNext():
-        path = it.next().getPath()
-        moves.append((path, fs.makeQualified(path).toString()[len(root) + 1 :]))
-    for path, relative in moves:
-        to = hadoop_path(target, relative)
-        fs.mkdirs(to.getParent())
+    for relative, _ in fs.files(source):
+        to = fs.join(target, relative)
+        fs.mkdirs(fs.parent(to))
         if not fs.exists(to):
-            fs.rename(path, to)
+            fs.rename(fs.join(source, relative), to)
 
 
 def write_output(
@@ -149,24 +256,30 @@ def write_output(
     (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
     write leaves no staging data and the previous output (if any) untouched; what a killed run left
     behind is cleaned up by the next (``_recover``). With ``table``, the written data is also saved as
-    that table (overwritten).
+    that table (overwritten). On a classic session the file operations go through Spark's Hadoop file
+    system (any URI); under Spark Connect, which has no JVM gateway, this process does them, so ``path``
+    must be one it can see (local, ``/Volumes/...``, ``/dbfs/...``).
 
     ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
     too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
     *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
     scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
+    from image_transfer.stats import is_connect
+
     spark = df.sparkSession
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path
-    dest = hadoop_path(_qualified(path))
-    fs = dest.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if is_connect(spark):
+        fs: Any = _LocalFs()
+        dest = _driver_path(path)
+    else:
+        fs = _HadoopFs(spark, _qualified(path))
+        dest = fs.qualify(_qualified(path))
     token = uuid.uuid4().hex[:12]
-    parent = dest.getParent()
-    staging = hadoop_path(parent, f".{dest.getName()}.staging-{token}")
-    backup = hadoop_path(parent, f".{dest.getName()}.previous-{token}")
+    parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
+    staging = fs.join(parent, f".{name}.staging-{token}")
+    backup = fs.join(parent, f".{name}.previous-{token}")
     fs.mkdirs(parent)
-    _recover(fs, hadoop_path, parent, dest, jvm)
+    _recover(fs, dest)
     writer = df.write.mode("error")
     if rows_per_file is not None:
         if rows_per_file < 1:
@@ -175,23 +288,23 @@ def write_output(
             writer = df.repartition(max(1, math.ceil(rows / rows_per_file))).write.mode("error")
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
-        writer.parquet(staging.toString())
-        _mark_complete(fs, hadoop_path, staging)
+        writer.parquet(staging)
+        _mark_complete(fs, staging)
     except BaseException:
-        fs.delete(staging, True)
+        fs.delete(staging)
         raise
     had_previous = fs.exists(dest)
     if had_previous and not fs.rename(dest, backup):
-        fs.delete(staging, True)
+        fs.delete(staging)
         raise UserError(f"cannot move the previous output at {path} aside")
     if not fs.rename(staging, dest):
         if had_previous:
             fs.rename(backup, dest)
-        fs.delete(staging, True)
+        fs.delete(staging)
         raise UserError(f"cannot move the new output into place at {path}")
     if had_previous:
-        fs.delete(backup, True)
-    written = spark.read.parquet(dest.toString())
+        fs.delete(backup)
+    written = spark.read.parquet(dest)
     if table:
         written.write.mode("overwrite").saveAsTable(table)
     return written

@@ -14,6 +14,7 @@ written dataset, which also gives the counts and the rejected files by reading c
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -107,7 +108,15 @@ def _screen_udf(limits: ImageLimits) -> Any:
 
 
 def _qualified_root(spark: Any, folder: str) -> str:
-    """The folder as Spark names its files (``file:/abs/dir``, ``dbfs:/Volumes/...``), no trailing slash."""
+    """The folder as Spark names its files (``file:/abs/dir``, ``dbfs:/Volumes/...``), no trailing slash.
+
+    Under Spark Connect (no JVM gateway) a scheme-less path is made absolute here: ``_relative_path``
+    matches on the part after any scheme, so ``/abs/dir`` finds ``file:/abs/dir/...`` as well.
+    """
+    from image_transfer.stats import is_connect
+
+    if is_connect(spark):
+        return (folder if "://" in folder or ":/" in folder else os.path.abspath(folder)).rstrip("/")
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(folder)
     fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
