@@ -36,14 +36,16 @@ DEFAULT_MAX_FILES_PER_TRIGGER = 1000
 SAMPLE_ERRORS = 5
 ZERO_BYTES = "zero-byte file: Spark's file source makes no row for it"
 GONE = "the file was removed before it was read"
+ACCOUNTED = "image_transfer_accounted"  # in the checkpoint: the last micro-batch a run's summary covered
 
 
 @dataclass
 class IncrementalResult:
     """What one incremental run did; ``to_dict`` is the ``--summary`` JSON.
 
-    ``files_new`` is how many files the run took from the folder (None with Auto Loader),
-    ``rows_out`` how many output rows it committed, ``batches`` the rows per micro-batch, and
+    ``files_new`` is how many files were taken from the folder since the last run that finished (so
+    a killed run's committed micro-batches count in the next run; None with Auto Loader), ``rows_out``
+    how many output rows they have, ``batches`` the rows per micro-batch this run processed, and
     ``not_scored`` the files that matched but have no output row, each with the reason.
     """
 
@@ -193,15 +195,32 @@ def _source_log_offset(spark: Any, checkpoint: str, batch_id: int) -> int:
 def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
     """DataFrame ``path`` of the files the binaryFile source took in its log batches ``(after, upto]``."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType
-
-    from image_transfer.images import _hadoop_path_string
 
     log = spark.read.text(f"{checkpoint}/sources/0").where(F.col("value").startswith("{"))
     batch = F.get_json_object("value", "$.batchId").cast("long")
-    uris = log.where((batch > after) & (batch <= upto)).select(F.get_json_object("value", "$.path").alias("uri"))
-    as_path = F.udf(_hadoop_path_string, StringType())  # file:///a%20b -> file:/a b, as the path column has it
-    return uris.distinct().select(as_path("uri").alias("path"))
+    uri = F.get_json_object("value", "$.path")
+    # The log has URIs (file:///a%20b), the path column Hadoop paths (file:/a b): decode, keeping '+'.
+    decoded = F.expr("url_decode(replace(_uri, '+', '%2B'))")
+    path = F.regexp_replace(decoded, "^file:///", "file:/")
+    taken = log.where((batch > after) & (batch <= upto)).select(uri.alias("_uri"))
+    return taken.select(path.alias("path")).distinct()
+
+
+def _accounted(spark: Any, checkpoint: str) -> int:
+    """The last micro-batch a finished run has accounted for (a killed run's batches are the next run's)."""
+    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
+    if not fs.exists(jpath):
+        return -1
+    return int(spark.read.text(jpath.toString()).first().value.strip())
+
+
+def _set_accounted(spark: Any, checkpoint: str, batch_id: int) -> None:
+    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
+    stream = fs.create(jpath, True)
+    try:
+        stream.writeBytes(f"{batch_id}\n")
+    finally:
+        stream.close()
 
 
 def _why_missing(spark: Any, path: str) -> str:
@@ -256,7 +275,7 @@ def _run(
     scored = scorer(stream)  # the model is checked here, before the query starts
     run: ScoringRun = scoring_run(scored)
     run.max_failed_fraction = max_failed_fraction
-    committed_before = _last_batch(spark, f"{checkpoint}/commits")
+    accounted = _accounted(spark, checkpoint)
     # Under AvailableNow, current_timestamp() is the micro-batch's timestamp (the same if it is re-run).
     out = scored.withColumn("scored_at", F.current_timestamp())
     writer = (
@@ -297,20 +316,28 @@ def _run(
     sample: list[str] = []
     if resolved == "binaryFile":
         files_new, rows_out, rows_failed = 0, 0, 0
-        if committed_after > committed_before:
+        if committed_after > accounted:
             taken = _files_taken(
                 spark,
                 checkpoint,
-                _source_log_offset(spark, checkpoint, committed_before),
+                _source_log_offset(spark, checkpoint, accounted),
                 _source_log_offset(spark, checkpoint, committed_after),
-            ).cache()
-            mine = written.join(taken, "path", "left_semi")
-            failed = mine.where(F.col("error").isNotNull())
-            missing = sorted(r["path"] for r in taken.join(written.select("path"), "path", "left_anti").collect())
-            files_new, rows_out, rows_failed = taken.count(), mine.count(), failed.count()
-            sample = [f"{r['path']}: {r['error']}" for r in failed.limit(SAMPLE_ERRORS).collect()]
-            not_scored = [{"path": p, "reason": _why_missing(spark, p)} for p in missing]
-            taken.unpersist()
+            )
+            rows = written.select("path", "error", F.lit(True).alias("_hit"))
+            joined = taken.join(rows, "path", "left").cache()
+            counts = joined.agg(
+                F.count(F.lit(1)).alias("files"),
+                F.count("_hit").alias("rows"),
+                F.count("error").alias("failed"),
+            ).first()
+            files_new, rows_out, rows_failed = int(counts.files), int(counts.rows), int(counts.failed)
+            if files_new > rows_out:
+                missing = sorted(r.path for r in joined.where(F.col("_hit").isNull()).select("path").collect())
+                not_scored = [{"path": p, "reason": _why_missing(spark, p)} for p in missing]
+            if rows_failed:
+                failed = joined.where(F.col("error").isNotNull()).limit(SAMPLE_ERRORS).collect()
+                sample = [f"{r.path}: {r.error}" for r in failed]
+            joined.unpersist()
     result = IncrementalResult(
         mode="score" if mode == "classify" else "featurize",
         images=images_dir,
@@ -334,6 +361,8 @@ def _run(
         result.check()
     except TooManyFailures:
         pass  # the flag is set; the caller decides (the CLI writes the summary, then fails)
+    if committed_after > accounted:
+        _set_accounted(spark, checkpoint, committed_after)
     return result
 
 
