@@ -110,6 +110,8 @@ def test_three_runs_score_exactly_the_new_files(spark, fixtures_dir, shapes_mode
     assert r2.not_scored == [{"path": f"file:{images}/late/empty.png", "reason": ZERO_BYTES}]
     assert (r3.files_new, r3.rows_out, r3.not_scored) == (5, 5, [])
     assert (r4.files_new, r4.rows_out, r4.batches) == (0, 0, [])
+    with pytest.raises(UserError, match="another checkpoint"):  # the file sink would skip its batch ids
+        score_new_images(spark, str(images), str(shapes_model), checkpoint=str(tmp_path / "new"), output=str(output))
 
     paths = _paths(spark, output)
     assert sorted(paths) == sorted(first | second | third)  # every file once, nothing re-scored

@@ -173,12 +173,12 @@ def _hadoop(spark: Any, path: str) -> tuple[Any, Any]:
 
 
 def _last_batch(spark: Any, folder: str) -> int:
-    """The highest batch id logged in ``folder`` (``commits``, ``offsets``); -1 when none."""
+    """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
     fs, jpath = _hadoop(spark, folder)
     if not fs.exists(jpath):
         return -1
-    ids = [int(s.getPath().getName()) for s in fs.listStatus(jpath) if s.getPath().getName().isdigit()]
-    return max(ids, default=-1)
+    names = [s.getPath().getName().removesuffix(".compact") for s in fs.listStatus(jpath)]
+    return max((int(n) for n in names if n.isdigit()), default=-1)
 
 
 def _source_log_offset(spark: Any, checkpoint: str, batch_id: int) -> int:
@@ -257,7 +257,10 @@ def _run(
 
     from image_transfer.api import scoring_run
     from image_transfer.io import _qualified
+    from image_transfer.stats import is_connect
 
+    if is_connect(spark):
+        raise UserError("incremental scoring needs a classic Spark session (a dedicated cluster), not Spark Connect")
     if not checkpoint:
         raise UserError("incremental scoring needs a checkpoint location")
     if (output is None) == (output_table is None):
@@ -269,6 +272,11 @@ def _run(
     fs, jpath = _hadoop(spark, images_dir)
     if not fs.exists(jpath):
         raise UserError(f"cannot read images from {images_dir}: the folder does not exist")
+    if output and _last_batch(spark, f"{output}/_spark_metadata") >= 0 > _last_batch(spark, f"{checkpoint}/offsets"):
+        # The file sink would skip the micro-batch ids its log already has: new files would be lost.
+        raise UserError(
+            f"{output} already holds the output of another checkpoint: give a new output with a new checkpoint"
+        )
     stream = read_new_images(
         spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
     )
