@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hostile_images import write_corpus
 
-from image_transfer import UserError, cli, score_new_images
+from image_transfer import UserError, cli, featurize_new_images, score_new_images
 from image_transfer.incremental import ZERO_BYTES, reader_options, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,18 @@ def test_incremental_into_a_table(spark, fixtures_dir, shapes_model, tmp_path):
     assert (r1.rows_out, r2.rows_out) == (3, 2)
     assert sorted(r.path for r in spark.table(table).select("path").collect()) == sorted(first | second)
     spark.sql(f"DROP TABLE {table}")
+
+
+def test_featurize_new_images(spark, fixtures_dir, shapes_model, tmp_path):
+    images, output = tmp_path / "incoming", tmp_path / "embeddings"
+    added = _add(images, _fixture_files(fixtures_dir, 3, start=70))
+    result = featurize_new_images(
+        spark, str(images), str(shapes_model), checkpoint=str(tmp_path / "ck"), output=str(output), source="binaryFile"
+    )
+    written = spark.read.parquet(str(output))
+    assert written.columns == ["path", "embedding", "error", "model_version", "scored_at"]
+    assert (result.mode, result.files_new, result.rows_out) == ("featurize", 3, 3)
+    assert {r.path for r in written.collect() if r.embedding and r.error is None} == added
 
 
 def _committed(checkpoint: Path, log: str) -> set[int]:
