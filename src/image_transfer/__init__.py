@@ -16,14 +16,18 @@ from image_transfer.api import (  # noqa: E402 - the version is importable witho
     scoring_run,
 )
 from image_transfer.errors import RunFailed, UserError  # noqa: E402
+from image_transfer.incremental import IncrementalResult, featurize_new_images, score_new_images  # noqa: E402
 
 __all__ = [
+    "IncrementalResult",
     "RunFailed",
     "TooManyFailures",
     "UserError",
     "__version__",
     "featurize_images",
+    "featurize_new_images",
     "read_images",
     "score_images",
+    "score_new_images",
     "scoring_run",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
+from image_transfer.images import IMAGE_EXTENSIONS
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -70,9 +71,11 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="Parquet dataset path with the images")
     src.add_argument("--input-table", help="table name with the images (catalog.schema.table)")
+    src.add_argument("--images", help="incremental: folder of image files; only files no earlier run took are scored")
     p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory")
-    p.add_argument("--output", required=True, help="Parquet output path (replaced atomically)")
-    p.add_argument("--output-table", help="also save the output as this table")
+    p.add_argument("--output", help="Parquet output path (replaced atomically; with --images: appended, exactly once)")
+    p.add_argument("--output-table", help="also save the output as this table (with --images: append to it)")
+    _add_incremental_options(p)
     p.add_argument("--image-column", default="content", help="binary column with encoded images")
     p.add_argument(
         "--key-column",
@@ -116,6 +119,27 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
         help="seconds between progress reports (default 1 on a terminal, 30 in logs)",
     )
     _add_spark_options(p)
+
+
+def _add_incremental_options(p: argparse.ArgumentParser) -> None:
+    from image_transfer.incremental import DEFAULT_MAX_FILES_PER_TRIGGER, SOURCES
+
+    p.add_argument("--checkpoint", help="with --images (required): streaming checkpoint, what earlier runs took")
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="with --images: file discovery; auto = Auto Loader (cloudFiles) on Databricks, else binaryFile",
+    )
+    p.add_argument(
+        "--max-files-per-trigger",
+        type=int,
+        default=DEFAULT_MAX_FILES_PER_TRIGGER,
+        help=f"with --images: files per micro-batch (default {DEFAULT_MAX_FILES_PER_TRIGGER})",
+    )
+    p.add_argument(
+        "--extensions", default=",".join(IMAGE_EXTENSIONS), help="with --images: comma-separated file extensions"
+    )
 
 
 def _add_spark_options(p: argparse.ArgumentParser) -> None:
@@ -214,6 +238,12 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     from image_transfer import api, jobs
     from image_transfer.io import read_input, write_output
 
+    if args.images is not None:
+        return _run_incremental(args, mode)
+    if args.checkpoint is not None:
+        raise UserError("--checkpoint goes with --images (incremental scoring)")
+    if args.output is None:
+        raise UserError("--output is required")
     spark = _session(args, "score" if mode == "classify" else "featurize")
     source = read_input(spark, path=args.input, table=args.input_table)
     options = dict(
@@ -246,6 +276,42 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         progress_interval=args.progress_interval,
         summary_path=args.summary,
     )
+    return 0
+
+
+def _run_incremental(args: argparse.Namespace, mode: str) -> int:
+    from image_transfer import incremental
+    from image_transfer.jobs import write_summary
+
+    if not args.checkpoint:
+        raise UserError("--images needs --checkpoint (where the stream records what it has scored)")
+    if args.key_columns and args.key_columns != ["path"]:
+        raise UserError("with --images the output key is the file path: --key-column does not apply")
+    if bool(args.output) == bool(args.output_table):
+        raise UserError("with --images give --output (a Parquet dataset) or --output-table (a table)")
+    spark = _session(args, "score" if mode == "classify" else "featurize")
+    options = dict(
+        checkpoint=args.checkpoint,
+        output=None if args.output_table else args.output,
+        output_table=args.output_table,
+        source=args.source,
+        max_files_per_trigger=args.max_files_per_trigger,
+        extensions=[e.strip() for e in args.extensions.split(",") if e.strip()],
+        batch_size=args.batch_size,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_pixels,
+        broadcast_max_mb=args.broadcast_max_mb,
+        partitions=args.partitions,
+        max_failed_fraction=args.max_failed_fraction,
+        print_fn=print,
+    )
+    if mode == "classify":
+        result = incremental.score_new_images(spark, args.images, args.model, top_k=args.top_k, **options)
+    else:
+        result = incremental.featurize_new_images(spark, args.images, args.model, layer=args.layer, **options)
+    print(result.describe())
+    write_summary(result.to_dict(), args.summary)
+    result.check()
     return 0
 
 

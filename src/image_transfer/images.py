@@ -235,6 +235,11 @@ def decode_batch(encoded: Any, height: int, width: int, orientations: Any = None
     )
 
 
+def extension_glob(extensions: Sequence[str]) -> str:
+    """The ``pathGlobFilter`` matching file names with one of ``extensions`` (lower or upper case)."""
+    return "*.{" + ",".join(sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})) + "}"
+
+
 def read_image_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Any:
     """Read a folder tree of image files with Spark's ``binaryFile`` source: ``path``, ``content``.
 
@@ -245,7 +250,7 @@ def read_image_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMA
 
     from image_transfer.errors import UserError
 
-    pattern = "*.{" + ",".join(sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})) + "}"
+    pattern = extension_glob(extensions)
     try:
         df = (
             spark.read.format("binaryFile")

@@ -167,9 +167,14 @@ def write_scored(
 def report(summary: RunSummary, path: str | None, print_fn: Callable[[str], None] = print) -> None:
     """Print the summary and write it as JSON to ``path``."""
     print_fn(summary.describe())
+    write_summary(summary.to_dict(), path)
+
+
+def write_summary(summary: dict[str, Any], path: str | None) -> None:
+    """Write a summary dictionary as JSON to ``path`` (nothing when None)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def require_rows(rows: int, what: str = "the input") -> None:

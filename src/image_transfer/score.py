@@ -407,7 +407,7 @@ def _spread(df: Any, options: ScoringOptions) -> Any:
     count is not visible without running a job: pass ``partitions`` there to spread a small input.
     """
     spark = df.sparkSession
-    if is_connect(spark):
+    if is_connect(spark) or df.isStreaming:  # a stream's micro-batches are planned per trigger: no RDD here
         return df.repartition(options.partitions) if options.partitions else df
     wanted = options.partitions or spark.sparkContext.defaultParallelism
     have = df.rdd.getNumPartitions()

@@ -1,0 +1,489 @@
+"""Incremental scoring: each new image in a folder scored exactly once; a run that dies resumes.
+
+A Structured Streaming query over the image folder with ``Trigger.AvailableNow`` (score everything
+new, then stop: a scheduled job's semantics). The files are found by the open-source ``binaryFile``
+streaming source, or on Databricks by Auto Loader (``cloudFiles``), at most ``max_files_per_trigger``
+per micro-batch. The scoring is ``score_images`` applied to the stream: one ``predict_batch_udf``,
+so the model is shipped once per run and each worker loads and traces it once for all micro-batches.
+
+Exactly once comes from Spark's sinks: the Parquet file sink commits each micro-batch in its
+``_spark_metadata`` log (readers that go through Spark see only committed files), and tables are
+written with ``toTable`` (Delta's transaction log on Databricks). The checkpoint records which files
+each micro-batch took; a killed run's unfinished micro-batch is re-run with the same files.
+
+Spark's file sources make no row for a zero-byte file. With the ``binaryFile`` source, the files a
+run took are read back from the checkpoint and compared with the output: each file that matched is
+either in the output once (with ``error`` for unreadable images) or listed in ``not_scored`` with the
+reason. Auto Loader keeps its file list in its own state store: there the run reports rows only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
+from image_transfer.errors import RunFailed, TooManyFailures, UserError
+from image_transfer.images import IMAGE_EXTENSIONS, extension_glob
+from image_transfer.score import MODEL_ERROR, ScoringRun
+
+SOURCES = ("auto", "cloudFiles", "binaryFile")
+DEFAULT_MAX_FILES_PER_TRIGGER = 1000
+SAMPLE_ERRORS = 5
+ZERO_BYTES = "zero-byte file: Spark's file source makes no row for it"
+GONE = "the file was removed before it was read"
+ACCOUNTED = "image_transfer_accounted"  # in the checkpoint: the last micro-batch a run's summary covered
+
+
+@dataclass
+class IncrementalResult:
+    """What one incremental run did; ``to_dict`` is the ``--summary`` JSON.
+
+    ``files_new`` is how many files were taken from the folder since the last run that finished (so
+    a killed run's committed micro-batches count in the next run; None with Auto Loader), ``rows_out``
+    how many output rows they have, ``batches`` the rows per micro-batch this run processed, and
+    ``not_scored`` the files that matched but have no output row, each with the reason.
+    """
+
+    mode: str
+    images: str
+    source: str
+    checkpoint: str
+    output: str
+    model: str
+    model_version: str
+    shipped: str
+    files_new: int | None
+    rows_out: int
+    rows_failed: int
+    seconds: float
+    batches: list[dict[str, int]] = field(default_factory=list)
+    not_scored: list[dict[str, str]] = field(default_factory=list)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors_sample: list[str] = field(default_factory=list)
+    max_failed_fraction: float = 1.0
+    threshold_exceeded: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        out["failed_fraction"] = round(self.rows_failed / self.rows_out, 6) if self.rows_out else 0.0
+        return out
+
+    def describe(self) -> str:
+        """A short human summary."""
+        loads = [w.get("model_loads", 0) for w in self.workers.values()]
+        traces = [w.get("traces", 0) for w in self.workers.values()]
+        new = "" if self.files_new is None else f"{self.files_new} new files, "
+        lines = [
+            f"{self.mode} (incremental, {self.source}): {new}{self.rows_out} rows out, {self.rows_failed} failed, "
+            f"{len(self.batches)} micro-batches {[b['rows'] for b in self.batches]}, {self.seconds:.1f}s; "
+            f"model {self.model_version} ({self.shipped})",
+            f"workers: {len(self.workers)}; model loads per worker {loads}; traces per worker {traces}",
+        ]
+        lines += [f"  failed: {e}" for e in self.errors_sample]
+        lines += [f"  not scored: {n['path']}: {n['reason']}" for n in self.not_scored]
+        if self.threshold_exceeded:
+            lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raise ``TooManyFailures`` when more than ``max_failed_fraction`` of this run's rows failed."""
+        if self.rows_out and self.rows_failed / self.rows_out > self.max_failed_fraction:
+            self.threshold_exceeded = True
+            raise TooManyFailures(
+                f"{self.rows_failed} of {self.rows_out} rows failed ({self.rows_failed / self.rows_out:.1%}), "
+                f"over the allowed {self.max_failed_fraction:.1%} (max_failed_fraction)"
+            )
+
+
+def resolve_source(source: str, environ: Mapping[str, str] | None = None) -> str:
+    """``cloudFiles`` or ``binaryFile``; ``auto`` is Auto Loader on Databricks, ``binaryFile`` elsewhere."""
+    if source not in SOURCES:
+        raise UserError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
+    if source != "auto":
+        return source
+    env = os.environ if environ is None else environ
+    return "cloudFiles" if env.get("DATABRICKS_RUNTIME_VERSION") else "binaryFile"
+
+
+def reader_options(source: str, *, extensions: Sequence[str], max_files_per_trigger: int) -> tuple[str, dict[str, str]]:
+    """The streaming reader's format and options for a resolved source (``cloudFiles`` or ``binaryFile``)."""
+    if max_files_per_trigger < 1:
+        raise UserError(f"max files per trigger must be at least 1, got {max_files_per_trigger}")
+    glob = extension_glob(extensions)
+    if source == "cloudFiles":  # Auto Loader lists recursively; binaryFile needs no schema inference
+        return "cloudFiles", {
+            "cloudFiles.format": "binaryFile",
+            "cloudFiles.includeExistingFiles": "true",
+            "cloudFiles.maxFilesPerTrigger": str(max_files_per_trigger),
+            "pathGlobFilter": glob,
+        }
+    if source == "binaryFile":
+        return "binaryFile", {
+            "recursiveFileLookup": "true",
+            "pathGlobFilter": glob,
+            "maxFilesPerTrigger": str(max_files_per_trigger),
+        }
+    raise ValueError(f"not a resolved source: {source!r}")
+
+
+def binary_file_schema() -> Any:
+    """The ``binaryFile`` schema (streaming file sources need it given)."""
+    from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
+
+    return StructType(
+        [
+            StructField("path", StringType(), False),
+            StructField("modificationTime", TimestampType(), False),
+            StructField("length", LongType(), False),
+            StructField("content", BinaryType(), True),
+        ]
+    )
+
+
+def read_new_images(
+    spark: Any,
+    images_dir: str,
+    *,
+    source: str = "auto",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
+) -> Any:
+    """A streaming DataFrame ``path, content`` of the image files under ``images_dir`` (recursively)."""
+    fmt, options = reader_options(
+        resolve_source(source), extensions=extensions, max_files_per_trigger=max_files_per_trigger
+    )
+    stream = spark.readStream.format(fmt).schema(binary_file_schema()).options(**options).load(images_dir)
+    return stream.select("path", "content")
+
+
+# ---- the checkpoint: which micro-batches committed, which files each took --------------------------
+
+
+def _hadoop(spark: Any, path: str) -> tuple[Any, Any]:
+    jvm = spark.sparkContext._jvm
+    jpath = jvm.org.apache.hadoop.fs.Path(path)
+    return jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), jpath
+
+
+def _last_batch(spark: Any, folder: str) -> int:
+    """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
+    fs, jpath = _hadoop(spark, folder)
+    if not fs.exists(jpath):
+        return -1
+    names = [s.getPath().getName().removesuffix(".compact") for s in fs.listStatus(jpath)]
+    return max((int(n) for n in names if n.isdigit()), default=-1)
+
+
+def _source_log_offset(spark: Any, checkpoint: str, batch_id: int) -> int:
+    """The file source's log offset recorded for a micro-batch (-1 before the first)."""
+    if batch_id < 0:
+        return -1
+    lines = [r.value for r in spark.read.text(f"{checkpoint}/offsets/{batch_id}").collect()]
+    for line in lines:
+        if "logOffset" in line:
+            return int(json.loads(line)["logOffset"])
+    raise RunFailed(f"no file source offset in {checkpoint}/offsets/{batch_id}")
+
+
+def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
+    """DataFrame ``path`` of the files the binaryFile source took in its log batches ``(after, upto]``."""
+    from pyspark.sql import functions as F
+
+    log = spark.read.text(f"{checkpoint}/sources/0").where(F.col("value").startswith("{"))
+    batch = F.get_json_object("value", "$.batchId").cast("long")
+    uri = F.get_json_object("value", "$.path")
+    # The log has URIs (file:///a%20b), the path column Hadoop paths (file:/a b): decode, keeping '+'.
+    decoded = F.expr("url_decode(replace(_uri, '+', '%2B'))")
+    path = F.regexp_replace(decoded, "^file:///", "file:/")
+    taken = log.where((batch > after) & (batch <= upto)).select(uri.alias("_uri"))
+    return taken.select(path.alias("path")).distinct()
+
+
+def _accounted(spark: Any, checkpoint: str) -> int:
+    """The last micro-batch a finished run has accounted for (a killed run's batches are the next run's)."""
+    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
+    if not fs.exists(jpath):
+        return -1
+    return int(spark.read.text(jpath.toString()).first().value.strip())
+
+
+def _set_accounted(spark: Any, checkpoint: str, batch_id: int) -> None:
+    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
+    stream = fs.create(jpath, True)
+    try:
+        stream.writeBytes(f"{batch_id}\n")
+    finally:
+        stream.close()
+
+
+def _why_missing(spark: Any, path: str) -> str:
+    fs, jpath = _hadoop(spark, path)
+    if not fs.exists(jpath):
+        return GONE
+    size = fs.getFileStatus(jpath).getLen()
+    return ZERO_BYTES if size == 0 else f"no output row for a file of {size} bytes"
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def _written(spark: Any, output: str | None, table: str | None) -> Any:
+    return spark.table(table) if table else spark.read.parquet(output)
+
+
+def _run(
+    spark: Any,
+    images_dir: str,
+    scorer: Callable[[Any], Any],
+    *,
+    mode: str,
+    checkpoint: str,
+    output: str | None,
+    output_table: str | None,
+    source: str,
+    extensions: Sequence[str],
+    max_files_per_trigger: int,
+    max_failed_fraction: float,
+    print_fn: Callable[[str], None] | None,
+) -> IncrementalResult:
+    from pyspark.sql import functions as F
+
+    from image_transfer.api import scoring_run
+    from image_transfer.io import _qualified
+    from image_transfer.stats import is_connect
+
+    if is_connect(spark):
+        raise UserError("incremental scoring needs a classic Spark session (a dedicated cluster), not Spark Connect")
+    if not checkpoint:
+        raise UserError("incremental scoring needs a checkpoint location")
+    if (output is None) == (output_table is None):
+        raise UserError("give exactly one of an output path or an output table")
+    images_dir, checkpoint = _qualified(images_dir), _qualified(checkpoint)
+    output = _qualified(output) if output else None
+    resolved = resolve_source(source)
+    reader_options(resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger)
+    fs, jpath = _hadoop(spark, images_dir)
+    if not fs.exists(jpath):
+        raise UserError(f"cannot read images from {images_dir}: the folder does not exist")
+    if output and _last_batch(spark, f"{output}/_spark_metadata") >= 0 > _last_batch(spark, f"{checkpoint}/offsets"):
+        # The file sink would skip the micro-batch ids its log already has: new files would be lost.
+        raise UserError(
+            f"{output} already holds the output of another checkpoint: give a new output with a new checkpoint"
+        )
+    stream = read_new_images(
+        spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
+    )
+    scored = scorer(stream)  # the model is checked here, before the query starts
+    run: ScoringRun = scoring_run(scored)
+    run.max_failed_fraction = max_failed_fraction
+    accounted = _accounted(spark, checkpoint)
+    # Under AvailableNow, current_timestamp() is the micro-batch's timestamp (the same if it is re-run).
+    out = scored.withColumn("scored_at", F.current_timestamp())
+    writer = (
+        out.writeStream.outputMode("append")
+        .option("checkpointLocation", checkpoint)
+        .queryName(f"image-transfer-{mode}-incremental")
+        .trigger(availableNow=True)
+    )
+    started = time.perf_counter()
+    batches: dict[int, int] = {}
+    try:
+        query = writer.toTable(output_table) if output_table else writer.format("parquet").start(output)
+        while True:
+            done = query.awaitTermination(2)
+            for progress in query.recentProgress:
+                rows = int(progress["numInputRows"])
+                if progress["batchId"] not in batches and rows and print_fn:
+                    print_fn(f"micro-batch {progress['batchId']}: {rows} rows")
+                if rows:
+                    batches[int(progress["batchId"])] = rows
+            if done:
+                break
+    except Exception as exc:
+        if MODEL_ERROR in str(exc):
+            line = next(ln for ln in str(exc).splitlines() if MODEL_ERROR in ln)
+            raise RunFailed(line[line.index(MODEL_ERROR) :].strip()) from exc
+        raise
+    finally:
+        run.close()
+    seconds = time.perf_counter() - started
+    committed_after = _last_batch(spark, f"{checkpoint}/commits")
+
+    written = _written(spark, output, output_table)
+    files_new: int | None = None
+    not_scored: list[dict[str, str]] = []
+    rows_out = sum(batches.values())
+    rows_failed = run.totals()["rows_failed"]
+    sample: list[str] = []
+    if resolved == "binaryFile":
+        files_new, rows_out, rows_failed = 0, 0, 0
+        if committed_after > accounted:
+            taken = _files_taken(
+                spark,
+                checkpoint,
+                _source_log_offset(spark, checkpoint, accounted),
+                _source_log_offset(spark, checkpoint, committed_after),
+            )
+            rows = written.select("path", "error", F.lit(True).alias("_hit"))
+            joined = taken.join(rows, "path", "left").cache()
+            counts = joined.agg(
+                F.count(F.lit(1)).alias("files"),
+                F.count("_hit").alias("rows"),
+                F.count("error").alias("failed"),
+            ).first()
+            files_new, rows_out, rows_failed = int(counts.files), int(counts.rows), int(counts.failed)
+            if files_new > rows_out:
+                missing = sorted(r.path for r in joined.where(F.col("_hit").isNull()).select("path").collect())
+                not_scored = [{"path": p, "reason": _why_missing(spark, p)} for p in missing]
+            if rows_failed:
+                failed = joined.where(F.col("error").isNotNull()).limit(SAMPLE_ERRORS).collect()
+                sample = [f"{r.path}: {r.error}" for r in failed]
+            joined.unpersist()
+    result = IncrementalResult(
+        mode="score" if mode == "classify" else "featurize",
+        images=images_dir,
+        source=resolved,
+        checkpoint=checkpoint,
+        output=output_table or output or "",
+        model=run.model.info.path,
+        model_version=run.model_version,
+        shipped=run.shipped,
+        files_new=files_new,
+        rows_out=rows_out,
+        rows_failed=rows_failed,
+        seconds=seconds,
+        batches=[{"batch_id": b, "rows": n} for b, n in sorted(batches.items())],
+        not_scored=not_scored,
+        workers=run.workers(),
+        errors_sample=sample,
+        max_failed_fraction=max_failed_fraction,
+    )
+    try:
+        result.check()
+    except TooManyFailures:
+        pass  # the flag is set; the caller decides (the CLI writes the summary, then fails)
+    if committed_after > accounted:
+        _set_accounted(spark, checkpoint, committed_after)
+    return result
+
+
+def score_new_images(
+    spark: Any,
+    images_dir: str,
+    model: str,
+    *,
+    checkpoint: str,
+    output: str | None = None,
+    output_table: str | None = None,
+    source: str = "auto",
+    max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    top_k: int = 5,
+    batch_size: int = 64,
+    max_image_bytes: int | None = None,
+    max_pixels: int | None = None,
+    broadcast_max_mb: float = 256.0,
+    partitions: int | None = None,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    model_version: str | None = None,
+    print_fn: Callable[[str], None] | None = None,
+) -> IncrementalResult:
+    """Classify the images under ``images_dir`` that no earlier run with this ``checkpoint`` took.
+
+    Appends ``path, prediction, probability, top_k, error, model_version, scored_at`` to the Parquet
+    dataset ``output`` (read it with Spark: the ``_spark_metadata`` log lists the committed files) or
+    to the table ``output_table``, then stops. ``result.threshold_exceeded`` (and ``result.check()``)
+    tell whether more than ``max_failed_fraction`` of this run's rows failed. To re-score everything
+    with a new model, use a new checkpoint and a new output.
+    """
+    from image_transfer.api import score_images
+
+    def scorer(df: Any) -> Any:
+        return score_images(
+            df,
+            model,
+            top_k=top_k,
+            batch_size=batch_size,
+            max_image_bytes=max_image_bytes,
+            max_pixels=max_pixels,
+            broadcast_max_mb=broadcast_max_mb,
+            partitions=partitions,
+            max_failed_fraction=max_failed_fraction,
+            model_version=model_version,
+        )
+
+    return _run(
+        spark,
+        images_dir,
+        scorer,
+        mode="classify",
+        checkpoint=checkpoint,
+        output=output,
+        output_table=output_table,
+        source=source,
+        extensions=extensions,
+        max_files_per_trigger=max_files_per_trigger,
+        max_failed_fraction=max_failed_fraction,
+        print_fn=print_fn,
+    )
+
+
+def featurize_new_images(
+    spark: Any,
+    images_dir: str,
+    model: str,
+    *,
+    checkpoint: str,
+    output: str | None = None,
+    output_table: str | None = None,
+    layer: str | None = None,
+    source: str = "auto",
+    max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    batch_size: int = 64,
+    max_image_bytes: int | None = None,
+    max_pixels: int | None = None,
+    broadcast_max_mb: float = 256.0,
+    partitions: int | None = None,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    model_version: str | None = None,
+    print_fn: Callable[[str], None] | None = None,
+) -> IncrementalResult:
+    """Embed the new images under ``images_dir`` (as ``score_new_images``): ``path, embedding, error, ...``."""
+    from image_transfer.api import featurize_images
+
+    def scorer(df: Any) -> Any:
+        return featurize_images(
+            df,
+            model,
+            layer=layer,
+            batch_size=batch_size,
+            max_image_bytes=max_image_bytes,
+            max_pixels=max_pixels,
+            broadcast_max_mb=broadcast_max_mb,
+            partitions=partitions,
+            max_failed_fraction=max_failed_fraction,
+            model_version=model_version,
+        )
+
+    return _run(
+        spark,
+        images_dir,
+        scorer,
+        mode="embed",
+        checkpoint=checkpoint,
+        output=output,
+        output_table=output_table,
+        source=source,
+        extensions=extensions,
+        max_files_per_trigger=max_files_per_trigger,
+        max_failed_fraction=max_failed_fraction,
+        print_fn=print_fn,
+    )

@@ -1,0 +1,256 @@
+"""Incremental scoring: new files scored exactly once across runs, a SIGKILLed run resumes, one load per worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hostile_images import write_corpus
+
+from image_transfer import UserError, cli, featurize_new_images, score_new_images
+from image_transfer.incremental import ZERO_BYTES, reader_options, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fixture_files(fixtures_dir: Path, n: int, start: int = 0) -> list[Path]:
+    files = sorted((fixtures_dir / "images").rglob("*.*"))
+    return files[start : start + n]
+
+
+def _add(folder: Path, files: list[Path]) -> set[str]:
+    """Copy files into ``folder/<class>/``; returns their ``path`` column values."""
+    added = set()
+    for f in files:
+        dest = folder / f.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+        added.add(f"file:{dest}")
+    return added
+
+
+def _paths(spark, output: Path) -> list[str]:
+    return [r.path for r in spark.read.parquet(str(output)).select("path").collect()]
+
+
+def test_reader_options_for_each_source():
+    fmt, options = reader_options("cloudFiles", extensions=["jpg", "png"], max_files_per_trigger=50)
+    assert fmt == "cloudFiles"
+    assert options["cloudFiles.format"] == "binaryFile"
+    assert options["cloudFiles.maxFilesPerTrigger"] == "50"
+    assert options["pathGlobFilter"] == "*.{JPG,PNG,jpg,png}"
+    fmt, options = reader_options("binaryFile", extensions=["jpg"], max_files_per_trigger=7)
+    assert fmt == "binaryFile"
+    assert options == {"recursiveFileLookup": "true", "pathGlobFilter": "*.{JPG,jpg}", "maxFilesPerTrigger": "7"}
+    assert resolve_source("auto", {"DATABRICKS_RUNTIME_VERSION": "17.3"}) == "cloudFiles"
+    assert resolve_source("auto", {}) == "binaryFile"
+    assert resolve_source("binaryFile", {"DATABRICKS_RUNTIME_VERSION": "17.3"}) == "binaryFile"
+    assert resolve_source("cloudFiles", {}) == "cloudFiles"
+    with pytest.raises(UserError):
+        resolve_source("kafka", {})
+    with pytest.raises(UserError):
+        reader_options("binaryFile", extensions=["jpg"], max_files_per_trigger=0)
+
+
+def test_cli_incremental_arguments(tmp_path, shapes_model, capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["score", "--images", "d", "--checkpoint", "c", "--model", "m", "--output", "o"])
+    assert (args.images, args.checkpoint, args.source, args.input) == ("d", "c", "auto", None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["score", "--images", "d", "--input", "i", "--model", "m", "--output", "o"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["score", "--images", "d", "--checkpoint", "c", "--model", "m", "--source", "s3"])
+    model = str(shapes_model)
+    # Refused before a Spark session is created: exit 2 with a message.
+    assert cli.run(["score", "--images", str(tmp_path), "--model", model, "--output", "o"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    base = ["score", "--images", str(tmp_path), "--checkpoint", "c", "--model", model]
+    assert cli.run([*base, "--output", "o", "--output-table", "t"]) == 2
+    assert cli.run(base) == 2
+    assert cli.run(["score", "--input", "i", "--checkpoint", "c", "--model", model, "--output", "o"]) == 2
+
+
+def test_three_runs_score_exactly_the_new_files(spark, fixtures_dir, shapes_model, tmp_path):
+    images, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "predictions"
+    images.mkdir()
+
+    def run():
+        return score_new_images(
+            spark,
+            str(images),
+            str(shapes_model),
+            checkpoint=str(checkpoint),
+            output=str(output),
+            source="auto",
+            max_files_per_trigger=4,
+            batch_size=4,
+        )
+
+    first = _add(images, _fixture_files(fixtures_dir, 10))
+    r1 = run()
+    second = _add(images, _fixture_files(fixtures_dir, 6, start=100))
+    (images / "late" / "empty.png").parent.mkdir()
+    (images / "late" / "empty.png").write_bytes(b"")
+    (images / "late" / "notes.txt").write_text("not an image: not matched")
+    r2 = run()
+    third = _add(images, _fixture_files(fixtures_dir, 5, start=200))
+    r3 = run()
+    r4 = run()  # nothing new
+
+    assert (r1.files_new, r1.rows_out, r1.rows_failed, r1.not_scored) == (10, 10, 0, [])
+    assert [b["rows"] for b in r1.batches] == [4, 4, 2]
+    assert (r2.files_new, r2.rows_out) == (7, 6)
+    assert r2.not_scored == [{"path": f"file:{images}/late/empty.png", "reason": ZERO_BYTES}]
+    assert (r3.files_new, r3.rows_out, r3.not_scored) == (5, 5, [])
+    assert (r4.files_new, r4.rows_out, r4.batches) == (0, 0, [])
+    with pytest.raises(UserError, match="another checkpoint"):  # the file sink would skip its batch ids
+        score_new_images(spark, str(images), str(shapes_model), checkpoint=str(tmp_path / "new"), output=str(output))
+
+    paths = _paths(spark, output)
+    assert sorted(paths) == sorted(first | second | third)  # every file once, nothing re-scored
+    written = spark.read.parquet(str(output))
+    assert written.columns == [
+        "path",
+        "prediction",
+        "probability",
+        "top_k",
+        "error",
+        "model_version",
+        "scored_at",
+    ]
+    assert written.where("error IS NOT NULL OR scored_at IS NULL").count() == 0
+    assert {r.model_version for r in written.select("model_version").distinct().collect()} == {r1.model_version}
+    for result in (r1, r2, r3):
+        assert result.shipped == "broadcast"
+        # One model load and one trace at most per worker and run, across all its micro-batches
+        # (0 when a worker kept the model from an earlier run in this session).
+        assert result.workers and all(w["model_loads"] <= 1 and w["traces"] <= 1 for w in result.workers.values())
+        assert sum(w["batches"] for w in result.workers.values()) >= len(result.batches)
+
+
+def test_incremental_into_a_table(spark, fixtures_dir, shapes_model, tmp_path):
+    images, checkpoint = tmp_path / "incoming", tmp_path / "checkpoint"
+    table = "incremental_predictions"
+    spark.sql(f"DROP TABLE IF EXISTS {table}")
+    first = _add(images, _fixture_files(fixtures_dir, 3, start=50))
+    options = dict(checkpoint=str(checkpoint), output_table=table, source="binaryFile", max_files_per_trigger=2)
+    r1 = score_new_images(spark, str(images), str(shapes_model), **options)
+    second = _add(images, _fixture_files(fixtures_dir, 2, start=150))
+    r2 = score_new_images(spark, str(images), str(shapes_model), **options)
+    assert (r1.rows_out, r2.rows_out) == (3, 2)
+    assert sorted(r.path for r in spark.table(table).select("path").collect()) == sorted(first | second)
+    spark.sql(f"DROP TABLE {table}")
+
+
+def test_featurize_new_images(spark, fixtures_dir, shapes_model, tmp_path):
+    images, output = tmp_path / "incoming", tmp_path / "embeddings"
+    added = _add(images, _fixture_files(fixtures_dir, 3, start=70))
+    result = featurize_new_images(
+        spark, str(images), str(shapes_model), checkpoint=str(tmp_path / "ck"), output=str(output), source="binaryFile"
+    )
+    written = spark.read.parquet(str(output))
+    assert written.columns == ["path", "embedding", "error", "model_version", "scored_at"]
+    assert (result.mode, result.files_new, result.rows_out) == ("featurize", 3, 3)
+    assert {r.path for r in written.collect() if r.embedding and r.error is None} == added
+
+
+def _committed(checkpoint: Path, log: str) -> set[int]:
+    folder = checkpoint / log
+    return {int(p.name) for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
+
+
+def _cli(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, IMAGE_TRANSFER_DRIVER_MEMORY="1g", PYSPARK_PYTHON=sys.executable)
+    return subprocess.Popen(
+        [sys.executable, "-m", "image_transfer.cli", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: the JVM and Python workers die with it
+    )
+
+
+def test_killed_run_resumes_every_file_exactly_once(spark, fixtures_dir, shapes_model, tmp_path):
+    images, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "predictions"
+    expected = write_corpus(images / "hostile")
+    good = _add(images, _fixture_files(fixtures_dir, 15, start=30))
+    hostile = {f"file:{images}/hostile/{name}": ok for name, ok in expected.items()}
+    empty = {p for p in hostile if (Path(p.removeprefix("file:"))).stat().st_size == 0}
+    args = [
+        "score",
+        "--images",
+        str(images),
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(output),
+        "--model",
+        str(shapes_model),
+        "--max-files-per-trigger",
+        "5",
+        "--batch-size",
+        "2",
+        "--master",
+        "local[2]",
+    ]
+    process = _cli(args, tmp_path / "killed.log")
+    deadline = time.monotonic() + 600
+    try:
+        while True:  # kill while a micro-batch is being scored, after at least one has committed
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no micro-batch committed in time"
+            commits, offsets = _committed(checkpoint, "commits"), _committed(checkpoint, "offsets")
+            if commits and offsets - commits:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    batches = -(-(len(good) + len(hostile)) // 5)
+    assert 0 < len(_committed(checkpoint, "commits")) < batches, "the kill did not land mid-run"
+    partial = _paths(spark, output)
+    assert len(partial) == len(set(partial)) < len(good) + len(hostile)
+
+    summary = tmp_path / "summary.json"
+    done = _cli([*args, "--summary", str(summary)], tmp_path / "rerun.log")
+    assert done.wait(timeout=900) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    result = json.loads(summary.read_text())
+
+    written = spark.read.parquet(str(output))
+    paths = [r.path for r in written.select("path").collect()]
+    assert len(paths) == len(set(paths))  # exactly once
+    assert set(paths) == (good | set(hostile)) - empty  # none missing
+    assert {n["path"]: n["reason"] for n in result["not_scored"]} == dict.fromkeys(empty, ZERO_BYTES)
+    # The rerun accounts for every file since the last finished run (the killed run's batches too).
+    assert result["files_new"] == len(good) + len(hostile)
+    assert result["rows_out"] == len(paths)
+    errors = {r.path: r.error for r in written.select("path", "error").collect()}
+    for path, ok in hostile.items():
+        if path not in empty:
+            assert (errors[path] is None) == ok, (path, errors[path])
+    assert result["rows_failed"] == sum(1 for p, ok in hostile.items() if not ok and p not in empty)
+    # A fresh process: each worker loaded and traced the model once across all its micro-batches.
+    assert len(result["batches"]) >= 3
+    assert result["workers"]
+    for worker in result["workers"].values():
+        assert (worker["model_loads"], worker["traces"]) == (1, 1), result["workers"]
+
+
+def test_batch_inference_job_scores_incrementally():
+    yaml = pytest.importorskip("yaml")
+    job = yaml.safe_load((ROOT / "resources" / "batch_inference.job.yml").read_text())["resources"]["jobs"]
+    job = job["batch_inference"]
+    assert [t["task_key"] for t in job["tasks"]] == ["score"]  # no separate ingest copy
+    params = job["tasks"][0]["python_wheel_task"]["parameters"]
+    args = cli.build_parser().parse_args([p.replace("${var.scoring_batch_size}", "64") for p in params])
+    assert args.images == "{{job.parameters.images}}" and args.input is None
+    assert args.checkpoint == "{{job.parameters.checkpoint}}" and args.source == "auto"
+    defaults = {p["name"]: p["default"] for p in job["parameters"]}
+    assert defaults["checkpoint"].startswith("/Volumes/")
