@@ -64,18 +64,23 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            self._emit(final=True)
+            self._emit(final=True, succeeded=exc_type is None)
             self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
             self.spark.sparkContext.setLocalProperty("spark.job.description", None)
 
-    def tasks(self) -> tuple[int, int]:
-        """(tasks done, tasks known) over the group's jobs so far."""
+    def tasks(self) -> tuple[int, int, float]:
+        """(tasks done, tasks known) over the group's jobs so far, and the share done of the input stage.
+
+        The input stage (the group's first) is where the images are read and scored; later stages (a
+        shuffle into evenly sized output files) carry only the small output rows.
+        """
         tracker = self.spark.sparkContext.statusTracker()
         done = total = 0
+        stages = []
         for job_id in tracker.getJobIdsForGroup(self.group) or []:
             job = tracker.getJobInfo(job_id)
             if job is None:
@@ -85,11 +90,15 @@ class Progress:
                 if stage is not None:
                     done += stage.numCompletedTasks
                     total += stage.numTasks
-        return done, total
+                    stages.append(stage)
+        first = min(stages, key=lambda s: s.stageId) if stages else None
+        share = first.numCompletedTasks / first.numTasks if first is not None and first.numTasks else 0.0
+        return done, total, share
 
-    def render(self, done: int, total: int, elapsed: float) -> str:
-        """One progress line: tasks, estimated images, images/s and ETA."""
-        share = done / total if total else 0.0
+    def render(self, done: int, total: int, elapsed: float, share: float | None = None) -> str:
+        """One progress line: tasks, estimated images (``share`` of them done), images/s and ETA."""
+        if share is None:
+            share = done / total if total else 0.0
         images = int(self.total_rows * share)
         rate = images / elapsed if elapsed > 0 else 0.0
         eta = (self.total_rows - images) / rate if rate > 0 else None
@@ -101,14 +110,16 @@ class Progress:
             f"ETA {_fmt_duration(eta) if eta is not None else '?'}"
         )
 
-    def _emit(self, *, final: bool = False) -> None:
+    def _emit(self, *, final: bool = False, succeeded: bool = False) -> None:
         try:
-            done, total = self.tasks()
+            done, total, share = self.tasks()
         except Exception:  # noqa: BLE001 - the context is stopping; nothing more to say
             return
         if total == 0 and not final:
             return
-        line = self.render(done, total, time.monotonic() - self._started)
+        if succeeded:  # every image went through (a stage adaptive execution skipped never completes)
+            share, done = 1.0, max(done, total)
+        line = self.render(done, total, time.monotonic() - self._started, share)
         self.lines.append(line)
         if self.live:
             self.stream.write("\r" + line + ("\n" if final else ""))
