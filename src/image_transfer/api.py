@@ -18,7 +18,8 @@ from typing import Any
 from image_transfer.errors import TooManyFailures, UserError
 from image_transfer.images import IMAGE_EXTENSIONS, ImageLimits, read_image_files
 from image_transfer.registry import resolve_model
-from image_transfer.score import ScoringOptions, ScoringRun, prepare_model, scored_frame
+from image_transfer.score import CLOSURE_MAX_BYTES, ScoringOptions, ScoringRun, prepare_model, scored_frame
+from image_transfer.stats import is_connect
 
 _RUN_ATTRIBUTE = "_image_transfer_run"
 DEFAULT_MAX_FAILED_FRACTION = 0.5
@@ -57,16 +58,22 @@ def _options(
     )
 
 
-def _model(model: str, model_version: str | None, broadcast_max_mb: float) -> tuple[str, str | None, float]:
+def _model(df: Any, model: str, model_version: str | None, broadcast_max_mb: float) -> tuple[str, str | None, float]:
     """(local path, version, broadcast limit): a registry URI resolved once, on the driver, to one version.
 
-    A downloaded model sits in a driver-local folder, so it always travels with the job (broadcast).
+    A downloaded model sits in a driver-local folder, so it always travels with the job (a broadcast,
+    or inside the UDF under Spark Connect), never by path.
     """
     resolved = resolve_model(model)
     if not resolved.downloaded:
         return resolved.path, model_version, broadcast_max_mb
-    size_mb = sum(f.stat().st_size for f in _files(resolved.path)) / (1024 * 1024)
-    return resolved.path, model_version or resolved.version, max(broadcast_max_mb, size_mb + 1)
+    size = sum(f.stat().st_size for f in _files(resolved.path))
+    if is_connect(df.sparkSession) and size > CLOSURE_MAX_BYTES:
+        raise UserError(
+            f"{model} ({size / 2**20:.0f} MB) is too large to travel inside the UDF under Spark Connect: "
+            "download it to a shared path (a Volume) with mlflow.artifacts.download_artifacts and pass that path"
+        )
+    return resolved.path, model_version or resolved.version, max(broadcast_max_mb, size / 2**20 + 1)
 
 
 def _files(path: str) -> list[Any]:
@@ -110,7 +117,7 @@ def score_images(
     ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
     ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
     """
-    path, version, broadcast_max_mb = _model(model, model_version, broadcast_max_mb)
+    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
     prepared = prepare_model(path, mode="classify", top_k=top_k, version=version)
     options = _options(
         image_column=image_column,
@@ -146,7 +153,7 @@ def featurize_images(
     classifier layer (the pooled backbone features of a transfer-learning model). ``model`` is a path
     or an MLflow URI, as for ``score_images``.
     """
-    path, version, broadcast_max_mb = _model(model, model_version, broadcast_max_mb)
+    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
     prepared = prepare_model(path, mode="embed", layer=layer, version=version)
     options = _options(
         image_column=image_column,

@@ -95,7 +95,7 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise UserError(f"not a model URI: {uri!r}; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/PATH")
 
 
-_DOWNLOADS: dict[str, str] = {}  # concrete URI -> local model path (versions and runs never change)
+_DOWNLOADS: dict[tuple[str, str, str], str] = {}  # (tracking, registry, concrete URI) -> local model path
 _DOWNLOAD_LOCK = threading.Lock()
 _ROOT: list[Path] = []
 
@@ -121,10 +121,11 @@ def find_model_file(local: str | os.PathLike[str]) -> str:
 
 
 def _download(uri: str, *, registry_uri: str | None) -> str:
+    mlflow = _mlflow(f"model {uri}")
+    key = (mlflow.get_tracking_uri(), registry_uri or mlflow.get_registry_uri(), uri)  # versions never change
     with _DOWNLOAD_LOCK:
-        if uri in _DOWNLOADS and Path(_DOWNLOADS[uri]).exists():
-            return _DOWNLOADS[uri]
-        mlflow = _mlflow(f"model {uri}")
+        if key in _DOWNLOADS and Path(_DOWNLOADS[key]).exists():
+            return _DOWNLOADS[key]
         dst = Path(tempfile.mkdtemp(prefix="model-", dir=_download_root()))
         previous = mlflow.get_registry_uri() if registry_uri else None
         try:
@@ -137,7 +138,7 @@ def _download(uri: str, *, registry_uri: str | None) -> str:
             if previous:
                 mlflow.set_registry_uri(previous)
         path = find_model_file(local)
-        _DOWNLOADS[uri] = path
+        _DOWNLOADS[key] = path
         return path
 
 
