@@ -160,7 +160,8 @@ def versions(spark, tracking_uri, dataset_path, backbone_model, tmp_path_factory
     frame = data.toPandas()
     train_rows = frame.index[frame["split"] == "train"]
     order = np.random.default_rng(1).permutation(train_rows)
-    frame.loc[train_rows, ["label", "label_index"]] = frame.loc[order, ["label", "label_index"]].to_numpy()
+    for column in ("label", "label_index"):
+        frame.loc[train_rows, column] = frame.loc[order, column].to_numpy()
     shuffled = out / "shuffled.parquet"
     spark.createDataFrame(frame, schema=data.schema).write.parquet(str(shuffled))
     bad = train(

@@ -18,13 +18,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Top-1 class of encoded images (column ``content``, or the first column) with the ``.keras`` model."""
 
     def load_context(self, context: Any) -> None:
-        """Load and trace the model once."""
+        """Find the ``.keras`` file; it is loaded and traced on the first ``predict`` (MLflow 3 calls this on save)."""
         from image_transfer.registry import KERAS_ARTIFACT, find_model_file
+
+        self._path = find_model_file(context.artifacts[KERAS_ARTIFACT])
+        self._scorer = None
+
+    def _load(self) -> Any:
         from image_transfer.score import Scorer, prepare_model
 
-        path = find_model_file(context.artifacts[KERAS_ARTIFACT])
-        self._prepared = prepare_model(path, mode="classify", top_k=1)
-        self._scorer = Scorer(self._prepared, path)
+        if getattr(self, "_scorer", None) is None:
+            self._prepared = prepare_model(self._path, mode="classify", top_k=1)
+            self._scorer = Scorer(self._prepared, self._path)
+        return self._scorer
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow reads these hints
         """``prediction, probability, error`` for each row of ``model_input``."""
@@ -33,15 +39,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         from image_transfer.images import ImageLimits, screen_batch
 
-        if not hasattr(self, "_scorer"):
+        if not hasattr(self, "_path"):
             self.load_context(context)
+        scorer = self._load()
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"content": list(model_input)})
         column = frame["content"] if "content" in frame.columns else frame.iloc[:, 0]
         values = [bytes(v) if isinstance(v, (bytearray, memoryview)) else v for v in column]
         n = len(values)
         screened = screen_batch(values, ImageLimits.default())
         errors = list(screened.errors)
-        outputs, graph_errors = self._scorer.run(screened.payloads, screened.orientations)
+        outputs, graph_errors = scorer.run(screened.payloads, screened.orientations)
         for j, message in graph_errors.items():
             errors[screened.kept[j]] = message
         ok = [row for j, row in enumerate(screened.kept) if j not in graph_errors]

@@ -157,7 +157,10 @@ def resolve_model(model: str) -> ResolvedModel:
         if not run_id or not path:
             raise UserError(f"not a run URI: {model!r}; use runs:/RUN_ID/ARTIFACT_PATH")
         return ResolvedModel(
-            path=_download(model, registry_uri=None), uri=model, version=f"runs:/{run_id}/{path}", run_id=run_id
+            path=_download(_run_artifact_uri(run_id, path), registry_uri=None),
+            uri=model,
+            version=f"runs:/{run_id}/{path}",
+            run_id=run_id,
         )
     name, alias, number = parse_models_uri(model)
     mlflow_client = client(name)
@@ -178,6 +181,26 @@ def resolve_model(model: str) -> ResolvedModel:
         number=str(mv.version),
         run_id=mv.run_id or None,
     )
+
+
+def _run_artifact_uri(run_id: str, path: str) -> str:
+    """Where ``runs:/RUN/PATH`` lives: MLflow 3 keeps a model logged in a run outside the run's artifacts.
+
+    Looked up through the run's logged-model outputs: MLflow 3's own fallback first tries the run's
+    artifacts and, on a tracking server, retries the missing path for minutes.
+    """
+    mlflow = _mlflow(f"model runs:/{run_id}/{path}")
+    mlflow_client = mlflow.MlflowClient()
+    try:
+        outputs = getattr(mlflow_client.get_run(run_id), "outputs", None)  # MLflow >= 3
+    except Exception as exc:  # noqa: BLE001 - no such run, no permission, connection errors
+        raise UserError(f"cannot resolve runs:/{run_id}/{path}: {_first_line(exc)}") from exc
+    name, _, rest = path.partition("/")
+    for output in getattr(outputs, "model_outputs", None) or []:
+        logged = mlflow_client.get_logged_model(output.model_id)
+        if logged.name == name:
+            return logged.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
+    return f"runs:/{run_id}/{path}"
 
 
 def _first_line(exc: BaseException) -> str:
