@@ -294,3 +294,27 @@ def test_run_uris_and_unknown_models(spark, versions):
         )
     with pytest.raises(UserError, match="cannot resolve"):
         resolve_model(f"models:/{NAME}@no_such_alias")
+
+
+@needs_server
+def test_a_champion_that_cannot_be_compared_keeps_the_alias(versions, dataset_path, tmp_path, capsys):
+    """The alias points to a model of other classes: no automatic promotion, a clear error, the alias stays."""
+    import keras
+    import mlflow
+
+    from image_transfer.model import save_model
+    from image_transfer.registry import log_model, register
+
+    inputs = keras.Input((64, 64, 3))
+    other = keras.Model(
+        inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
+    )
+    path = save_model(other, tmp_path / "other.keras", class_names=["a", "b"])
+    with mlflow.start_run():
+        number = register(log_model(str(path), class_names=["a", "b"]), NAME)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(NAME, "other", number)
+    code = cli.run(["evaluate", "--data", dataset_path, "--model", f"models:/{NAME}/1", "--promote-to", "other"])
+    assert code == 2
+    assert f"cannot evaluate the current @other version {NAME}/{number}" in capsys.readouterr().err
+    assert client.get_model_version_by_alias(NAME, "other").version == number

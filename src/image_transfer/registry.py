@@ -434,9 +434,15 @@ def promote(
     champion_version = champion_accuracy = None
     if current is not None and str(current.version) != resolved.number:
         champion_version = str(current.version)
-        champion = evaluate(
-            spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, batch_size=batch_size
-        )
+        try:
+            champion = evaluate(
+                spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, batch_size=batch_size
+            )
+        except UserError as exc:  # e.g. the classes changed: no comparison, so no automatic promotion
+            raise UserError(
+                f"cannot evaluate the current @{alias} version {resolved.name}/{champion_version} on the {split} "
+                f"split ({exc}); the alias stays: set it by hand if {resolved.version} should replace it"
+            ) from exc
         champion_accuracy = champion.accuracy
     promoted, reason = decide(
         result.accuracy,
