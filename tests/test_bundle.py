@@ -208,14 +208,25 @@ def test_task_parameters_parse(item):
     assert callable(args.handler)
 
 
-def test_model_path_is_handed_from_train_to_evaluate():
+def test_registered_version_is_handed_from_train_to_evaluate_and_promoted():
     job = resolved("dev", jobs_of(ROOT / "resources" / "training.job.yml")["training"])
     tasks = {t["task_key"]: t for t in job["tasks"]}
     assert list(tasks) == ["prepare", "train", "evaluate"]
     assert upstream(job, "evaluate") == {"prepare", "train"}
+    train = parse(run_time_values(job, tasks["train"]))
+    assert train.register_as == "main.image_transfer_someone.image_classifier"
+    assert "{{job.run_id}}" in tasks["train"]["python_wheel_task"]["parameters"][4]  # never the served model
     params = tasks["evaluate"]["python_wheel_task"]["parameters"]
-    assert params[params.index("--model") + 1] == "{{tasks.train.values.model_path}}"
+    assert params[params.index("--model") + 1] == "{{tasks.train.values.model_uri}}"
+    evaluate = parse(run_time_values(job, tasks["evaluate"]))
+    assert evaluate.promote_to == "champion" and evaluate.min_accuracy == 0.5 and evaluate.tolerance == 0.01
     assert "schedule" not in job and "trigger" not in job  # on demand
+
+
+def test_batch_inference_scores_the_champion():
+    job = resolved("dev", jobs_of(ROOT / "resources" / "batch_inference.job.yml")["batch_inference"])
+    score = next(t for t in job["tasks"] if t["task_key"] == "score")
+    assert parse(run_time_values(job, score)).model == "models:/main.image_transfer_someone.image_classifier@champion"
 
 
 def test_batch_inference_is_scheduled_and_guarded():

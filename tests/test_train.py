@@ -178,7 +178,7 @@ def test_clear_configuration_errors(dataset, backbone_model, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="MLflow not installed")
-def test_mlflow_gets_params_metrics_and_the_model(trained, tmp_path, monkeypatch):
+def test_mlflow_gets_params_metrics_curves_and_the_model(trained, tmp_path, monkeypatch):
     import mlflow
 
     result, _ = trained
@@ -188,5 +188,8 @@ def test_mlflow_gets_params_metrics_and_the_model(trained, tmp_path, monkeypatch
     run = mlflow.get_run(run_id)
     assert run.data.params["data_path"] == result.data_path
     assert run.data.metrics["final_validation_accuracy"] == pytest.approx(result.final_validation_accuracy)
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model")}
-    assert artifacts == {"model/model.keras"}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"config.json", "train.json", "train.png"} <= artifacts
+    # The model is an MLflow pyfunc with our .keras file (and its class names) inside.
+    model = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert "python_function" in model.flavors and model.metadata["class_names"] == CLASSES

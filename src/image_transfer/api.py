@@ -17,7 +17,9 @@ from typing import Any
 
 from image_transfer.errors import TooManyFailures, UserError
 from image_transfer.images import IMAGE_EXTENSIONS, ImageLimits, read_image_files
-from image_transfer.score import ScoringOptions, ScoringRun, prepare_model, scored_frame
+from image_transfer.registry import resolve_model
+from image_transfer.score import CLOSURE_MAX_BYTES, ScoringOptions, ScoringRun, prepare_model, scored_frame
+from image_transfer.stats import is_connect
 
 _RUN_ATTRIBUTE = "_image_transfer_run"
 DEFAULT_MAX_FAILED_FRACTION = 0.5
@@ -58,10 +60,36 @@ def _options(
     )
 
 
-def _attach(df: Any, run: ScoringRun, max_failed_fraction: float) -> Any:
+def _model(df: Any, model: str, model_version: str | None, broadcast_max_mb: float) -> tuple[str, str | None, float]:
+    """(local path, version, broadcast limit): a registry URI resolved once, on the driver, to one version.
+
+    A downloaded model sits in a driver-local folder, so it always travels with the job (a broadcast,
+    or inside the UDF under Spark Connect), never by path.
+    """
+    resolved = resolve_model(model)
+    if not resolved.downloaded:
+        return resolved.path, model_version, broadcast_max_mb
+    size = sum(f.stat().st_size for f in _files(resolved.path))
+    if is_connect(df.sparkSession) and size > CLOSURE_MAX_BYTES:
+        raise UserError(
+            f"{model} ({size / 2**20:.0f} MB) is too large to travel inside the UDF under Spark Connect: "
+            "download it to a shared path (a Volume) with mlflow.artifacts.download_artifacts and pass that path"
+        )
+    return resolved.path, model_version or resolved.version, max(broadcast_max_mb, size / 2**20 + 1)
+
+
+def _files(path: str) -> list[Any]:
+    from pathlib import Path
+
+    p = Path(path)
+    return [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+
+
+def _attach(df: Any, run: ScoringRun, max_failed_fraction: float, source: str) -> Any:
     if not 0.0 <= max_failed_fraction <= 1.0:
         raise UserError(f"max_failed_fraction must be between 0 and 1, got {max_failed_fraction}")
     run.max_failed_fraction = max_failed_fraction
+    run.source = str(source)
     setattr(df, _RUN_ATTRIBUTE, run)
     return df
 
@@ -85,14 +113,18 @@ def score_images(
     """Classify the images in ``df[image_column]``: keys, ``prediction, probability, top_k, error, model_version``.
 
     ``model`` is a ``.keras`` file or a SavedModel directory (local or on a mounted path such as
-    ``/Volumes/...``). Bad images become a row with ``error`` set, never a failed job.
+    ``/Volumes/...``), or an MLflow URI: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/RUN/PATH``. An alias is resolved here, once, and ``model_version`` is ``NAME/VERSION``;
+    for a path it is the file's digest (``sha256:...``) unless ``model_version`` says otherwise.
+    Bad images become a row with ``error`` set, never a failed job.
     ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
     ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed. ``max_batch_mb`` caps
     the encoded bytes of one Arrow batch (default 1536, under Arrow's 2 GB limit); ``max_image_bytes``
     (default 24 MiB) must fit in it. A model over ``broadcast_max_mb`` is read by the executors from its
     path, which on a cluster must be on shared storage (``/Volumes/...``): anything else is a UserError.
     """
-    prepared = prepare_model(model, mode="classify", top_k=top_k, version=model_version)
+    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
+    prepared = prepare_model(path, mode="classify", top_k=top_k, version=version)
     options = _options(
         image_column=image_column,
         key_columns=key_columns,
@@ -104,7 +136,7 @@ def score_images(
         max_batch_mb=max_batch_mb,
     )
     result, run = scored_frame(df, prepared, options)
-    return _attach(result, run, max_failed_fraction)
+    return _attach(result, run, max_failed_fraction, model)
 
 
 def featurize_images(
@@ -126,9 +158,11 @@ def featurize_images(
     """Embed the images with a layer of ``model``: keys, ``embedding array<float>, error, model_version``.
 
     ``layer`` names the layer whose output is the embedding; by default the input of the final
-    classifier layer (the pooled backbone features of a transfer-learning model).
+    classifier layer (the pooled backbone features of a transfer-learning model). ``model`` is a path
+    or an MLflow URI, as for ``score_images``.
     """
-    prepared = prepare_model(model, mode="embed", layer=layer, version=model_version)
+    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
+    prepared = prepare_model(path, mode="embed", layer=layer, version=version)
     options = _options(
         image_column=image_column,
         key_columns=key_columns,
@@ -140,7 +174,7 @@ def featurize_images(
         max_batch_mb=max_batch_mb,
     )
     result, run = scored_frame(df, prepared, options)
-    return _attach(result, run, max_failed_fraction)
+    return _attach(result, run, max_failed_fraction, model)
 
 
 def scoring_run(df: Any) -> ScoringRun:

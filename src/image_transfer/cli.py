@@ -72,7 +72,12 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--input", help="Parquet dataset path with the images")
     src.add_argument("--input-table", help="table name with the images (catalog.schema.table)")
     src.add_argument("--images", help="incremental: folder of image files; only files no earlier run took are scored")
-    p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Keras model file (.keras) or SavedModel directory, or an MLflow URI: models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN/PATH",
+    )
     p.add_argument("--output", help="Parquet output path (replaced atomically; with --images: appended, exactly once)")
     p.add_argument("--output-table", help="also save the output as this table (with --images: append to it)")
     _add_incremental_options(p)
@@ -374,14 +379,30 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
     p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
+    p.add_argument(
+        "--register-as",
+        help="register the model as a new version of this MLflow model (catalog.schema.model on Unity Catalog)",
+    )
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
     _add_dataset_options(p)
-    p.add_argument("--model", required=True, help="Keras model file (.keras) with class names")
+    p.add_argument("--model", required=True, help="Keras model file (.keras) with class names, or models:/NAME/VERSION")
     p.add_argument("--split", default="validation", choices=["train", "validation"])
     p.add_argument("--metrics", help="write the metrics JSON here")
+    p.add_argument(
+        "--promote-to",
+        metavar="ALIAS",
+        help="set this alias on the evaluated registered version if good enough (exit 1 with the reason if not)",
+    )
+    p.add_argument("--min-accuracy", type=float, default=0.0, help="promotion needs at least this accuracy")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="promotion allows this much lower accuracy than the alias's current version on the same split",
+    )
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -435,9 +456,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     spark = _session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table)
-    result = train(data, config, output_model=args.output_model, metrics_path=args.metrics)
+    result = train(
+        data, config, output_model=args.output_model, metrics_path=args.metrics, register_as=args.register_as
+    )
     print(result.describe())
     _publish_task_value("model_path", result.model_path)
+    _publish_task_value("model_uri", result.model_uri)
     return 0
 
 
@@ -445,10 +469,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from image_transfer.evaluate import evaluate
     from image_transfer.io import read_input
 
+    if args.promote_to is None and (args.min_accuracy or args.tolerance):
+        raise UserError("--min-accuracy and --tolerance only apply with --promote-to ALIAS")
     spark = _session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table)
-    result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
+    if args.promote_to is None:
+        result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
+        print(result.describe())
+        return 0
+    from image_transfer.registry import PromotionRefused, promote
+
+    result, decision = promote(
+        spark,
+        data,
+        model=args.model,
+        alias=args.promote_to,
+        min_accuracy=args.min_accuracy,
+        tolerance=args.tolerance,
+        split=args.split,
+        metrics_path=args.metrics,
+    )
     print(result.describe())
+    if not decision.promoted:  # exit 1 with the reason; the JSON and the MLflow run have the decision
+        raise PromotionRefused(decision.describe())
+    print(decision.describe())
     return 0
 
 
@@ -543,8 +587,9 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the exit status.
 
-    0 success; 1 the run failed (the model raised); 2 a user error (nothing written); 3 too many rows
-    failed (the output and summary are written).
+    0 success; 1 the run failed (the model raised, or ``evaluate --promote-to`` refused the version:
+    the JSON says why); 2 a user error (nothing written); 3 too many rows failed (the output and
+    summary are written).
     """
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

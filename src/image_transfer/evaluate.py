@@ -22,6 +22,7 @@ class EvaluationResult:
     accuracy: float
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> rows, accuracy
     images_per_second: float = 0.0
+    model_version: str = ""  # NAME/VERSION for a registered model, the file digest for a path
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metrics."""
@@ -31,7 +32,7 @@ class EvaluationResult:
         """Accuracy overall and per class."""
         lines = [
             f"{self.split}: accuracy {self.accuracy:.3f} on {self.rows - self.rows_failed} images "
-            f"({self.rows_failed} failed to score) with {self.model}"
+            f"({self.rows_failed} failed to score) with {self.model} ({self.model_version})"
         ]
         lines += [f"  {k}: {v['accuracy']:.3f} of {int(v['rows'])}" for k, v in sorted(self.per_class.items())]
         return "\n".join(lines)
@@ -46,7 +47,10 @@ def evaluate(
     batch_size: int = 64,
     metrics_path: str | None = None,
 ) -> EvaluationResult:
-    """Classify the ``split`` rows of a prepared dataset and compare the predictions with ``label``."""
+    """Classify the ``split`` rows of a prepared dataset and compare the predictions with ``label``.
+
+    ``model_path`` is a model file or an MLflow URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+    """
     from pyspark.sql import functions as F
 
     from image_transfer.api import score_images, scoring_run
@@ -93,6 +97,7 @@ def evaluate(
         accuracy=hits / scored_ok if scored_ok else 0.0,
         per_class=per_class,
         images_per_second=round(total / seconds, 2) if seconds > 0 else 0.0,
+        model_version=run.model_version,
     )
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)

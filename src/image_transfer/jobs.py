@@ -142,7 +142,7 @@ def write_scored(
     rows_out, rows_failed = written.count(), failed.count()
     summary = RunSummary(
         mode=what,
-        model=run.model.info.path,
+        model=run.source or run.model.info.path,
         model_version=run.model_version,
         output=output,
         rows_in=rows_in,

@@ -440,6 +440,7 @@ class ScoringRun:
     stats: WorkerStats
     max_failed_fraction: float = 1.0
     _payload: Any = None
+    source: str | None = None  # the model as the caller named it (a path, or an MLflow URI)
 
     @property
     def model_version(self) -> str:

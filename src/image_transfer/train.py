@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -92,6 +91,12 @@ class TrainResult:
     metrics_path: str | None = None
     plot_path: str | None = None
     mlflow_run_id: str | None = None
+    registered_version: str | None = None  # NAME/VERSION when registered
+
+    @property
+    def model_uri(self) -> str:
+        """What ``score`` and ``evaluate`` take: ``models:/NAME/VERSION`` when registered, else the file."""
+        return f"models:/{self.registered_version}" if self.registered_version else self.model_path
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metrics."""
@@ -107,6 +112,8 @@ class TrainResult:
             f"model: {self.model_path}"
             + (f"\nmetrics: {self.metrics_path}" if self.metrics_path else "")
             + (f"\ncurves: {self.plot_path}" if self.plot_path else "")
+            + (f"\nMLflow run: {self.mlflow_run_id}" if self.mlflow_run_id else "")
+            + (f"\nregistered: {self.model_uri}" if self.registered_version else "")
         )
 
 
@@ -307,10 +314,13 @@ def train(
     output_model: str,
     metrics_path: str | None = None,
     callbacks: Sequence[Any] = (),
+    register_as: str | None = None,
 ) -> TrainResult:
     """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
 
     The feed caches are deleted when this returns or raises. ``callbacks`` are extra Keras callbacks.
+    With a tracking server the run is logged to MLflow; ``register_as`` also registers the model as a
+    new version of that name (``catalog.schema.model`` on Unity Catalog).
     """
     import keras
 
@@ -320,6 +330,10 @@ def train(
 
     if not output_model.endswith(".keras"):
         raise UserError(f"--output-model must be a .keras file path, got {output_model}")
+    if register_as:  # before training, not after
+        from image_transfer.registry import require_tracking
+
+        require_tracking(f"--register-as {register_as}")
     names = class_names(df)
     if len(names) < 2:
         raise UserError(f"need at least two classes to train, found {len(names)}: {', '.join(names)}")
@@ -416,7 +430,9 @@ def train(
     )
     metrics = Path(metrics_path) if metrics_path else Path(output_model).with_suffix(".metrics.json")
     write_metrics(result, metrics)
-    result.mlflow_run_id = log_to_mlflow(result)
+    log_to_mlflow(result, register_as=register_as)
+    if result.registered_version:  # the metrics JSON names the version too
+        metrics.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
@@ -457,31 +473,15 @@ def plot_training_curves(epochs: Sequence[dict[str, Any]], path: Path) -> None:
 
 def mlflow_enabled() -> bool:
     """MLflow is importable and a tracking server is configured (always the case on Databricks)."""
-    import importlib.util
+    from image_transfer.registry import tracking_configured
 
-    if importlib.util.find_spec("mlflow") is None:
-        return False
-    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or "DATABRICKS_RUNTIME_VERSION" in os.environ
+    return tracking_configured()
 
 
-def log_to_mlflow(result: TrainResult) -> str | None:
-    """Log params, per-epoch metrics, the model file, metrics JSON and curves; returns the run id."""
-    if not mlflow_enabled():
-        return None
-    import mlflow
+def log_to_mlflow(result: TrainResult, *, register_as: str | None = None) -> str | None:
+    """Log the run to MLflow (see ``registry.log_training``) and register the model; returns the run id."""
+    from image_transfer.registry import log_training
 
-    with mlflow.start_run(nested=mlflow.active_run() is not None) as run:
-        params = {k: v for k, v in result.config.items() if v is not None}
-        params.update(data_path=result.data_path, classes=",".join(result.class_names))  # the path "auto" chose
-        mlflow.log_params(params)
-        for e in result.epochs:
-            values = {k: v for k, v in e.items() if isinstance(v, float) and k != "train_seconds"}
-            mlflow.log_metrics(values, step=e["epoch"])
-        if result.final_validation_accuracy is not None:
-            mlflow.log_metric("final_validation_accuracy", result.final_validation_accuracy)
-        mlflow.log_metric("train_images_per_second", result.images_per_second)
-        mlflow.log_artifact(result.model_path, artifact_path="model")
-        for extra in (result.metrics_path, result.plot_path):
-            if extra:
-                mlflow.log_artifact(extra)
-        return run.info.run_id
+    run_id, version = log_training(result, register_as=register_as)
+    result.mlflow_run_id, result.registered_version = run_id, version
+    return run_id
