@@ -57,7 +57,10 @@ def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_pa
         "--output",
         str(out),
         "--batch-size",
-        "4",
+        "16",
+        # One file per row: the write after scoring (240 tasks) lasts long enough to be killed mid-way.
+        "--rows-per-file",
+        "1",
         "--master",
         "local[2]",
     ]
@@ -65,12 +68,13 @@ def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_pa
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 180
-        while not list(tmp_path.glob(".predictions.parquet.staging-*")):
+        deadline = time.monotonic() + 300
+        staging: list[Path] = []
+        while not any(len(list(d.rglob("*.parquet"))) >= 5 for d in staging):  # some files written, not all
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "the run never started writing"
-            time.sleep(0.1)
-        time.sleep(2.0)  # mid-way through scoring (240 images, 4 per batch)
+            time.sleep(0.05)
+            staging = list(tmp_path.glob(".predictions.parquet.staging-*"))
         assert proc.poll() is None, "the run finished before it was killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its JVM and its Python workers

@@ -77,6 +77,7 @@ def test_cli_incremental_arguments(tmp_path, shapes_model, capsys):
     assert cli.run(["score", "--input", "i", "--checkpoint", "c", "--model", model, "--output", "o"]) == 2
 
 
+@pytest.mark.connect
 def test_three_runs_score_exactly_the_new_files(spark, fixtures_dir, shapes_model, tmp_path):
     images, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "predictions"
     images.mkdir()
@@ -149,6 +150,7 @@ def test_incremental_into_a_table(spark, fixtures_dir, shapes_model, tmp_path):
     spark.sql(f"DROP TABLE {table}")
 
 
+@pytest.mark.connect
 def test_featurize_new_images(spark, fixtures_dir, shapes_model, tmp_path):
     images, output = tmp_path / "incoming", tmp_path / "embeddings"
     added = _add(images, _fixture_files(fixtures_dir, 3, start=70))

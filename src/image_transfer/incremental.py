@@ -166,18 +166,14 @@ def read_new_images(
 # ---- the checkpoint: which micro-batches committed, which files each took --------------------------
 
 
-def _hadoop(spark: Any, path: str) -> tuple[Any, Any]:
-    jvm = spark.sparkContext._jvm
-    jpath = jvm.org.apache.hadoop.fs.Path(path)
-    return jpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), jpath
-
-
 def _last_batch(spark: Any, folder: str) -> int:
     """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
-    fs, jpath = _hadoop(spark, folder)
-    if not fs.exists(jpath):
+    from image_transfer.io import file_system
+
+    fs, path = file_system(spark, folder)
+    if not fs.exists(path):
         return -1
-    names = [s.getPath().getName().removesuffix(".compact") for s in fs.listStatus(jpath)]
+    names = [n.removesuffix(".compact") for n in fs.names(path)]
     return max((int(n) for n in names if n.isdigit()), default=-1)
 
 
@@ -208,26 +204,26 @@ def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
 
 def _accounted(spark: Any, checkpoint: str) -> int:
     """The last micro-batch a finished run has accounted for (a killed run's batches are the next run's)."""
-    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
-    if not fs.exists(jpath):
-        return -1
-    return int(spark.read.text(jpath.toString()).first().value.strip())
+    from image_transfer.io import file_system
+
+    fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
+    return int(fs.read_text(path).strip()) if fs.exists(path) else -1
 
 
 def _set_accounted(spark: Any, checkpoint: str, batch_id: int) -> None:
-    fs, jpath = _hadoop(spark, f"{checkpoint}/{ACCOUNTED}")
-    stream = fs.create(jpath, True)
-    try:
-        stream.writeBytes(f"{batch_id}\n")
-    finally:
-        stream.close()
+    from image_transfer.io import file_system
+
+    fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
+    fs.write_text(path, f"{batch_id}\n")
 
 
 def _why_missing(spark: Any, path: str) -> str:
-    fs, jpath = _hadoop(spark, path)
-    if not fs.exists(jpath):
+    from image_transfer.io import file_system
+
+    fs, where = file_system(spark, path)
+    if not fs.exists(where):
         return GONE
-    size = fs.getFileStatus(jpath).getLen()
+    size = fs.size(where)
     return ZERO_BYTES if size == 0 else f"no output row for a file of {size} bytes"
 
 
@@ -256,21 +252,20 @@ def _run(
     from pyspark.sql import functions as F
 
     from image_transfer.api import scoring_run
-    from image_transfer.io import _qualified
+    from image_transfer.io import _qualified, file_system
     from image_transfer.stats import is_connect
 
-    if is_connect(spark):
-        raise UserError("incremental scoring needs a classic Spark session (a dedicated cluster), not Spark Connect")
     if not checkpoint:
         raise UserError("incremental scoring needs a checkpoint location")
     if (output is None) == (output_table is None):
         raise UserError("give exactly one of an output path or an output table")
-    images_dir, checkpoint = _qualified(images_dir), _qualified(checkpoint)
-    output = _qualified(output) if output else None
+    if not is_connect(spark):  # under Connect the server resolves paths; this process cannot qualify them
+        images_dir, checkpoint = _qualified(images_dir), _qualified(checkpoint)
+        output = _qualified(output) if output else None
     resolved = resolve_source(source)
     reader_options(resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger)
-    fs, jpath = _hadoop(spark, images_dir)
-    if not fs.exists(jpath):
+    fs, where = file_system(spark, images_dir)
+    if not fs.exists(where):
         raise UserError(f"cannot read images from {images_dir}: the folder does not exist")
     if output and _last_batch(spark, f"{output}/_spark_metadata") >= 0 > _last_batch(spark, f"{checkpoint}/offsets"):
         # The file sink would skip the micro-batch ids its log already has: new files would be lost.
@@ -299,6 +294,7 @@ def _run(
         while True:
             done = query.awaitTermination(2)
             for progress in query.recentProgress:
+                run.stats.add_progress(progress)  # Spark Connect: the batch's statistics ride in its progress
                 rows = int(progress["numInputRows"])
                 if progress["batchId"] not in batches and rows and print_fn:
                     print_fn(f"micro-batch {progress['batchId']}: {rows} rows")

@@ -73,6 +73,13 @@ class _HadoopFs:
             out.append((self.qualify(str(status.getPath().toString()))[len(root) + 1 :], int(status.getLen())))
         return out
 
+    def names(self, directory: str) -> list[str]:
+        """Names of the entries directly in ``directory``."""
+        return [str(st.getPath().getName()) for st in self._fs.listStatus(self._path(directory))]
+
+    def size(self, path: str) -> int:
+        return int(self._fs.getFileStatus(self._path(path)).getLen())
+
     def write_text(self, path: str, text: str) -> None:
         out = self._fs.create(self._path(path), True)
         try:
@@ -134,6 +141,12 @@ class _LocalFs:
                 out.append((os.path.relpath(full, directory), os.path.getsize(full)))
         return out
 
+    def names(self, directory: str) -> list[str]:
+        return os.listdir(directory)
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path)
+
     def write_text(self, path: str, text: str) -> None:
         with open(path, "w") as fh:
             fh.write(text)
@@ -156,6 +169,20 @@ def _driver_path(path: str) -> str:
             "or write a table (--output-table)"
         )
     return os.path.abspath(path)
+
+
+def file_system(spark: Any, path: str) -> tuple[Any, str]:
+    """(file system, ``path`` as it names it) for the files behind outputs and checkpoints.
+
+    Spark's Hadoop file system on a classic session; under Spark Connect (no JVM gateway) this process's
+    own file operations, on a path it can see (local, ``/Volumes/...``, ``/dbfs/...``).
+    """
+    from image_transfer.stats import is_connect
+
+    if is_connect(spark):
+        return _LocalFs(), _driver_path(path)
+    fs = _HadoopFs(spark, _qualified(path))
+    return fs, fs.qualify(_qualified(path))
 
 
 def _data_files(fs: Any, directory: str) -> tuple[int, int]:
@@ -265,15 +292,8 @@ def write_output(
     *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
     scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
-    from image_transfer.stats import is_connect
-
     spark = df.sparkSession
-    if is_connect(spark):
-        fs: Any = _LocalFs()
-        dest = _driver_path(path)
-    else:
-        fs = _HadoopFs(spark, _qualified(path))
-        dest = fs.qualify(_qualified(path))
+    fs, dest = file_system(spark, path)
     token = uuid.uuid4().hex[:12]
     parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
     staging = fs.join(parent, f".{name}.staging-{token}")

@@ -21,7 +21,7 @@ import json
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Counts = dict[str, dict[str, Any]]
@@ -136,6 +136,10 @@ class WorkerStats:
 
     accumulator: Any = None
     observation: Any = None
+    name: str = ""  # the observation's (and a stream's observed metrics') name
+    stream_name: str | None = None  # a streaming DataFrame under Connect: named observed metrics
+    _reports: list[str] = field(default_factory=list)
+    _batches_seen: set[int] = field(default_factory=set)
 
     @classmethod
     def create(cls, spark: Any) -> WorkerStats:
@@ -143,7 +147,8 @@ class WorkerStats:
         if is_connect(spark):
             from pyspark.sql import Observation
 
-            return cls(observation=Observation(f"image_transfer_{uuid.uuid4().hex[:12]}"))
+            name = f"image_transfer_{uuid.uuid4().hex[:12]}"
+            return cls(observation=Observation(name), name=name)
         return cls(accumulator=spark.sparkContext.accumulator({}, _counts_param()))
 
     @property
@@ -152,24 +157,48 @@ class WorkerStats:
         return self.accumulator
 
     def attach(self, scored: Any, column: Any) -> Any:
-        """Observe the per-batch ``_stats`` column (Connect); classic sessions return ``scored`` as it is."""
+        """Observe the per-batch ``_stats`` column (Connect); classic sessions return ``scored`` as it is.
+
+        A streaming DataFrame cannot carry an ``Observation``: it gets named metrics, which each
+        micro-batch's progress reports (feed them to ``add_progress``).
+        """
         if self.observation is None:
             return scored
         from pyspark.sql import functions as F
 
         # One string metric: Spark Connect cannot send array-valued observed metrics back.
-        return scored.observe(self.observation, F.concat_ws("\n", F.collect_list(column)).alias("reports"))
+        reports = F.concat_ws("\n", F.collect_list(column)).alias("reports")
+        if scored.isStreaming:
+            self.stream_name = self.name
+            return scored.observe(self.stream_name, reports)
+        return scored.observe(self.observation, reports)
+
+    def add_progress(self, progress: Any) -> None:
+        """Take a streaming query's micro-batch progress (its observed metrics), once per batch id."""
+        if self.stream_name is None:
+            return
+        batch = int(progress["batchId"])
+        metrics = (progress["observedMetrics"] or {}).get(self.stream_name)
+        if batch in self._batches_seen or metrics is None:
+            return
+        self._batches_seen.add(batch)
+        self._reports.append(metrics["reports"] or "")
 
     def by_worker(self) -> Counts:
         """Counters per ``host:pid`` worker (after the action; ``{}`` before)."""
         if self.accumulator is not None:
             return {w: dict(c) for w, c in sorted(self.accumulator.value.items())}
-        try:
-            reports = self.observation.get.get("reports") or ""
-        except Exception:  # noqa: BLE001 - no action has run yet
-            return {}
+        if self.stream_name is not None:
+            reports = "\n".join(self._reports)
+        else:
+            try:
+                reports = self.observation.get.get("reports") or ""
+            except Exception:  # noqa: BLE001 - no action has run yet
+                return {}
         total: Counts = {}
         for raw in reports.splitlines():
+            if not raw:
+                continue
             item = json.loads(raw)
             merge(total, item["worker"], item["counts"])
         return dict(sorted(total.items()))
