@@ -253,7 +253,7 @@ def _run(
 
     from image_transfer.api import scoring_run
     from image_transfer.io import _qualified, file_system
-    from image_transfer.stats import is_connect
+    from image_transfer.stats import is_connect, progress_field
 
     if not checkpoint:
         raise UserError("incremental scoring needs a checkpoint location")
@@ -295,11 +295,12 @@ def _run(
             done = query.awaitTermination(2)
             for progress in query.recentProgress:
                 run.stats.add_progress(progress)  # Spark Connect: the batch's statistics ride in its progress
-                rows = int(progress["numInputRows"])
-                if progress["batchId"] not in batches and rows and print_fn:
-                    print_fn(f"micro-batch {progress['batchId']}: {rows} rows")
+                batch_id = int(progress_field(progress, "batchId"))
+                rows = int(progress_field(progress, "numInputRows") or 0)
+                if batch_id not in batches and rows and print_fn:
+                    print_fn(f"micro-batch {batch_id}: {rows} rows")
                 if rows:
-                    batches[int(progress["batchId"])] = rows
+                    batches[batch_id] = rows
             if done:
                 break
     except Exception as exc:

@@ -47,6 +47,17 @@ def set_worker_fact(name: str, value: Any) -> None:
     _WORKER_EXTRA[name] = value
 
 
+def progress_field(progress: Any, name: str) -> Any:
+    """A field of a streaming query's progress: a dict (pyspark 3.5) or a ``StreamingQueryProgress`` (4.x)."""
+    value = getattr(progress, name, None)
+    if value is None and hasattr(progress, "__getitem__"):
+        try:
+            value = progress[name]
+        except (KeyError, IndexError, ValueError):
+            value = None
+    return value
+
+
 def merge(total: Counts, worker: str, counts: dict[str, Any]) -> Counts:
     """Add ``counts`` into ``total[worker]``: numbers add up, ``peak_*`` keep the maximum, others the latest."""
     mine = total.setdefault(worker, {})
@@ -95,6 +106,25 @@ class BatchReporter:
         current = _accumulatorRegistry.get(self._sink.aid, self._sink)
         current.add({self._worker: counts})
         return None
+
+
+def _metric_text(value: Any) -> str:
+    """The one string of a micro-batch's observed metrics, however the session hands it over.
+
+    A ``Row``, a dict (whose field name Spark Connect may not keep), or a list of values.
+    """
+    while not isinstance(value, str):
+        if value is None:
+            return ""
+        if isinstance(value, dict):
+            value = next(iter(value.values()), "")
+        elif isinstance(value, (list, tuple)):  # Row is a tuple
+            if len(value) != 1:
+                return "\n".join(_metric_text(v) for v in value)
+            value = value[0]
+        else:
+            return str(value)
+    return value
 
 
 def _counts_param() -> Any:
@@ -177,12 +207,12 @@ class WorkerStats:
         """Take a streaming query's micro-batch progress (its observed metrics), once per batch id."""
         if self.stream_name is None:
             return
-        batch = int(progress["batchId"])
-        metrics = (progress["observedMetrics"] or {}).get(self.stream_name)
+        batch = int(progress_field(progress, "batchId"))
+        metrics = (progress_field(progress, "observedMetrics") or {}).get(self.stream_name)
         if batch in self._batches_seen or metrics is None:
             return
         self._batches_seen.add(batch)
-        self._reports.append(metrics["reports"] or "")
+        self._reports.append(_metric_text(metrics))
 
     def by_worker(self) -> Counts:
         """Counters per ``host:pid`` worker (after the action; ``{}`` before)."""
