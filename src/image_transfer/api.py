@@ -37,6 +37,9 @@ def _options(
     max_pixels: int | None,
     broadcast_max_mb: float,
     partitions: int | None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> ScoringOptions:
     limits = ImageLimits.default()
     try:
@@ -53,6 +56,9 @@ def _options(
         limits=limits,
         broadcast_max_bytes=int(broadcast_max_mb * 1024 * 1024),
         partitions=partitions,
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
 
 
@@ -78,6 +84,9 @@ def score_images(
     partitions: int | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> Any:
     """Classify the images in ``df[image_column]``: keys, ``prediction, probability, top_k, error, model_version``.
 
@@ -85,6 +94,11 @@ def score_images(
     ``/Volumes/...``). Bad images become a row with ``error`` set, never a failed job.
     ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
     ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
+
+    Compute: ``precision`` (``float32``, ``float16``, ``bfloat16``: the model's compute under a Keras
+    mixed policy, outputs float32), ``jit`` (XLA on a fixed batch shape, compiled once per worker),
+    ``overlap`` (``auto``: decode the next chunk of a batch while the model runs, when a GPU is visible;
+    ``on``, ``off``). On a GPU cluster each Python worker is pinned to the GPU Spark assigned its task.
     """
     prepared = prepare_model(model, mode="classify", top_k=top_k, version=model_version)
     options = _options(
@@ -95,6 +109,9 @@ def score_images(
         max_pixels=max_pixels,
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction)
@@ -114,6 +131,9 @@ def featurize_images(
     partitions: int | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> Any:
     """Embed the images with a layer of ``model``: keys, ``embedding array<float>, error, model_version``.
 
@@ -129,6 +149,9 @@ def featurize_images(
         max_pixels=max_pixels,
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction)
