@@ -147,3 +147,51 @@ def test_without_gpu_resources_nothing_is_pinned(spark, fixtures_dir):
         assert facts["gpu"] is None, facts
         assert facts["cuda_visible_devices"] == os.environ.get("CUDA_VISIBLE_DEVICES"), facts  # left as it was
         assert "gpu_assigned" not in facts, facts
+
+
+def test_mirrored_training_over_two_devices_matches_single_device(tmp_path):
+    """Two logical CPU devices: a mirrored run (8 per replica) against one device (16), then mixed_float16."""
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    job = REPO / "tests" / "jobs" / "mirrored_training.py"
+    command = [sys.executable, str(job), str(tmp_path)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    single, mirrored, mixed = result["single"], result["mirrored"], result["mixed"]
+    assert (single["replicas"], mirrored["replicas"]) == (1, 2)
+    assert single["global_batch_size"] == mirrored["global_batch_size"] == 16
+    assert "mirrored over 2 devices, global batch 16" in proc.stdout
+    if gpu.keras_averages_replicas():  # same data, seed and global batch: the same curve
+        np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=2e-3)
+        assert abs(mirrored["accuracy"] - single["accuracy"]) <= 0.05
+    else:  # Keras 3.3 sums the replicas' gradients: it learns, on a somewhat different curve
+        assert mirrored["loss"][-1] < mirrored["loss"][0] * 0.7
+        assert abs(mirrored["accuracy"] - single["accuracy"]) <= 0.15
+    assert mixed["precision"] == "mixed_float16"
+    np.testing.assert_allclose(mixed["loss"], single["loss"][:2], rtol=2e-2)
+    assert mixed["saved_policies"] == ["float32"]  # saved float32: scoring chooses its own precision
+
+
+def test_the_dbr18_target_installs_tensorflow_from_the_tf_extra_range():
+    import tomllib
+    from test_bundle import BUNDLE, JOB_FILES, jobs_of, resolved
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tf"]
+    assert extra == ["tensorflow>=2.16"]
+    target = BUNDLE["targets"]["dbr18"]
+    requirement = resolved("dbr18", "${var.tensorflow_requirement}")
+    assert requirement.replace("[and-cuda]", "") == extra[0]  # the wheel's `tf` extra, with CUDA on GPUs
+    assert (
+        resolved("dbr18", "${var.spark_version}").startswith("18.")
+        and "-gpu-ml-" in target["variables"]["spark_version"]
+    )
+    overrides = target["resources"]["jobs"]
+    for path in JOB_FILES:
+        for key, job in jobs_of(path).items():
+            added = {t["task_key"]: t.get("libraries", []) for t in overrides[key]["tasks"]}
+            for task in resolved("dbr18", job)["tasks"]:
+                # The CLI merges a target's tasks by task_key and appends their libraries.
+                libraries = task["libraries"] + resolved("dbr18", added[task["task_key"]])
+                assert {"whl": "../dist/*.whl"} in libraries, task["task_key"]
+                assert {"pypi": {"package": requirement}} in libraries, task["task_key"]
+    assert "tensorflow" not in json.dumps(BUNDLE["targets"]["dev"]) + json.dumps(BUNDLE["targets"]["prod"])
