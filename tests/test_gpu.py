@@ -68,6 +68,17 @@ def test_overlap_jit_and_precision_give_the_single_graph_outputs(batch, shapes_m
             np.testing.assert_array_equal(out["indices"][:, 0], reference["indices"][:, 0], err_msg=name)
 
 
+def test_featurize_overlapped_and_compiled_gives_the_same_embeddings(batch, shapes_model):
+    prepared = prepare_model(str(shapes_model), mode="embed")
+    plain = Scorer(replace(prepared, compute=Compute(overlap="off")), str(shapes_model))
+    fast = Scorer(replace(prepared, compute=Compute(overlap="on", jit=True, batch_size=64)), str(shapes_model))
+    want, want_errors = plain.run(batch.payloads, batch.orientations)
+    got, got_errors = fast.run(batch.payloads, batch.orientations)
+    assert list(want_errors) == list(got_errors) == [5]
+    assert got["embedding"].shape == want["embedding"].shape == (37, 64)
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-4)
+
+
 def test_jit_compiles_once_on_a_fixed_shape(batch, shapes_model):
     scorer = _scorer(shapes_model, overlap="on", jit=True, batch_size=24)
     assert scorer.fixed == 6  # 24 in 4 overlapped chunks
@@ -137,12 +148,18 @@ def test_each_worker_is_pinned_to_the_gpu_its_task_was_assigned(fixtures_dir, tm
         assert all(w["gpu"] == ["0"] for w in half["workers"].values()), half
 
 
-def test_without_gpu_resources_nothing_is_pinned(spark, fixtures_dir):
-    images = api.read_images(spark, str(fixtures_dir / "images")).limit(24)
-    scored = api.score_images(images, str(fixtures_dir / "model" / "shapes.keras"), batch_size=8)
-    assert len(scored.collect()) == 24  # (a count would prune the scoring column)
-    workers = api.scoring_run(scored).workers()
-    assert workers
+def test_without_gpu_resources_nothing_is_pinned(spark, fixtures_dir, tmp_path):
+    """local[2] (no GPU scheduling): the summary's workers carry gpu null, CUDA_VISIBLE_DEVICES untouched."""
+    from image_transfer.io import write_output
+
+    images = tmp_path / "images.parquet"
+    write_output(api.read_images(spark, str(fixtures_dir / "images")).limit(24), str(images))
+    summary = tmp_path / "summary.json"
+    model = str(fixtures_dir / "model" / "shapes.keras")
+    args = ["score", "--input", str(images), "--model", model, "--output", str(tmp_path / "out"), "--summary"]
+    assert cli.run([*args, str(summary), "--batch-size", "8"]) == 0
+    workers = json.loads(summary.read_text())["workers"]
+    assert workers and sum(w["rows"] for w in workers.values()) == 24
     for facts in workers.values():
         assert facts["gpu"] is None, facts
         assert facts["cuda_visible_devices"] == os.environ.get("CUDA_VISIBLE_DEVICES"), facts  # left as it was
