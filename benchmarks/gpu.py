@@ -204,11 +204,12 @@ def render(results: dict[str, Any]) -> str:
         e2e = r.get("end_to_end") or {}
         util = (e2e.get("gpu_utilisation") or {}).get("mean_percent")
         per_gpu = e2e.get("images_per_second_per_gpu")
+        ips = e2e.get("images_per_second")
         rows.append(
             f"| {precision} | {jit} | {r['model_alone']['images_per_second']:.1f} "
             f"| {r['in_process_overlap_off']['images_per_second']:.1f} "
             f"| {r['in_process_overlap_on']['images_per_second']:.1f} "
-            f"| {e2e.get('images_per_second', float('nan')):.1f} "
+            f"| {'-' if ips is None else f'{ips:.1f}'} "
             f"| {'-' if per_gpu is None else f'{per_gpu:.1f}'} | {util if util else '-'} |"
         )
     return "\n".join(rows)
