@@ -40,6 +40,9 @@ def _options(
     broadcast_max_mb: float,
     partitions: int | None,
     max_batch_mb: float | None = None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> ScoringOptions:
     limits = ImageLimits.default()
     try:
@@ -57,6 +60,9 @@ def _options(
         broadcast_max_bytes=int(broadcast_max_mb * 1024 * 1024),
         partitions=partitions,
         **({"max_batch_bytes": int(max_batch_mb * 1024 * 1024)} if max_batch_mb is not None else {}),
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
 
 
@@ -109,6 +115,9 @@ def score_images(
     max_batch_mb: float | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> Any:
     """Classify the images in ``df[image_column]``: keys, ``prediction, probability, top_k, error, model_version``.
 
@@ -122,6 +131,11 @@ def score_images(
     the encoded bytes of one Arrow batch (default 1536, under Arrow's 2 GB limit); ``max_image_bytes``
     (default 24 MiB) must fit in it. A model over ``broadcast_max_mb`` is read by the executors from its
     path, which on a cluster must be on shared storage (``/Volumes/...``): anything else is a UserError.
+
+    Compute: ``precision`` (``float32``, ``float16``, ``bfloat16``: the model's compute under a Keras
+    mixed policy, outputs float32), ``jit`` (XLA on a fixed batch shape, compiled once per worker),
+    ``overlap`` (``auto``: decode the next chunk of a batch while the model runs, when a GPU is visible;
+    ``on``, ``off``). On a GPU cluster each Python worker is pinned to the GPU Spark assigned its task.
     """
     path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
     prepared = prepare_model(path, mode="classify", top_k=top_k, version=version)
@@ -134,6 +148,9 @@ def score_images(
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
         max_batch_mb=max_batch_mb,
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction, model)
@@ -154,6 +171,9 @@ def featurize_images(
     max_batch_mb: float | None = None,
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
 ) -> Any:
     """Embed the images with a layer of ``model``: keys, ``embedding array<float>, error, model_version``.
 
@@ -172,6 +192,9 @@ def featurize_images(
         broadcast_max_mb=broadcast_max_mb,
         partitions=partitions,
         max_batch_mb=max_batch_mb,
+        precision=precision,
+        jit=jit,
+        overlap=overlap,
     )
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, max_failed_fraction, model)

@@ -117,6 +117,19 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--partitions", type=int, help="score in at least this many tasks (default: the cluster's task slots)"
     )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="the model's compute precision (mixed: variables and outputs stay float32); for GPUs",
+    )
+    p.add_argument("--jit", action="store_true", help="XLA-compile the model on a fixed batch shape (once per worker)")
+    p.add_argument(
+        "--overlap",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode the next chunk of a batch while the model runs the current one (auto: when a GPU is visible)",
+    )
     p.add_argument("--summary", help="write a JSON run summary here")
     p.add_argument(
         "--progress-interval",
@@ -261,6 +274,9 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         partitions=args.partitions,
         max_batch_mb=args.max_batch_mb,
         max_failed_fraction=args.max_failed_fraction,
+        precision=args.precision,
+        jit=args.jit,
+        overlap=args.overlap,
     )
     if mode == "classify":
         scored = api.score_images(source, args.model, top_k=args.top_k, **options)
@@ -378,6 +394,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the backbone file's)")
     p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
     p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
+    p.add_argument("--mixed-precision", action="store_true", help="compute in float16 on GPUs (ignored without a GPU)")
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
     p.add_argument(
         "--register-as",
@@ -453,6 +470,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         data_path=args.data_path,
         cache_dir=args.cache_dir,
+        mixed_precision=args.mixed_precision,
     )
     spark = _session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table)

@@ -62,6 +62,9 @@ class RunSummary:
             f"workers: {len(self.workers)}; model loads per worker {loads}; traces per worker {traces}; "
             f"rows per worker {rows}",
         ]
+        gpus = [w.get("gpu") for w in self.workers.values()]
+        if any(gpus):  # pinned to the GPU Spark assigned (null: no GPU scheduling)
+            lines.append(f"GPUs per worker {[','.join(g) if g else None for g in gpus]}")
         lines += [f"  failed: {e}" for e in self.errors_sample]
         if self.threshold_exceeded:
             lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")

@@ -322,6 +322,9 @@ def log_training(result: Any, *, register_as: str | None = None) -> tuple[str | 
         params = dict(result.config)
         params.update(data_path=result.data_path, classes=",".join(result.class_names))  # the path "auto" chose
         params["num_classes"] = len(result.class_names)
+        for name in ("replicas", "global_batch_size", "precision"):  # how training ran (GPUs, policy)
+            if getattr(result, name, None) is not None:
+                params[name] = getattr(result, name)
         mlflow.log_params(loggable_params(params))
         mlflow.log_text(json.dumps({**result.config, "class_names": result.class_names}, indent=2), "config.json")
         for e in result.epochs:

@@ -9,11 +9,12 @@ micro-batch, neither loads nor traces again), and each batch only screens header
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ CLOSURE_MAX_BYTES = 64 * 1024 * 1024  # Spark Connect: models up to this size tr
 OUTPUT_COLUMNS = {"classify": ("prediction", "probability", "top_k"), "embed": ("embedding",)}
 RESERVED = {"prediction", "probability", "top_k", "error", "embedding", "model_version"}
 MODEL_ERROR = "image-transfer: the model failed"
+OVERLAP = ("auto", "on", "off")
+OVERLAP_CHUNKS = 4  # an overlapped batch is decoded and run in this many chunks, decode i+1 beside model i
 
 
 class ModelFailure(RuntimeError):
@@ -47,10 +50,18 @@ class ScoringOptions:
     broadcast_max_bytes: int = 256 * 1024 * 1024
     max_batch_bytes: int = ARROW_BATCH_BYTES
     partitions: int | None = None
+    precision: str = "float32"  # the model's compute: float32, float16 or bfloat16 (outputs stay float32)
+    jit: bool = False  # XLA-compile the model on a fixed batch shape (once per worker)
+    overlap: str = "auto"  # decode the next chunk while the model runs: on, off, auto (when a GPU is visible)
 
     def __post_init__(self) -> None:
+        from image_transfer.gpu import check_precision
+
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
+        check_precision(self.precision)
+        if self.overlap not in OVERLAP:
+            raise UserError(f"overlap must be one of {', '.join(OVERLAP)}, not {self.overlap!r}")
         if self.partitions is not None and self.partitions < 1:
             raise UserError(f"partitions must be at least 1, got {self.partitions}")
         if self.limits.max_bytes > self.max_batch_bytes:
@@ -64,6 +75,21 @@ class ScoringOptions:
 
 
 @dataclass(frozen=True)
+class Compute:
+    """How a worker runs the model: precision, XLA on a fixed batch shape, decode/model overlap."""
+
+    precision: str = "float32"
+    jit: bool = False
+    overlap: str = "auto"
+    batch_size: int = 0  # the fixed batch of the XLA path (0 without jit)
+
+    @classmethod
+    def of(cls, options: ScoringOptions) -> Compute:
+        """The compute settings of scoring options."""
+        return cls(options.precision, options.jit, options.overlap, options.batch_size if options.jit else 0)
+
+
+@dataclass(frozen=True)
 class PreparedModel:
     """A model checked on the driver, with the scoring mode: ``classify`` (top-k) or ``embed``."""
 
@@ -74,11 +100,20 @@ class PreparedModel:
     layer: str | None = None
     width: int = 0  # classify: k actually reported; embed: embedding size
     version: str = ""  # what output rows carry as ``model_version``
+    compute: Compute = field(default_factory=Compute)
 
     @property
     def cache_key(self) -> tuple[Any, ...]:
-        """What identifies the traced scoring function in a worker's cache."""
-        return (self.digest, self.mode, self.layer, self.width, self.info.preprocess)
+        """What identifies the traced scoring function in a worker's cache (a new precision: a new one)."""
+        return (self.digest, self.mode, self.layer, self.width, self.info.preprocess, self.compute)
+
+
+def with_compute(prepared: PreparedModel, options: ScoringOptions) -> PreparedModel:
+    """``prepared`` with the options' compute settings; UserError when the model cannot run that way."""
+    compute = Compute.of(options)
+    if compute.precision != "float32" and prepared.info.kind != "keras":
+        raise UserError(f"precision {compute.precision} needs a Keras (.keras) model, not a SavedModel")
+    return replace(prepared, compute=compute)
 
 
 def prepare_model(
@@ -145,27 +180,39 @@ def _task_cores() -> int:
 
 
 class Scorer:
-    """A loaded model and its traced functions, built once per worker process and model."""
+    """A loaded model and its traced functions, built once per worker process and model.
+
+    Two ways to run a batch, same outputs: ``serve``, one graph from encoded bytes to top-k (the
+    default on CPU), or ``decode`` then ``infer`` over chunks of the batch, the next chunk decoded on a
+    background thread while the model runs the current one (``overlap``; by default when a GPU is
+    visible) and the only way with ``jit``: ``infer`` is XLA-compiled for one fixed batch shape, the
+    last chunk padded and the padding dropped. ``traces`` counts the traces of the function that runs
+    the model (``serve`` or ``infer``), so it stays 1 per worker either way; the decode functions,
+    which hold no model, are not counted.
+    """
 
     def __init__(self, prepared: PreparedModel, path: str) -> None:
         import tensorflow as tf
 
+        from image_transfer import gpu
         from image_transfer.images import decode_batch
         from image_transfer.model import embedding_model, load_model, preprocess_fn
 
-        info = prepared.info
+        info, compute = prepared.info, prepared.compute
         model = load_model(path, info.kind)
         if prepared.mode == "embed":
             model = embedding_model(model, prepared.layer)
+        if compute.precision != "float32":
+            model = gpu.with_policy(model, gpu.keras_policy(compute.precision))
         count(model_loads=1)
         preprocess = preprocess_fn(info.preprocess)
         height, width, k, mode = info.height, info.width, prepared.width, prepared.mode
         signature = [tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)]
 
-        @tf.function(input_signature=signature, reduce_retracing=True)
-        def serve(encoded: Any, orientations: Any) -> Any:
-            count(traces=1)  # Python side effect: runs only while tracing
-            images = preprocess(decode_batch(encoded, height, width, orientations))
+        def decoded(encoded: Any, orientations: Any) -> Any:
+            return preprocess(decode_batch(encoded, height, width, orientations))
+
+        def head(images: Any) -> Any:
             outputs = tf.cast(model(images, training=False), tf.float32)
             if mode == "embed":
                 return {"embedding": outputs}
@@ -173,11 +220,36 @@ class Scorer:
             return {"probabilities": top.values, "indices": top.indices}
 
         @tf.function(input_signature=signature, reduce_retracing=True)
+        def serve(encoded: Any, orientations: Any) -> Any:
+            count(traces=1)  # Python side effect: runs only while tracing
+            return head(decoded(encoded, orientations))
+
+        @tf.function(input_signature=signature, reduce_retracing=True)
         def decode_only(encoded: Any, orientations: Any) -> Any:  # traced only if a batch fails
             return tf.shape(decode_batch(encoded, height, width, orientations))
 
+        self.overlap = compute.overlap == "on" or (compute.overlap == "auto" and gpu.visible_gpus() > 0)
+        self.split = self.overlap or compute.jit
+        self.fixed = 0  # the XLA path's batch shape
+        if compute.jit:
+            size = compute.batch_size or 64
+            self.fixed = math.ceil(size / OVERLAP_CHUNKS) if self.overlap else size
+        image_spec = tf.TensorSpec([self.fixed or None, height, width, 3], tf.float32)
+
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def decode(encoded: Any, orientations: Any) -> Any:
+            return decoded(encoded, orientations)
+
+        @tf.function(input_signature=[image_spec], jit_compile=compute.jit or None, reduce_retracing=True)
+        def infer(images: Any) -> Any:
+            count(traces=1)
+            return head(images)
+
         self.serve = serve
         self._decode_only = decode_only
+        self._decode = decode
+        self._infer = infer
+        self._pool: Any = None
 
     def run(self, payloads: list[bytes], orientations: list[int]) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Outputs for the payloads that decode (in order) and, by payload position, decode errors.
@@ -208,8 +280,44 @@ class Scorer:
     def _call(self, payloads: list[bytes], orientations: list[int]) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
-        out = self.serve(tf.constant(payloads), tf.constant(orientations, tf.int32))
-        return {k: v.numpy() for k, v in out.items()}
+        if not self.split:
+            out = self.serve(tf.constant(payloads), tf.constant(orientations, tf.int32))
+            return {k: v.numpy() for k, v in out.items()}
+        n = len(payloads)
+        size = self.fixed or (math.ceil(n / OVERLAP_CHUNKS) if self.overlap else n)
+        pieces = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+        def decode(lo: int, hi: int) -> Any:
+            return self._decode(tf.constant(payloads[lo:hi]), tf.constant(orientations[lo:hi], tf.int32))
+
+        results: list[dict[str, np.ndarray]] = []
+        if not self.overlap or len(pieces) == 1:
+            for lo, hi in pieces:
+                results.append(self._run_model(decode(lo, hi), hi - lo))
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-transfer-decode")
+            pending = self._pool.submit(decode, *pieces[0])
+            try:
+                for i, (lo, hi) in enumerate(pieces):
+                    images = pending.result()
+                    if i + 1 < len(pieces):
+                        pending = self._pool.submit(decode, *pieces[i + 1])  # decodes while the model runs
+                    results.append(self._run_model(images, hi - lo))
+            finally:
+                if not pending.cancel():
+                    pending.exception()  # wait: no decode keeps running into the next batch
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+    def _run_model(self, images: Any, n: int) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        if self.fixed and n < self.fixed:  # the XLA shape is fixed: pad, then drop the padding
+            images = tf.pad(images, [[0, self.fixed - n], [0, 0], [0, 0], [0, 0]])
+        out = self._infer(images)
+        return {k: v.numpy()[:n] for k, v in out.items()}
 
     def _bisect(self, payloads: list[bytes], orientations: list[int], lo: int, hi: int, errors: dict[int, str]) -> None:
         import tensorflow as tf
@@ -244,9 +352,12 @@ def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from image_transfer import gpu
     from image_transfer.model import configure_threads, unpack
 
+    gpu.pin_worker()  # before TensorFlow is imported in this process (configure_threads imports it)
     configure_threads(_task_cores())
+    gpu.enable_memory_growth()
     info = prepared.info
     if shipped is None:
         path = info.path
@@ -269,11 +380,14 @@ def _make_predict_fn_factory(
     names = np.array([prepared.info.label(i) for i in range(classes)], dtype=object)
 
     def make_predict_fn() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        from image_transfer.gpu import note_task
+
         reporter = BatchReporter(sink)  # before loading: the load belongs to this UDF's first report
         scorer = _scorer(prepared, shipped)
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:
+            note_task()
             n = len(encoded)
             screened = screen_batch(encoded, limits)
             errors = list(screened.errors)
@@ -500,6 +614,7 @@ def scored_frame(
     from pyspark.sql import functions as F
 
     validate_columns(df, options)
+    prepared = with_compute(prepared, options)
     spark = df.sparkSession
     _arrow_batches(spark, options)
     stats = WorkerStats.create(spark)

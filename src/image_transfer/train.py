@@ -6,6 +6,11 @@ layers at a tenth of the learning rate. The model takes float RGB 0..255 at its 
 its preprocessing, and is saved with ``model.save_model`` so ``score`` reports class names. The
 best weights by validation accuracy are checkpointed and restored; a metrics JSON and a PNG of the
 training curves are written beside it, and MLflow gets the run when a tracking server is set.
+
+On a node with several GPUs, training runs under ``tf.distribute.MirroredStrategy`` over all of them
+(``gpu.training_strategy``): ``batch_size`` is per GPU, so the global batch is ``batch_size`` x GPUs
+and an epoch has proportionally fewer steps; the learning rate is not scaled. ``mixed_precision``
+computes in float16 on GPUs (the classifier's softmax stays float32); the saved model is float32.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class TrainConfig:
     data_path: str = "auto"
     cache_dir: str | None = None
     checkpoint_dir: str | None = None  # default: a temp dir, deleted at the end
+    mixed_precision: bool = False  # mixed_float16 on GPUs (ignored without one)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -97,6 +103,10 @@ class TrainResult:
     def model_uri(self) -> str:
         """What ``score`` and ``evaluate`` take: ``models:/NAME/VERSION`` when registered, else the file."""
         return f"models:/{self.registered_version}" if self.registered_version else self.model_path
+
+    replicas: int = 1  # devices the model trained on (MirroredStrategy: GPUs)
+    global_batch_size: int = 0  # batch_size x replicas
+    precision: str = "float32"  # the Keras policy training ran under
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metrics."""
@@ -199,7 +209,8 @@ def build_classifier(backbone: Any, preprocess: Sequence[Any], *, classes: int, 
         x = layer(x)
     x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuned
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(classes, activation="softmax", name="classifier")(x)
+    # float32 softmax also under a mixed policy (float16 probabilities lose the small ones)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="classifier", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="image_transfer_classifier")
 
 
@@ -254,6 +265,7 @@ def _fit_phase(
     checkpoint: Path,
     best: float | None,
     callbacks: Sequence[Any],
+    batch_size: int,
 ) -> tuple[list[dict[str, Any]], float | None]:
     """One ``fit`` phase; restores the best weights seen so far (this phase's or ``best`` before it)."""
     import keras
@@ -276,7 +288,7 @@ def _fit_phase(
         steps_per_epoch=steps,
         validation_data=val_ds,
         validation_steps=val_steps if val_ds is not None else None,
-        callbacks=[_throughput_callback(config.batch_size, timing), saver, stopper, *callbacks],
+        callbacks=[_throughput_callback(batch_size, timing), saver, stopper, *callbacks],
         verbose=2,
     )
     rows = []
@@ -301,7 +313,8 @@ def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) 
     correct = total = 0
     with feed.make_tf_dataset(batch_size=batch_size, image_size=(image_size, image_size)) as ds:
         for images, labels in ds:
-            predicted = np.argmax(model.predict_on_batch(images), axis=-1)
+            # A direct call: the whole batch on one device also when the model is mirrored.
+            predicted = np.argmax(model(images, training=False).numpy(), axis=-1)
             correct += int((predicted == labels.numpy()).sum())
             total += len(predicted)
     return correct / total if total else 0.0
@@ -315,15 +328,19 @@ def train(
     metrics_path: str | None = None,
     callbacks: Sequence[Any] = (),
     register_as: str | None = None,
+    strategy: Any = None,
 ) -> TrainResult:
     """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
 
     The feed caches are deleted when this returns or raises. ``callbacks`` are extra Keras callbacks.
     With a tracking server the run is logged to MLflow; ``register_as`` also registers the model as a
     new version of that name (``catalog.schema.model`` on Unity Catalog).
+    ``strategy`` is a ``tf.distribute`` strategy (default: ``gpu.training_strategy()``, mirrored over
+    the GPUs when there are several); ``config.batch_size`` is per replica.
     """
     import keras
 
+    from image_transfer import gpu
     from image_transfer.feed import open_feed
     from image_transfer.model import save_model
     from image_transfer.prepare import class_names, usable
@@ -339,9 +356,33 @@ def train(
         raise UserError(f"need at least two classes to train, found {len(names)}: {', '.join(names)}")
     train_df, val_df = usable(df, "train"), usable(df, "validation")
     has_val = not val_df.isEmpty()
+    gpu.enable_memory_growth()
+    strategy = strategy or gpu.training_strategy()
+    replicas = int(strategy.num_replicas_in_sync)
+    batch = config.batch_size * replicas  # the global batch, split over the replicas
+    if replicas > 1:
+        print(f"train: mirrored over {replicas} devices, global batch {batch} ({config.batch_size} per device)")
+        if not gpu.keras_averages_replicas():
+            print("train: this Keras sums the replicas' gradients unscaled; newer Keras (>= 3.10) averages them")
+    policy = "float32"
+    if config.mixed_precision:
+        if gpu.visible_gpus():
+            policy = "mixed_float16"
+        else:
+            print("train: --mixed-precision needs a GPU; training in float32")
     keras.utils.set_random_seed(config.seed)
-    backbone, preprocess, size = build_backbone(config.backbone, weights=config.weights, image_size=config.image_size)
-    model = build_classifier(backbone, preprocess, classes=len(names), size=size, dropout=config.dropout)
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        with strategy.scope():
+            backbone, preprocess, size = build_backbone(
+                config.backbone, weights=config.weights, image_size=config.image_size
+            )
+            if policy != "float32":  # a backbone file keeps its saved float32 layers unless retyped
+                backbone = gpu.with_policy(backbone, policy)
+            model = build_classifier(backbone, preprocess, classes=len(names), size=size, dropout=config.dropout)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
     shape = (size, size)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -354,8 +395,8 @@ def train(
             if has_val
             else None
         )
-        steps = math.ceil(train_feed.rows / config.batch_size)
-        val_steps = math.ceil(val_feed.rows / config.batch_size) if val_feed else 0
+        steps = math.ceil(train_feed.rows / batch)
+        val_steps = math.ceil(val_feed.rows / batch) if val_feed else 0
         epochs: list[dict[str, Any]] = []
         best: float | None = None
         phases = [("head", config.epochs, config.learning_rate)]
@@ -364,13 +405,15 @@ def train(
         for phase, n_epochs, lr in phases:
             if phase == "fine_tune":
                 unfreeze_top(backbone, config.fine_tune_layers)
-            model.compile(
-                optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-            )
+            with strategy.scope():
+                optimizer = keras.optimizers.Adam(lr)
+                if policy == "mixed_float16":
+                    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+                model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
             with contextlib.ExitStack() as datasets:
                 train_ds = datasets.enter_context(
                     train_feed.make_tf_dataset(
-                        batch_size=config.batch_size,
+                        batch_size=batch,
                         image_size=shape,
                         training=config.augment,
                         num_epochs=None,
@@ -379,7 +422,7 @@ def train(
                 )
                 val_ds = (
                     datasets.enter_context(
-                        val_feed.make_tf_dataset(batch_size=config.batch_size, image_size=shape, num_epochs=None)
+                        val_feed.make_tf_dataset(batch_size=batch, image_size=shape, num_epochs=None)
                     )
                     if val_feed
                     else None
@@ -399,16 +442,18 @@ def train(
                     checkpoint=checkpoint,
                     best=best,
                     callbacks=callbacks,
+                    batch_size=batch,
                 )
             epochs += rows
             if phase == "fine_tune" and not checkpoint.exists():  # fine-tuning never beat the head phase
-                model.load_weights(str(ckpt_dir / "best-head.weights.h5"))
-        final = _evaluate_split(model, val_feed, batch_size=config.batch_size, image_size=size) if val_feed else None
+                with strategy.scope():
+                    model.load_weights(str(ckpt_dir / "best-head.weights.h5"))
+        final = _evaluate_split(model, val_feed, batch_size=batch, image_size=size) if val_feed else None
         data_path, train_rows = train_feed.path, train_feed.rows
         val_rows = val_feed.rows if val_feed else 0
         seconds = time.perf_counter() - started
         save_model(
-            model,
+            gpu.with_policy(model, "float32") if policy != "float32" else model,  # scoring picks its precision
             output_model,
             class_names=names,
             extra={"backbone": config.backbone, "image_size": size, "trained_by": "image-transfer train"},
@@ -427,6 +472,9 @@ def train(
         images_per_second=images / train_seconds if train_seconds > 0 else 0.0,
         seconds=seconds,
         config=asdict(replace(config, image_size=size)),
+        replicas=replicas,
+        global_batch_size=batch,
+        precision=policy,
     )
     metrics = Path(metrics_path) if metrics_path else Path(output_model).with_suffix(".metrics.json")
     write_metrics(result, metrics)
