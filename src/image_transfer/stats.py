@@ -111,12 +111,15 @@ class BatchReporter:
 def _metric_text(value: Any) -> str:
     """The one string of a micro-batch's observed metrics, however the session hands it over.
 
-    A ``Row``, a dict (whose field name Spark Connect may not keep), or a list of values.
+    A ``Row`` of the metric (classic), ``Row(values=[...], schema=...)`` (Spark Connect), a dict, or a
+    list of values.
     """
     while not isinstance(value, str):
         if value is None:
             return ""
-        if isinstance(value, dict):
+        if "values" in (getattr(value, "__fields__", None) or ()):
+            value = value["values"]
+        elif isinstance(value, dict):
             value = next(iter(value.values()), "")
         elif isinstance(value, (list, tuple)):  # Row is a tuple
             if len(value) != 1:
