@@ -206,6 +206,8 @@ def test_the_dbr18_target_installs_tensorflow_from_the_tf_extra_range():
     for path in JOB_FILES:
         for key, job in jobs_of(path).items():
             added = {t["task_key"]: t.get("libraries", []) for t in overrides[key]["tasks"]}
+            # An override naming no task of the job would add a task with no type: a broken bundle.
+            assert set(added) <= {t["task_key"] for t in job["tasks"]}, (key, set(added))
             for task in resolved("dbr18", job)["tasks"]:
                 # The CLI merges a target's tasks by task_key and appends their libraries.
                 libraries = task["libraries"] + resolved("dbr18", added[task["task_key"]])
