@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from typing import Any
 
@@ -22,8 +23,11 @@ def read_input(spark: Any, *, path: str | None = None, table: str | None = None)
 
 
 def _qualified(path: str) -> str:
-    """Local paths become absolute (Hadoop resolves relative ones against the JVM's directory)."""
-    return path if "://" in path or path.startswith("dbfs:") else os.path.abspath(path)
+    """Local paths become absolute (Hadoop resolves relative ones against the JVM's directory).
+
+    A path with a scheme (``file:/x``, ``file:///x``, ``dbfs:/x``, ``s3://b/x``) is left as it is.
+    """
+    return path if re.match(r"^[A-Za-z][\w+.-]*:/", path) else os.path.abspath(path)
 
 
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
