@@ -29,6 +29,7 @@ from typing import Any
 from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.images import IMAGE_EXTENSIONS, extension_glob
+from image_transfer.jobs import failed_fraction, worker_lines
 from image_transfer.score import MODEL_ERROR, ScoringRun
 
 SOURCES = ("auto", "cloudFiles", "binaryFile")
@@ -72,19 +73,17 @@ class IncrementalResult:
         """JSON-ready summary."""
         out = asdict(self)
         out["seconds"] = round(self.seconds, 3)
-        out["failed_fraction"] = round(self.rows_failed / self.rows_out, 6) if self.rows_out else 0.0
+        out["failed_fraction"] = failed_fraction(self.rows_failed, self.rows_out)
         return out
 
     def describe(self) -> str:
         """A short human summary."""
-        loads = [w.get("model_loads", 0) for w in self.workers.values()]
-        traces = [w.get("traces", 0) for w in self.workers.values()]
         new = "" if self.files_new is None else f"{self.files_new} new files, "
         lines = [
             f"{self.mode} (incremental, {self.source}): {new}{self.rows_out} rows out, {self.rows_failed} failed, "
             f"{len(self.batches)} micro-batches {[b['rows'] for b in self.batches]}, {self.seconds:.1f}s; "
             f"model {self.model_version} ({self.shipped})",
-            f"workers: {len(self.workers)}; model loads per worker {loads}; traces per worker {traces}",
+            *worker_lines(self.workers),
         ]
         lines += [f"  failed: {e}" for e in self.errors_sample]
         lines += [f"  not scored: {n['path']}: {n['reason']}" for n in self.not_scored]

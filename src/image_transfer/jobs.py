@@ -19,6 +19,27 @@ from image_transfer.score import MODEL_ERROR, ScoringRun
 SAMPLE_ERRORS = 5
 
 
+def failed_fraction(rows_failed: int, rows_out: int) -> float:
+    """Share of the output rows that failed (0 for no rows), as the summaries report it."""
+    return round(rows_failed / rows_out, 6) if rows_out else 0.0
+
+
+def worker_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
+    """The summaries' per-worker lines: loads, traces and rows per ``host:pid``, and pinned GPUs if any."""
+
+    def column(name: str) -> list[Any]:
+        return [w.get(name, 0) for w in workers.values()]
+
+    lines = [
+        f"workers: {len(workers)}; model loads per worker {column('model_loads')}; "
+        f"traces per worker {column('traces')}; rows per worker {column('rows')}"
+    ]
+    gpus = [w.get("gpu") for w in workers.values()]
+    if any(gpus):  # pinned to the GPU Spark assigned (null: no GPU scheduling)
+        lines.append(f"GPUs per worker {[','.join(g) if g else None for g in gpus]}")
+    return lines
+
+
 @dataclass
 class RunSummary:
     """What a scoring job did; ``to_dict`` is the ``--summary`` JSON."""
@@ -47,24 +68,17 @@ class RunSummary:
         out = asdict(self)
         out["images_per_second"] = round(self.images_per_second, 2)
         out["seconds"] = round(self.seconds, 3)
-        out["failed_fraction"] = round(self.rows_failed / self.rows_out, 6) if self.rows_out else 0.0
+        out["failed_fraction"] = failed_fraction(self.rows_failed, self.rows_out)
         return out
 
     def describe(self) -> str:
         """A short human summary."""
-        loads = [w.get("model_loads", 0) for w in self.workers.values()]
-        traces = [w.get("traces", 0) for w in self.workers.values()]
-        rows = [w.get("rows", 0) for w in self.workers.values()]
         lines = [
             f"{self.mode}: {self.rows_in} rows in, {self.rows_out} out, {self.rows_failed} failed, "
             f"{self.seconds:.1f}s ({self.images_per_second:.1f} images/s); model {self.model_version} "
             f"({self.shipped})",
-            f"workers: {len(self.workers)}; model loads per worker {loads}; traces per worker {traces}; "
-            f"rows per worker {rows}",
+            *worker_lines(self.workers),
         ]
-        gpus = [w.get("gpu") for w in self.workers.values()]
-        if any(gpus):  # pinned to the GPU Spark assigned (null: no GPU scheduling)
-            lines.append(f"GPUs per worker {[','.join(g) if g else None for g in gpus]}")
         lines += [f"  failed: {e}" for e in self.errors_sample]
         if self.threshold_exceeded:
             lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
