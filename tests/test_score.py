@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hostile_images import corpus
 from PIL import Image
+from pyspark.sql import functions as F
 
 from image_transfer import cli, featurize_images, read_images, score_images, scoring_run
 from image_transfer.io import write_output
@@ -125,6 +126,40 @@ def test_a_one_file_input_is_scored_by_every_task_slot(spark, fixture_images, sh
     rows = sorted(c["rows"] for c in run.workers().values())
     assert len(rows) == 2 and sum(rows) == 240, run.workers()
     assert rows[0] >= 0.3 * 240, rows  # roughly half each, not one worker scoring everything
+
+
+def test_a_file_split_into_empty_read_partitions_is_still_shared(spark, fixture_images, shapes_model, tmp_path):
+    """One row group read as several splits: every row lands in one split, yet both workers score half."""
+    one = tmp_path / "one.parquet"
+    spark.read.parquet(fixture_images).coalesce(1).write.parquet(str(one))
+    (file,) = one.glob("*.parquet")
+    keys = ("spark.sql.files.maxPartitionBytes", "spark.sql.files.openCostInBytes")
+    before = {k: spark.conf.get(k) for k in keys}
+    spark.conf.set(keys[0], str(file.stat().st_size // 3))
+    spark.conf.set(keys[1], "0")
+    try:
+        source = spark.read.parquet(str(one))
+        per_split = source.groupBy(F.spark_partition_id().alias("p")).count().collect()
+        assert source.rdd.getNumPartitions() >= 3 and len(per_split) == 1, per_split  # 1 split holds every row
+        run, out = _score(spark, source, tmp_path, shapes_model)
+    finally:
+        for k, v in before.items():
+            spark.conf.set(k, v)
+    assert out.count() == 240
+    rows = sorted(c["rows"] for c in run.workers().values())
+    assert len(rows) == 2 and sum(rows) == 240, run.workers()
+    assert rows[0] >= 0.3 * 240, rows
+
+
+def test_three_partitions_on_two_slots_become_two_even_ones(spark, fixture_images, shapes_model, tmp_path):
+    """3 read partitions on 2 slots would leave one slot idle for the last third: spread into 2 even ones."""
+    source = spark.read.parquet(fixture_images).repartition(3)
+    scored = score_images(source, str(shapes_model))
+    scan = scored._jdf.queryExecution().executedPlan().toString()
+    assert "RoundRobinPartitioning(2)" in scan, scan
+    with scoring_run(scored) as run:
+        assert len(scored.collect()) == 240
+    assert sorted(c["rows"] for c in run.workers().values()) == [120, 120], run.workers()
 
 
 @pytest.mark.connect

@@ -512,20 +512,30 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple
     return spark.sparkContext.broadcast(pack(prepared.info.path, prepared.info.kind)), "broadcast"
 
 
-def _spread(df: Any, options: ScoringOptions) -> Any:
-    """Give every task slot a share: split at read time when the input allows, else a round-robin shuffle.
+SPREAD_BELOW = 4  # inputs with fewer read partitions per task slot than this are spread evenly
 
-    File sources already split a file by row groups into about one split per core; only when the plan
-    still has fewer partitions than slots (one row group, one small file) are the rows redistributed.
-    A ``repartition(n)`` is not coalesced by adaptive execution. Under Spark Connect the partition
-    count is not visible without running a job: pass ``partitions`` there to spread a small input.
+
+def _spread(df: Any, options: ScoringOptions) -> Any:
+    """Give every task slot an equal share of a small input: a round-robin shuffle into one partition per slot.
+
+    File sources split files at read time, but only at row-group boundaries: a file of one row group
+    read as 3 splits gives one task every row (the other splits are empty), and 3 even partitions on 2
+    slots leave a slot idle for the last third. So an input with fewer than ``SPREAD_BELOW`` partitions
+    per slot is redistributed round-robin into exactly one partition per slot (or ``partitions``): even
+    shares in one wave, whatever the layout. A ``repartition(n)`` is not coalesced by adaptive
+    execution, and the shuffle moves each encoded image once in the JVM, little beside scoring it.
+    Larger inputs keep their partitions (over many waves the tail is short). Under Spark Connect the
+    partition count is not visible without running a job: pass ``partitions`` there to spread an input.
     """
     spark = df.sparkSession
     if is_connect(spark) or df.isStreaming:  # a stream's micro-batches are planned per trigger: no RDD here
         return df.repartition(options.partitions) if options.partitions else df
-    wanted = options.partitions or spark.sparkContext.defaultParallelism
+    slots = spark.sparkContext.defaultParallelism
+    wanted = options.partitions or slots
     have = df.rdd.getNumPartitions()
-    return df.repartition(wanted) if have < wanted else df
+    if options.partitions:
+        return df.repartition(wanted) if have < wanted else df
+    return df.repartition(wanted) if have < SPREAD_BELOW * slots else df
 
 
 def _arrow_batches(spark: Any, options: ScoringOptions) -> None:
