@@ -366,6 +366,57 @@ def test_cli_empty_input_and_unusable_models(spark, shapes_model, tmp_path, caps
     assert not out.exists()
 
 
+def test_the_driver_checks_a_keras_model_without_tensorflow(shapes_model, fixtures_dir, tmp_path):
+    """The config settles shapes as loading would, in a process that never imports TensorFlow."""
+    import subprocess
+    import sys
+
+    backbone = fixtures_dir / "model" / "backbone.keras"
+    cases = [
+        (shapes_model, None, False),
+        (shapes_model, None, True),
+        (backbone, None, False),
+        (backbone, "embedding", True),
+    ]
+    code = f"""
+import sys
+from image_transfer.model import inspect_model
+for path, layer, embed in {[(str(p), layer, embed) for p, layer, embed in cases]!r}:
+    info = inspect_model(path, layer=layer, embed=embed)
+    print(info.height, info.width, info.output_width, info.class_names)
+assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFlow was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from image_transfer.model import _shapes, embedding_model, load_model, read_metadata
+
+    for (path, layer, embed), line in zip(cases, done.stdout.splitlines(), strict=True):
+        model = load_model(str(path), "keras")
+        (_, h, w, _), (_, width) = _shapes(embedding_model(model, layer) if embed else model)
+        names = tuple(read_metadata(path).get("class_names") or ()) or None
+        assert line == f"{h} {w} {width} {names}", (path, layer, line)
+
+
+def test_weights_that_do_not_fit_the_config_fail_the_run_with_one_line(
+    spark, fixture_images, shapes_model, fixtures_dir, tmp_path, capsys
+):
+    """The driver's config check passes; the worker's load fails: exit 1, the reason, nothing written."""
+    import zipfile
+
+    mixed = tmp_path / "mixed.keras"
+    with zipfile.ZipFile(shapes_model) as src, zipfile.ZipFile(fixtures_dir / "model" / "backbone.keras") as other:
+        with zipfile.ZipFile(mixed, "w") as dst:
+            for name in src.namelist():
+                dst.writestr(name, (other if name == "model.weights.h5" else src).read(name))
+    out = tmp_path / "pred.parquet"
+    code = cli.run(["score", "--input", fixture_images, "--model", str(mixed), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "the model failed to load on a worker: cannot load Keras model" in err
+    assert err.count("failed:") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.connect
 def test_failed_write_keeps_previous_output(spark, tmp_path):
     from pyspark.sql import functions as F

@@ -124,7 +124,7 @@ def prepare_model(
     layer: str | None = None,
     version: str | None = None,
 ) -> PreparedModel:
-    """Load and check the model on the driver; raises UserError before any Spark work is scheduled."""
+    """Check the model on the driver (``inspect_model``); raises UserError before any Spark work is scheduled."""
     if mode not in OUTPUT_COLUMNS:
         raise ValueError(f"mode must be classify or embed, not {mode!r}")
     if mode == "classify" and top_k < 1:
@@ -344,6 +344,20 @@ def _first_line(exc: Any) -> str:
     return lines[0][:500] if lines else type(exc).__name__
 
 
+def prepare_worker() -> None:
+    """Ready this Python worker for TensorFlow: pinned to its task's GPU, threads set, TensorFlow imported.
+
+    Runs in the task (it reads the task's resources); what is already done stays as it is.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from image_transfer import gpu
+    from image_transfer.model import configure_threads
+
+    gpu.pin_worker()  # before TensorFlow is imported in this process (configure_threads imports it)
+    configure_threads(_task_cores())
+    gpu.enable_memory_growth()
+
+
 def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
     """The worker's cached Scorer for this model and mode, loading it on a miss."""
     key = prepared.cache_key
@@ -351,13 +365,9 @@ def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from image_transfer import gpu
-    from image_transfer.model import configure_threads, unpack
+    from image_transfer.model import unpack
 
-    gpu.pin_worker()  # before TensorFlow is imported in this process (configure_threads imports it)
-    configure_threads(_task_cores())
-    gpu.enable_memory_growth()
+    prepare_worker()
     info = prepared.info
     if shipped is None:
         path = info.path
@@ -383,7 +393,10 @@ def _make_predict_fn_factory(
         from image_transfer.gpu import note_task
 
         reporter = BatchReporter(sink)  # before loading: the load belongs to this UDF's first report
-        scorer = _scorer(prepared, shipped)
+        try:
+            scorer = _scorer(prepared, shipped)
+        except UserError as exc:  # the driver checked the config; the weights only load here
+            raise ModelFailure(f"{MODEL_ERROR} to load on a worker: {exc}") from exc
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:

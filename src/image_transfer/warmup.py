@@ -1,0 +1,68 @@
+"""A head start for a job's Python workers: started, and TensorFlow imported, while the driver plans.
+
+A scheduled job's fresh executors start a Python worker per task slot on the first scoring task, and
+each imports TensorFlow (seconds of CPU) before it can load the model. ``start_workers`` runs that
+part as soon as the session exists, in a small background job of one task per slot, so it overlaps
+the driver's own start (reading the input's schema, checking the model, planning). The scoring tasks
+then run in the same, reused workers (``spark.python.worker.reuse``) and only load and trace the
+model. It is a head start, nothing more: when it cannot run (Spark Connect, workers not reused) or
+fails, scoring does the same work itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from image_transfer.stats import is_connect, worker_id
+
+
+class WorkerStart:
+    """The background job of ``start_workers``: ``wait()`` returns the ``host:pid`` of the workers it readied."""
+
+    def __init__(self, spark: Any, slots: int) -> None:
+        self.workers: list[str] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(spark, slots), name="image-transfer-start-workers", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, spark: Any, slots: int) -> None:
+        try:
+            spark.sparkContext.setLocalProperty("spark.job.description", "image-transfer: start Python workers")
+            # A DataFrame job (not an RDD one): SQL Python runners get their own worker pool, the scoring's.
+            ready = spark.range(slots, numPartitions=slots).mapInPandas(_ready_workers, "worker string").collect()
+            self.workers = sorted({r["worker"] for r in ready})
+        except BaseException as exc:  # noqa: BLE001 - a head start only: scoring does the work itself
+            self.error = exc
+
+    def wait(self, timeout: float | None = None) -> list[str]:
+        """Wait for the job; the workers it readied (empty when it could not run)."""
+        self._thread.join(timeout)
+        return self.workers
+
+
+def start_workers(spark: Any) -> WorkerStart | None:
+    """Start one Python worker per task slot and import TensorFlow in each, in the background.
+
+    Returns the handle (``wait()``), or None where it does not apply: Spark Connect, or a session
+    whose Python workers are not reused (then the next task would get a fresh worker anyway).
+    """
+    if is_connect(spark):
+        return None
+    sc = spark.sparkContext
+    if sc.getConf().get("spark.python.worker.reuse", "true").lower() != "true":
+        return None
+    return WorkerStart(spark, max(1, int(sc.defaultParallelism)))
+
+
+def _ready_workers(batches: Any) -> Any:
+    import pandas as pd
+
+    from image_transfer.score import prepare_worker
+
+    for _ in batches:
+        pass
+    prepare_worker()
+    yield pd.DataFrame({"worker": [worker_id()]})
