@@ -27,8 +27,9 @@ class Progress:
     """Report the progress of the Spark jobs started inside the ``with`` block every ``interval`` seconds.
 
     The jobs are tagged with a job group (and ``description`` as the Spark UI's job description);
-    images done are estimated from the share of tasks done times ``total_rows``. Under Spark Connect
-    (no status tracker) only the description is set.
+    images done are estimated from the share of tasks done in the stage that scores (the group's
+    ``input_stage``-th: 1 when the input is first spread by a shuffle) times ``total_rows``. Under
+    Spark Connect (no status tracker) only the description is set.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Progress:
         description: str | None = None,
         interval: float | None = None,
         stream: TextIO | None = None,
+        input_stage: int = 0,
     ) -> None:
         self.spark = spark
         self.label = label
@@ -53,6 +55,7 @@ class Progress:
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self.lines: list[str] = []
+        self.input_stage = input_stage
 
     def __enter__(self) -> Progress:
         self._started = time.monotonic()
@@ -75,8 +78,9 @@ class Progress:
     def tasks(self) -> tuple[int, int, float]:
         """(tasks done, tasks known) over the group's jobs so far, and the share done of the input stage.
 
-        The input stage (the group's first) is where the images are read and scored; later stages (a
-        shuffle into evenly sized output files) carry only the small output rows.
+        The input stage (by stage id, the group's first, or the second after a spreading shuffle) is
+        where the images are scored; later stages (a shuffle into evenly sized output files) carry only
+        the small output rows.
         """
         tracker = self.spark.sparkContext.statusTracker()
         done = total = 0
@@ -91,7 +95,8 @@ class Progress:
                     done += stage.numCompletedTasks
                     total += stage.numTasks
                     stages.append(stage)
-        first = min(stages, key=lambda s: s.stageId) if stages else None
+        ordered = sorted(stages, key=lambda s: s.stageId)
+        first = ordered[self.input_stage] if len(ordered) > self.input_stage else None
         share = first.numCompletedTasks / first.numTasks if first is not None and first.numTasks else 0.0
         return done, total, share
 

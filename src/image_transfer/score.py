@@ -528,7 +528,7 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple
 SPREAD_BELOW = 4  # inputs with fewer read partitions per task slot than this are spread evenly
 
 
-def _spread(df: Any, options: ScoringOptions) -> Any:
+def _spread(df: Any, options: ScoringOptions) -> tuple[Any, bool]:
     """Give every task slot an equal share of a small input: a round-robin shuffle into one partition per slot.
 
     File sources split files at read time, but only at row-group boundaries: a file of one row group
@@ -542,13 +542,12 @@ def _spread(df: Any, options: ScoringOptions) -> Any:
     """
     spark = df.sparkSession
     if is_connect(spark) or df.isStreaming:  # a stream's micro-batches are planned per trigger: no RDD here
-        return df.repartition(options.partitions) if options.partitions else df
+        return (df.repartition(options.partitions), True) if options.partitions else (df, False)
     slots = spark.sparkContext.defaultParallelism
     wanted = options.partitions or slots
     have = df.rdd.getNumPartitions()
-    if options.partitions:
-        return df.repartition(wanted) if have < wanted else df
-    return df.repartition(wanted) if have < SPREAD_BELOW * slots else df
+    spread = have < wanted if options.partitions else have < SPREAD_BELOW * slots
+    return (df.repartition(wanted), True) if spread else (df, False)
 
 
 def _arrow_batches(spark: Any, options: ScoringOptions) -> None:
@@ -578,6 +577,7 @@ class ScoringRun:
     max_failed_fraction: float = 1.0
     _payload: Any = None
     source: str | None = None  # the model as the caller named it (a path, or an MLflow URI)
+    spread: bool = False  # the input was spread by a shuffle before scoring (scoring is the second stage)
 
     @property
     def model_version(self) -> str:
@@ -655,7 +655,8 @@ def scored_frame(
         F.format_string(f"encoded size %d bytes exceeds the limit of {options.limits.max_bytes}", F.length(image)),
     )
     keys = [F.col(k) for k in options.key_columns]
-    scored = _spread(df, options).select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
+    spread, shuffled = _spread(df, options)
+    scored = spread.select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
     scored = stats.attach(scored, F.col(f"_r.{STATS_FIELD}"))
     error = F.coalesce(F.col("_oversize"), F.col("_r.error"))
     ok = error.isNull()
@@ -676,7 +677,14 @@ def scored_frame(
     result = scored.select(
         *options.key_columns, *outputs, error.alias("error"), F.lit(prepared.version).alias("model_version")
     )
-    run = ScoringRun(model=prepared, options=options, shipped=shipped, stats=stats, _payload=payload if owned else None)
+    run = ScoringRun(
+        model=prepared,
+        options=options,
+        shipped=shipped,
+        stats=stats,
+        _payload=payload if owned else None,
+        spread=shuffled,
+    )
     return result, run
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from image_transfer.stats import is_connect, worker_id
 
+GROUP = "image-transfer-start-workers"
+
 
 class WorkerStart:
     """The background job of ``start_workers``: ``wait()`` returns the ``host:pid`` of the workers it readied."""
@@ -30,7 +32,8 @@ class WorkerStart:
 
     def _run(self, spark: Any, slots: int) -> None:
         try:
-            spark.sparkContext.setLocalProperty("spark.job.description", "image-transfer: start Python workers")
+            # Its own job group (this thread's): no caller's group or job count includes it.
+            spark.sparkContext.setJobGroup(GROUP, "image-transfer: start Python workers")
             # A DataFrame job (not an RDD one): SQL Python runners get their own worker pool, the scoring's.
             ready = spark.range(slots, numPartitions=slots).mapInPandas(_ready_workers, "worker string").collect()
             self.workers = sorted({r["worker"] for r in ready})
