@@ -350,12 +350,14 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
     in_shape = _shape((first.get("config") or {}).get("batch_shape"))
     if first.get("class_name") != "InputLayer" or in_shape is None:
         return None
+    if any(len(spec.get("inbound_nodes") or []) > 1 for spec in layers):
+        return None  # a layer called more than once: which call is meant, only loading tells
     consumed: dict[str, Shape] = {}  # a layer's output shape, as the layers after it saw it
     for spec in layers:
         for node in spec.get("inbound_nodes") or []:
             for tensor in _tensors(node):
                 history, shape = tensor.get("keras_history"), _shape(tensor.get("shape"))
-                if isinstance(history, list) and history and shape is not None:
+                if isinstance(history, list) and len(history) == 3 and history[2] == 0 and shape is not None:
                     consumed.setdefault(str(history[0]), shape)
 
     def inbound(spec: dict[str, Any]) -> Shape | None:
