@@ -337,9 +337,9 @@ def child_scoring(cfg: dict[str, Any]) -> dict[str, Any]:
             broadcast.destroy()
         return seconds, stats.by_worker(), written, failed
 
-    # Warm-up round, not timed: every variant once on 8 images in both workers, so one-time process
+    # Warm-up round, not timed: every variant once on 2 full batches (one per worker), so one-time process
     # costs (first TensorFlow execution, Keras and Pillow code paths) fall on no variant in particular.
-    tiny = spark.read.parquet(files[0]).select("path", "content").limit(8).repartition(2)
+    tiny = spark.read.parquet(files[0]).select("path", "content").limit(2 * BATCH).repartition(2)
     warmup = {}
     for name in ORDER[1:]:
         seconds, workers, _, _ = spark_variant(name, tiny, str(out_root / f"warm-{name}"))
@@ -454,7 +454,7 @@ def render_scoring(raw: dict[str, Any], folder: Path) -> str:
         f"does inside that action are included. Not timed: session start, starting the {len(raw['warmed_workers'])} "
         f"Python workers and importing TensorFlow there (done once before all variants, with TensorFlow's "
         f"intra/inter-op threads fixed to {raw['worker_threads']} per worker, what `score` itself sets), "
-        f"a warm-up round running every Spark variant once on 8 images (so the workers' one-time costs, e.g. "
+        f"a warm-up round running every Spark variant once on 2 batches of {BATCH} images, one per worker (so the workers' one-time costs, e.g. "
         f"TensorFlow's first execution, fall on no variant in particular), and the floor's model load and trace.",
         f"Arrow batches: `spark.sql.execution.arrow.maxRecordsPerBatch` = {raw['arrow_batch']} for every pandas "
         f"variant and `score` (the Series UDF runs out of memory with the default 10,000 rows: 10,000 decoded "
