@@ -10,6 +10,7 @@ import pytest
 
 from image_transfer.warmup import start_workers
 
+# A fresh session: the RDD route (Spark 3.5 and 4.0 alike) must reach the very workers that score.
 SCRIPT = """
 import json, sys
 from image_transfer import cli, read_images, score_images, scoring_run
@@ -49,3 +50,17 @@ def test_a_head_start_readies_every_slot_and_none_under_connect(spark):
         return
     handle = start_workers(spark)
     assert handle is not None and len(handle.wait(timeout=300)) == 2 and handle.error is None
+
+
+def test_the_rdd_route_only_where_it_is_known_to_share_the_sql_workers(spark, monkeypatch):
+    """Databricks' runtime has runners of its own: there (and as the fallback) the head start is a DataFrame job."""
+    from image_transfer.stats import is_connect
+    from image_transfer.warmup import WorkerStart, sql_worker_env
+
+    if is_connect(spark):
+        pytest.skip("no head start under Spark Connect")
+    assert sql_worker_env(spark) == {"SPARK_SIMPLIFIED_TRACEBACK": "1"}
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "15.4")
+    assert sql_worker_env(spark) is None
+    handle = WorkerStart(spark, 2, rdd_env=None)
+    assert handle.wait(timeout=300) and handle.error is None

@@ -422,6 +422,8 @@ def start_preparing_worker() -> threading.Thread:
     def run() -> None:
         try:
             _import_tensorflow(cores)
+            import pandas  # noqa: F401 - and what the scoring task's Arrow UDF imports first
+            import pyarrow  # noqa: F401
         except BaseException:  # noqa: BLE001 - the scoring task's own prepare_worker repeats it and raises
             pass
         finally:
