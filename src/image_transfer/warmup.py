@@ -137,9 +137,4 @@ def _ready_worker_ids(rows: Any) -> Any:
 def _ready_workers(batches: Any) -> Any:
     import pandas as pd
 
-    from image_transfer.score import start_preparing_worker
-
-    for _ in batches:
-        pass
-    start_preparing_worker()
-    yield pd.DataFrame({"worker": [worker_id()]})
+    yield pd.DataFrame({"worker": list(_ready_worker_ids(batches))})
