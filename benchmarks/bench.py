@@ -880,11 +880,41 @@ def cold_floor(file: str, shards: int = 2) -> dict[str, Any]:
     return {"seconds": seconds, "rows": rows}
 
 
-def cold_score(file_or_dir: list[str], images: int) -> dict[str, Any]:
-    """``image-transfer score`` as a scheduled job runs it: a fresh process, session and Python workers."""
+def jvm_archive() -> Path | None:
+    """The class archive a local CLI session of this setup maps (``image_transfer.jvmcache``), or None."""
+    from image_transfer import cli, jvmcache
+
+    memory = os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g")
+    return jvmcache.plan(cli.LOCAL_JVM_OPTIONS, {"spark.driver.memory": memory}).archive
+
+
+def prime_jvm_archive(file: str, images: int, timeout: float = 180.0) -> bool:
+    """Make sure the cold runs find the JVM's class archive, as every run after a machine's first does.
+
+    When there is none, one cold run (not reported) writes it as its JVM exits; this waits for that.
+    """
+    if jvm_archive() is not None:
+        return True
+    cold_score([file], images)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if jvm_archive() is not None:
+            time.sleep(2)  # the JVM closes the file and exits
+            return True
+        time.sleep(1)
+    return False
+
+
+def cold_score(file_or_dir: list[str], images: int, *, archive: bool = True) -> dict[str, Any]:
+    """``image-transfer score`` as a scheduled job runs it: a fresh process, session and Python workers.
+
+    ``archive=False`` runs it without the JVM's class archive, as the first run on a machine does.
+    """
     out_root = Path(tempfile.mkdtemp(prefix="bench-cold-score-", dir=CACHE))
     summary = out_root / "summary.json"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore", PYSPARK_PYTHON=sys.executable)
+    if not archive:
+        env["IMAGE_TRANSFER_JVM_CACHE"] = "off"
     inputs = file_or_dir[0] if len(file_or_dir) == 1 else str(Path(file_or_dir[0]).parent)
     command = [
         sys.executable,
@@ -912,7 +942,7 @@ def cold_score(file_or_dir: list[str], images: int) -> dict[str, Any]:
     data = json.loads(summary.read_text())
     shutil.rmtree(out_root, ignore_errors=True)
     assert data["rows_out"] == images, data
-    return {"seconds": seconds, "action_seconds": data["seconds"], "workers": data["workers"]}
+    return {"seconds": seconds, "action_seconds": data["seconds"], "workers": data["workers"], "jvm_archive": archive}
 
 
 def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -999,14 +1029,20 @@ def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_layout(images_list: list[int], per_file_8: dict[int, list[str]], repeats: int) -> dict[str, Any]:
     results = []
+    smallest = min(images_list)
+    primed = prime_jvm_archive(one_file(per_file_8[smallest], f"one-file-{smallest}"), smallest)
+    print(f"[layout] JVM class archive: {jvm_archive() if primed else 'none'}", flush=True)
     for n in images_list:
         files8 = per_file_8[n]
         single = one_file(files8, f"one-file-{n}")
         floor = cold_floor(single)
         print(f"[layout] cold floor {n}: {floor}", flush=True)
         for layout, files in (("1 file", [single]), ("8 files", files8)):
-            cold = cold_score(files, n)
+            cold = cold_score(files, n, archive=primed)
             print(f"[layout] cold score {layout} {n}: {cold['seconds']:.1f}s", flush=True)
+            if primed and n == max(images_list):
+                cold["without_archive"] = cold_score(files, n, archive=False)
+                print(f"[layout] cold score {layout} {n}, no archive: {cold['without_archive']['seconds']:.1f}s")
             warm = run_child("warm", {"files": files, "model": str(MODEL_PATH), "repeats": repeats})
             print(
                 f"[layout] warm {layout} {n}: {[r['seconds'] for r in warm['runs']]} floor {warm['floor_seconds']}",
@@ -1061,6 +1097,23 @@ def render_layout(raw: dict[str, Any], folder: Path) -> str:
         f"cold floor: {'met' if cold_ok else 'MISSED'}; one file within noise of 8 files (cold): largest gap "
         f"{gap:.0%}; 1 load / 1 trace per worker cold and 0 / 0 warm: {'met' if loads_ok else 'MISSED'}.",
         "",
+    ]
+    plain = [r for r in res if "without_archive" in r["cold"]]
+    if plain:
+        lines += [
+            "Cold runs map the JVM's class archive written by an earlier run (`image_transfer/jvmcache.py`); "
+            "without it, as on a machine's first run: "
+            + "; ".join(
+                f"{r['images']} images, {r['layout']}: {r['cold']['without_archive']['seconds']:.1f} s "
+                f"({r['cold_floor']['seconds'] / r['cold']['without_archive']['seconds']:.2f}x the cold floor)"
+                for r in plain
+            )
+            + ".",
+            "",
+        ]
+    else:
+        lines += ["Cold runs had no JVM class archive (`image_transfer/jvmcache.py`).", ""]
+    lines += [
         "Where the warm time goes (median run), and Arrow batches of 4x the model batch:",
         "",
         "| images | input | JVM CPU s | Python workers CPU s | wall s | screening ms/image (one core) | "

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["PYSPARK_PYTHON"] = sys.executable
+# Test sessions (and the CLIs the tests start) leave the user's JVM class archives alone;
+# test_jvmcache.py gives its sessions a folder of their own.
+os.environ["IMAGE_TRANSFER_JVM_CACHE"] = "off"
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

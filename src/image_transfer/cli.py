@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from image_transfer import jvmcache
 from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.images import IMAGE_EXTENSIONS
@@ -58,20 +59,46 @@ def _spark(
         for key, value in (conf or {}).items():
             builder = builder.config(key, value)
         return builder.getOrCreate()
+    start = None
     if "DATABRICKS_RUNTIME_VERSION" not in os.environ:
+        memory = os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g")
+        start = _jvm_start({"spark.driver.memory": memory, **(conf or {})})
         builder = (
             builder.master(master or os.environ.get("IMAGE_TRANSFER_MASTER", "local[*]"))
             .config("spark.python.worker.reuse", "true")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.driver.memory", os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g"))
-            .config("spark.driver.extraJavaOptions", LOCAL_JVM_OPTIONS)
+            .config("spark.driver.memory", memory)
+            .config("spark.driver.extraJavaOptions", start.options if start else LOCAL_JVM_OPTIONS)
         )
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception:
+        if start is None or start.archive is None:
+            raise
+        # A JVM that cannot map its class archive dies at start: start it without, and drop the archive.
+        spark = builder.config("spark.driver.extraJavaOptions", start.fallback).getOrCreate()
+        jvmcache.discard(start.archive)
+        print(
+            f"image-transfer: removed the JVM class archive {start.archive}: the JVM failed to start with it",
+            file=sys.stderr,
+        )
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _jvm_start(conf: dict[str, str]) -> jvmcache.JvmStart | None:
+    """The local driver JVM's options with its class archive (``jvmcache``), or None when they don't apply.
+
+    They don't when ``conf`` sets the JVM's options itself, or this process already runs a JVM.
+    """
+    from pyspark import SparkContext
+
+    if "spark.driver.extraJavaOptions" in conf or SparkContext._gateway is not None:
+        return None
+    return jvmcache.plan(LOCAL_JVM_OPTIONS, conf)
 
 
 def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
