@@ -198,7 +198,10 @@ def plan(base_options: str, conf: Mapping[str, str]) -> JvmStart:
     directory, a JVM that cannot write archives, or no Spark home, the options are ``base_options``.
     """
     plain = JvmStart(options=base_options, fallback=base_options)
-    folder = cache_dir()
+    try:
+        folder = cache_dir()
+    except RuntimeError:  # no home directory
+        return plain
     home = java_home()
     spark_home = _spark_home()
     if folder is None or home is None or spark_home is None or not supports_archives(home):
