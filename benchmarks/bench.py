@@ -884,8 +884,7 @@ def jvm_archive() -> Path | None:
     """The class archive a local CLI session of this setup maps (``image_transfer.jvmcache``), or None."""
     from image_transfer import cli, jvmcache
 
-    memory = os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g")
-    return jvmcache.plan(cli.LOCAL_JVM_OPTIONS, {"spark.driver.memory": memory}).archive
+    return jvmcache.plan(cli.LOCAL_JVM_OPTIONS, {"spark.driver.memory": cli.driver_memory()}).archive
 
 
 def prime_jvm_archive(file: str, images: int, timeout: float = 180.0) -> bool:

@@ -61,7 +61,7 @@ def _spark(
         return builder.getOrCreate()
     start = None
     if "DATABRICKS_RUNTIME_VERSION" not in os.environ:
-        memory = os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g")
+        memory = driver_memory()
         start = _jvm_start({"spark.driver.memory": memory, **(conf or {})})
         builder = (
             builder.master(master or os.environ.get("IMAGE_TRANSFER_MASTER", "local[*]"))
@@ -87,6 +87,11 @@ def _spark(
         )
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def driver_memory() -> str:
+    """The embedded local driver's memory: ``IMAGE_TRANSFER_DRIVER_MEMORY``, default ``4g``."""
+    return os.environ.get("IMAGE_TRANSFER_DRIVER_MEMORY", "4g")
 
 
 def _jvm_start(conf: dict[str, str]) -> jvmcache.JvmStart | None:
