@@ -7,16 +7,32 @@
 # MAGIC nearest neighbours of an image). The model is shipped once, loaded and traced once per executor
 # MAGIC Python worker; every call below returns a lazy DataFrame.
 # MAGIC
-# MAGIC Parameters (widgets): `images` (a folder, e.g. a Unity Catalog volume path), `model` (a `.keras` file or
-# MAGIC SavedModel directory), `output` (optional: where to write the predictions as Parquet).
+# MAGIC Parameters (widgets): `images` (a folder, e.g. a Unity Catalog volume path), `model` (a `.keras` file,
+# MAGIC SavedModel directory or MLflow URI; default the registered model's `@champion`, which training promotes),
+# MAGIC `output` (optional: where to write the predictions as Parquet).
 # MAGIC Outside Databricks the same cells run on local Spark with `IMAGE_TRANSFER_IMAGES`, `IMAGE_TRANSFER_MODEL`
-# MAGIC and `IMAGE_TRANSFER_OUTPUT` from the environment.
+# MAGIC and `IMAGE_TRANSFER_OUTPUT` from the environment: `python notebooks/score_and_featurize.py` uses the active
+# MAGIC SparkSession, else starts a local one (`IMAGE_TRANSFER_MASTER`, default `local[*]`) whose workers run this
+# MAGIC interpreter (`PYSPARK_PYTHON` defaults to it).
 
 # COMMAND ----------
 
 import os
+import sys
 
 from pyspark.sql import functions as F
+
+try:
+    spark  # noqa: B018 - Databricks' session: used as-is
+except NameError:  # a local run: the active session, else local Spark whose workers run this interpreter
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = SparkSession.getActiveSession() or (
+        SparkSession.builder.master(os.environ.get("IMAGE_TRANSFER_MASTER", "local[*]"))
+        .appName("score_and_featurize")
+        .getOrCreate()
+    )
 
 
 def widget(name: str, default: str) -> str:
@@ -37,7 +53,7 @@ except NameError:
 
 
 images_dir = widget("images", "/Volumes/main/image_transfer/data/images")
-model_path = widget("model", "/Volumes/main/image_transfer/data/models/image_classifier.keras")
+model_path = widget("model", "models:/main.image_transfer.image_classifier@champion")  # what training promotes
 output = widget("output", "")
 
 # COMMAND ----------
@@ -49,7 +65,7 @@ output = widget("output", "")
 
 from image_transfer import featurize_images, read_images, score_images, scoring_run  # noqa: E402
 
-images = read_images(spark, images_dir)  # noqa: F821 - the notebook's SparkSession
+images = read_images(spark, images_dir)
 scored = score_images(images, model_path, top_k=3)
 run = scoring_run(scored)  # the handle: statistics after an action
 scored = scored.cache()  # several looks below, one scoring pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "score_and_featurize.py"
@@ -31,6 +34,7 @@ def test_the_notebook_cells_run_on_the_fixtures(spark, fixtures_dir, shapes_mode
     for i, cell in enumerate(code):
         exec(compile(cell, f"{NOTEBOOK.name}[cell {i}]", "exec"), namespace)  # noqa: S102
 
+    assert namespace["spark"] is spark  # the platform's session is used as-is
     printed = capsys.readouterr().out
     assert namespace["totals"]["rows"] == 240 and namespace["totals"]["rows_failed"] == 0
     written = spark.read.parquet(str(out))
@@ -41,6 +45,29 @@ def test_the_notebook_cells_run_on_the_fixtures(spark, fixtures_dir, shapes_mode
     assert "nearest neighbours of" in printed and "logistic regression on the embeddings" in printed
     namespace["scored"].unpersist()
     namespace["features"].unpersist()
+
+
+def test_the_notebook_runs_as_a_script(fixtures_dir, shapes_model, tmp_path):
+    """``python notebooks/score_and_featurize.py``: a local session of its own, workers on this interpreter."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "predictions.parquet"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    here = str(Path(sys.executable).parent)  # without it on PATH, "python3" is not this interpreter
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d != here)
+    env.update(
+        IMAGE_TRANSFER_IMAGES=str(fixtures_dir / "images"),
+        IMAGE_TRANSFER_MODEL=str(shapes_model),
+        IMAGE_TRANSFER_OUTPUT=str(out),
+        IMAGE_TRANSFER_MASTER="local[2]",
+    )
+    done = subprocess.run(
+        [sys.executable, str(NOTEBOOK)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "240 images, 0 failed" in done.stdout and "nearest neighbours of" in done.stdout
+    written = pq.read_table(out)
+    assert written.num_rows == 240 and written.column("error").null_count == 240
 
 
 def test_the_bundle_deploys_the_notebook_with_its_widgets_as_job_parameters():
