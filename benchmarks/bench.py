@@ -109,8 +109,8 @@ def make_model() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from image_transfer.images import decode_resize
-    from image_transfer.model import save_model
+    from image_transfer.imaging.graph import decode_resize
+    from image_transfer.models.artifact import save_model
 
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(weights=None, input_shape=(SIZE, SIZE, 3), classes=1000)
@@ -137,9 +137,9 @@ def load_average() -> str:
 
 
 def spark_session(app: str) -> Any:
-    from image_transfer.cli import _spark
+    from image_transfer.session import get_spark
 
-    spark = _spark(app, "local[2]")
+    spark = get_spark(app, master="local[2]")
     # One Parquet file = one partition (files are packed while below maxPartitionBytes, each costing
     # openCostInBytes): every variant sees the same partitions, and Part 3 keeps partitions equal-sized.
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(256 * 1024 * 1024))
@@ -221,8 +221,9 @@ class Floor:
     def __init__(self, model_path: str, contents: list[bytes], *, parallel: int = FLOOR_THREADS) -> None:
         import tensorflow as tf
 
-        from image_transfer.images import decode_resize
-        from image_transfer.model import load_keras, preprocess_fn, read_metadata
+        from image_transfer.imaging.graph import decode_resize
+        from image_transfer.models.artifact import read_metadata
+        from image_transfer.models.load import load_keras, preprocess_fn
 
         model = load_keras(model_path)
         preprocess = preprocess_fn(read_metadata(model_path).get("preprocess", "none"))
@@ -280,9 +281,9 @@ def child_scoring(cfg: dict[str, Any]) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from image_transfer import score_images, scoring_run
-    from image_transfer.io import write_output
-    from image_transfer.score import ARROW_BATCH_CONF
-    from image_transfer.stats import WorkerStats
+    from image_transfer.jobs.outputs import write_output
+    from image_transfer.scoring.options import ARROW_BATCH_CONF
+    from image_transfer.scoring.stats import WorkerStats
 
     started = time.perf_counter()
     spark = spark_session("bench scoring")
@@ -516,10 +517,10 @@ def child_training(cfg: dict[str, Any]) -> dict[str, Any]:
     import tensorflow as tf
 
     try:
-        from image_transfer import feed
+        from image_transfer.training import feed
     except Exception as exc:  # noqa: BLE001
         return {"skipped": f"image_transfer.feed does not import: {type(exc).__name__}: {exc}"}
-    from image_transfer.train import build_backbone, build_classifier
+    from image_transfer.training.train import build_backbone, build_classifier
 
     files = cfg["files"]
     local = read_local(files, ["content", "label_index"])
@@ -652,8 +653,8 @@ def child_scaling(cfg: dict[str, Any]) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from image_transfer import score_images, scoring_run
-    from image_transfer.io import write_output
-    from image_transfer.score import prepare_model
+    from image_transfer.jobs.outputs import write_output
+    from image_transfer.scoring.options import prepare_model
 
     spark = spark_session("bench scaling")
     spark.range(1).count()
@@ -815,8 +816,9 @@ def child_floor_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import tensorflow as tf
 
-    from image_transfer.images import decode_resize
-    from image_transfer.model import load_keras, preprocess_fn, read_metadata
+    from image_transfer.imaging.graph import decode_resize
+    from image_transfer.models.artifact import read_metadata
+    from image_transfer.models.load import load_keras, preprocess_fn
 
     table = pq.read_table(cfg["file"], columns=["path", "content"])
     rows = table.slice(cfg["shard"] * table.num_rows // cfg["shards"], table.num_rows // cfg["shards"])
@@ -882,7 +884,8 @@ def cold_floor(file: str, shards: int = 2) -> dict[str, Any]:
 
 def jvm_archive() -> Path | None:
     """The class archive a local CLI session of this setup maps (``image_transfer.jvmcache``), or None."""
-    from image_transfer import cli, jvmcache
+    from image_transfer import jvmcache
+    from image_transfer.jobs import cli
 
     return jvmcache.plan(cli.LOCAL_JVM_OPTIONS, {"spark.driver.memory": cli.driver_memory()}).archive
 
@@ -918,7 +921,7 @@ def cold_score(file_or_dir: list[str], images: int, *, archive: bool = True) -> 
     command = [
         sys.executable,
         "-m",
-        "image_transfer.cli",
+        "image_transfer",
         "score",
         "--input",
         inputs,
@@ -950,9 +953,11 @@ def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
     import tensorflow as tf
 
     from image_transfer import score_images, scoring_run
-    from image_transfer.images import ImageLimits, decode_resize, screen_batch
-    from image_transfer.io import write_output
-    from image_transfer.model import load_keras, preprocess_fn, read_metadata
+    from image_transfer.imaging.graph import decode_resize
+    from image_transfer.imaging.screen import ImageLimits, screen_batch
+    from image_transfer.jobs.outputs import write_output
+    from image_transfer.models.artifact import read_metadata
+    from image_transfer.models.load import load_keras, preprocess_fn
 
     spark = spark_session("bench warm")
     out_root = Path(tempfile.mkdtemp(prefix="bench-warm-", dir=CACHE))
@@ -974,7 +979,7 @@ def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
         runs.append({"seconds": seconds, "workers": run.workers(), "cpu": {c: cpu1[c] - cpu0[c] for c in cpu0}})
     # Larger Arrow batches than model batches (fewer JVM <-> Python round trips): predict_batch_udf then
     # splits each Arrow batch into model calls of BATCH images.
-    from image_transfer.score import ARROW_BATCH_CONF
+    from image_transfer.scoring.options import ARROW_BATCH_CONF
 
     big_arrow = []
     for k in range(cfg["repeats"]):

@@ -119,8 +119,9 @@ def in_process(model: str, contents: list[bytes], batch: int, precision: str, ji
     """Model alone and Scorer.run (overlap off / on) in this process, for one compute setting."""
     import tensorflow as tf
 
-    from image_transfer.images import ImageLimits, screen_batch
-    from image_transfer.score import Compute, Scorer, prepare_model
+    from image_transfer.imaging.screen import ImageLimits, screen_batch
+    from image_transfer.scoring.options import Compute, prepare_model
+    from image_transfer.scoring.worker import Scorer
 
     prepared = prepare_model(model, mode="classify", top_k=5)
     batches = [contents[i : i + batch] for i in range(0, len(contents), batch)]
@@ -158,9 +159,9 @@ def end_to_end(args: argparse.Namespace, model: str, contents: list[bytes], prec
     import pyarrow.parquet as pq
 
     from image_transfer import api
-    from image_transfer.cli import _parse_conf, _spark
+    from image_transfer.session import get_spark, parse_conf
 
-    spark = _spark("image-transfer gpu benchmark", args.master, _parse_conf(args.conf))
+    spark = get_spark("image-transfer gpu benchmark", master=args.master, conf=parse_conf(args.conf))
     with tempfile.TemporaryDirectory(prefix="image-transfer-gpu-bench-", dir=args.workdir) as tmp:
         data = Path(tmp) / "images.parquet"
         data.mkdir()
@@ -237,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from image_transfer import gpu
-    from image_transfer.model import configure_threads
+    from image_transfer.models.load import configure_threads
+    from image_transfer.scoring import gpu
 
     if args.threads:
         configure_threads(args.threads)

@@ -36,7 +36,7 @@ def record(accumulator: Any, **counts: int) -> None:
     """Add counters for this worker (``host:pid``) to the running task's copy of ``accumulator``."""
     from pyspark.accumulators import _accumulatorRegistry
 
-    from image_transfer.stats import worker_id
+    from image_transfer.scoring.stats import worker_id
 
     _accumulatorRegistry.get(accumulator.aid, accumulator).add({worker_id(): counts})
 

@@ -10,9 +10,6 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["PYSPARK_PYTHON"] = sys.executable
-# Test sessions (and the CLIs the tests start) leave the user's JVM class archives alone;
-# test_jvmcache.py gives its sessions a folder of their own.
-os.environ["IMAGE_TRANSFER_JVM_CACHE"] = "off"
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -38,9 +35,9 @@ def spark():
 
         session = SparkSession.builder.remote("local[2]").appName("image-transfer connect tests").getOrCreate()
     else:
-        from image_transfer.cli import _spark
+        from image_transfer.session import get_spark
 
-        session = _spark("image-transfer tests", "local[2]")
+        session = get_spark("image-transfer tests", master="local[2]")
     yield session
     session.stop()
 

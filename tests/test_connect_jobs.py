@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from image_transfer.errors import UserError
-from image_transfer.evaluate import evaluate
-from image_transfer.feed import cache_location, choose_path
-from image_transfer.prepare import prepare
-from image_transfer.stats import is_connect
+from image_transfer.session import is_connect
+from image_transfer.training.evaluate import evaluate
+from image_transfer.training.feed import cache_location, choose_path
+from image_transfer.training.prepare import prepare
 
 
 @pytest.mark.connect

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from image_transfer import cli, read_images, score_images
+from image_transfer import read_images, score_images
 from image_transfer.errors import UserError
-from image_transfer.io import write_output
-from image_transfer.model import save_model
+from image_transfer.jobs import cli
+from image_transfer.jobs.outputs import write_output
+from image_transfer.models.artifact import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_pa
     command = [
         sys.executable,
         "-m",
-        "image_transfer.cli",
+        "image_transfer",
         "score",
         "--input",
         images_parquet,

@@ -7,8 +7,8 @@ import pytest
 from training_data import fixture_dataset
 
 from image_transfer.errors import UserError
-from image_transfer.feed import cache_location, choose_path, open_feed, petastorm_available
-from image_transfer.prepare import usable
+from image_transfer.training.feed import cache_location, choose_path, open_feed, petastorm_available
+from image_transfer.training.prepare import usable
 
 PATHS = ["arrow", pytest.param("petastorm", marks=pytest.mark.skipif(not petastorm_available(), reason="no Petastorm"))]
 SIZE = (64, 64)
@@ -45,7 +45,7 @@ def test_both_paths_give_the_same_batches(dataset, tmp_path):
 def test_evaluation_batches_are_every_row_once_decoded_and_labelled(dataset, tmp_path, path):
     import tensorflow as tf
 
-    from image_transfer.images import decode_resize
+    from image_transfer.imaging.graph import decode_resize
 
     df = usable(dataset, "validation")
     expected = {r["path"]: (r["label_index"], bytes(r["content"])) for r in df.collect()}

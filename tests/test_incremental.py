@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from hostile_images import write_corpus
 
-from image_transfer import UserError, cli, featurize_new_images, score_new_images
-from image_transfer.incremental import ZERO_BYTES, reader_options, resolve_source
-from image_transfer.stats import is_connect
+from image_transfer import UserError, featurize_new_images, score_new_images
+from image_transfer.jobs import cli
+from image_transfer.scoring.incremental import ZERO_BYTES, reader_options, resolve_source
+from image_transfer.session import is_connect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,7 @@ def _committed(checkpoint: Path, log: str) -> set[int]:
 def _cli(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, IMAGE_TRANSFER_DRIVER_MEMORY="1g", PYSPARK_PYTHON=sys.executable)
     return subprocess.Popen(
-        [sys.executable, "-m", "image_transfer.cli", *args],
+        [sys.executable, "-m", "image_transfer", *args],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         env=env,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hostile_images import corpus
 
-from image_transfer import cli
 from image_transfer.errors import UserError
-from image_transfer.prepare import class_names, prepare, usable
+from image_transfer.jobs import cli
+from image_transfer.training.prepare import class_names, prepare, usable
 
 CLASSES = ["circle", "cross", "ring", "square", "star", "triangle"]
 
@@ -159,7 +159,7 @@ def test_clear_errors(spark, tmp_path):
 
 
 def test_training_runs_over_a_folder_mixing_hostile_files(messy, backbone_model, tmp_path):
-    from image_transfer.train import TrainConfig, train
+    from image_transfer.training.train import TrainConfig, train
 
     result, df = messy
     config = TrainConfig(backbone=str(backbone_model), epochs=1, batch_size=8, augment=False, cache_dir=str(tmp_path))
@@ -214,7 +214,7 @@ def test_exif_rotated_images_are_prepared_upright(spark, fixtures_dir, tmp_path)
 
 
 def test_prepare_persists_nothing_and_bounds_the_rejected_sample(spark, fixtures_dir, tmp_path):
-    from image_transfer import prepare as prepare_module
+    from image_transfer.training import prepare as prepare_module
 
     root = tmp_path / "imgs"
     _copy_classes(fixtures_dir, root, CLASSES[:3], per_class=20)

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 from training_data import fixture_dataset
 
-from image_transfer import cli
 from image_transfer.errors import UserError
-from image_transfer.registry import decide, loggable_params, parse_models_uri, resolve_model
+from image_transfer.jobs import cli
+from image_transfer.lifecycle.tracking import loggable_params
+from image_transfer.lifecycle.uris import parse_models_uri, resolve_model
+from image_transfer.training.promotion import decide
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "shapes"
@@ -69,12 +71,16 @@ def test_package_works_without_mlflow(shapes_model):
     code = f"""
 import sys
 sys.modules["mlflow"] = None  # import mlflow -> ImportError
-from image_transfer import api, cli, evaluate, jobs, registry, score, train
+from image_transfer import api
 from image_transfer.errors import UserError
-assert not registry.tracking_configured() and not train.mlflow_enabled()
-assert registry.resolve_model({str(shapes_model)!r}).version is None
+from image_transfer.jobs import cli, runs
+from image_transfer.lifecycle import tracking, uris
+from image_transfer.scoring import frame
+from image_transfer.training import evaluate, promotion, train
+assert not uris.tracking_configured() and not train.mlflow_enabled()
+assert uris.resolve_model({str(shapes_model)!r}).version is None
 try:
-    registry.resolve_model("models:/shapes@champion")
+    uris.resolve_model("models:/shapes@champion")
 except UserError as exc:
     print("USERERROR", exc)
 """
@@ -147,7 +153,7 @@ def versions(spark, tracking_uri, dataset_path, backbone_model, tmp_path_factory
     """Version 1: a short training run through the CLI. Version 2: one epoch on shuffled labels (the API)."""
     import numpy as np
 
-    from image_transfer.train import TrainConfig, train
+    from image_transfer.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("versions")
     good = cli.run(
@@ -302,8 +308,8 @@ def test_a_champion_that_cannot_be_compared_keeps_the_alias(versions, dataset_pa
     import keras
     import mlflow
 
-    from image_transfer.model import save_model
-    from image_transfer.registry import log_model, register
+    from image_transfer.lifecycle.tracking import log_model, register
+    from image_transfer.models.artifact import save_model
 
     inputs = keras.Input((64, 64, 3))
     other = keras.Model(

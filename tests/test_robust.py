@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from image_transfer import cli, featurize_images, score_images, scoring_run
+from image_transfer import featurize_images, score_images, scoring_run
 from image_transfer.errors import TooManyFailures, UserError
-from image_transfer.images import read_image_files
-from image_transfer.io import COMMIT_MARKER, _recover, write_output
+from image_transfer.fs import COMMIT_MARKER
+from image_transfer.imaging.files import read_image_files
+from image_transfer.jobs import cli
+from image_transfer.jobs.outputs import _recover, write_output
 
 CLASSES = ["circle", "cross", "ring", "square", "star", "triangle"]
 
@@ -175,7 +177,8 @@ def _with_orientation(upright: Image.Image, orientation: int, fmt: str = "JPEG")
 def test_orient_matches_pillow_exif_transpose_for_all_eight_orientations():
     import tensorflow as tf
 
-    from image_transfer.images import exif_orientation, orient
+    from image_transfer.imaging.graph import orient
+    from image_transfer.imaging.screen import exif_orientation
 
     pixels = np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8)
     for o in range(1, 9):
@@ -259,7 +262,7 @@ def test_a_batch_of_many_large_images_stays_under_the_byte_budget(spark, tmp_pat
 def test_unpacked_models_are_shared_by_digest_not_per_process(shapes_model, failing_savedmodel, tmp_path, monkeypatch):
     import tempfile
 
-    from image_transfer.model import content_digest, pack, unpack
+    from image_transfer.models.artifact import content_digest, pack, unpack
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = pack(str(shapes_model), "keras")
@@ -297,7 +300,7 @@ def test_unpacked_models_are_shared_by_digest_not_per_process(shapes_model, fail
     ],
 )
 def test_shared_path_rule(path, master, ok):
-    from image_transfer.score import check_shared_path
+    from image_transfer.scoring.frame import check_shared_path
 
     if ok:
         check_shared_path(path, master)
@@ -309,7 +312,7 @@ def test_shared_path_rule(path, master, ok):
 def test_driver_local_model_path_refused_up_front_on_a_cluster_and_fine_locally(
     spark, images_parquet, shapes_model, monkeypatch
 ):
-    from image_transfer import score
+    from image_transfer.scoring import frame as score
 
     source = spark.read.parquet(images_parquet).limit(20)
     monkeypatch.setattr(score, "_master", lambda _spark: "spark://10.0.0.1:7077")
@@ -327,7 +330,7 @@ def test_driver_local_model_path_refused_up_front_on_a_cluster_and_fine_locally(
 
 def _fs(spark, dest: Path, kind: str):
     """The output's file system as write_output uses it: Hadoop (classic) or this process (Spark Connect)."""
-    from image_transfer.io import _HadoopFs, _LocalFs
+    from image_transfer.fs import _HadoopFs, _LocalFs
 
     if kind == "local":
         return _LocalFs(), str(dest)

@@ -12,10 +12,11 @@ from hostile_images import corpus
 from PIL import Image
 from pyspark.sql import functions as F
 
-from image_transfer import cli, featurize_images, read_images, score_images, scoring_run
-from image_transfer.io import write_output
-from image_transfer.model import save_model
-from image_transfer.stats import is_connect
+from image_transfer import featurize_images, read_images, score_images, scoring_run
+from image_transfer.jobs import cli
+from image_transfer.jobs.outputs import write_output
+from image_transfer.models.artifact import save_model
+from image_transfer.session import is_connect
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
 
@@ -33,7 +34,7 @@ def fresh_copy(model: Path, folder: Path) -> Path:
 
     import keras
 
-    from image_transfer.model import read_metadata
+    from image_transfer.models.artifact import read_metadata
 
     meta = read_metadata(model)
     return save_model(
@@ -380,7 +381,7 @@ def test_the_driver_checks_a_keras_model_without_tensorflow(shapes_model, fixtur
     ]
     code = f"""
 import sys
-from image_transfer.model import inspect_model
+from image_transfer.models.inspection import inspect_model
 for path, layer, embed in {[(str(p), layer, embed) for p, layer, embed in cases]!r}:
     info = inspect_model(path, layer=layer, embed=embed)
     print(info.height, info.width, info.output_width, info.class_names)
@@ -388,7 +389,8 @@ assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFl
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    from image_transfer.model import _shapes, embedding_model, load_model, read_metadata
+    from image_transfer.models.artifact import read_metadata
+    from image_transfer.models.load import _shapes, embedding_model, load_model
 
     for (path, layer, embed), line in zip(cases, done.stdout.splitlines(), strict=True):
         model = load_model(str(path), "keras")

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from training_data import fixture_dataset
 
-from image_transfer import cli
 from image_transfer.errors import UserError
-from image_transfer.model import inspect_model, load_keras, preprocess_fn, save_model
-from image_transfer.prepare import usable
-from image_transfer.train import (
+from image_transfer.jobs import cli
+from image_transfer.models.artifact import save_model
+from image_transfer.models.inspection import inspect_model
+from image_transfer.models.load import load_keras, preprocess_fn
+from image_transfer.training.prepare import usable
+from image_transfer.training.train import (
     BACKBONES,
     TrainConfig,
     build_backbone,

@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("databricks.sdk")
 
-from image_transfer import cli, workspace  # noqa: E402
 from image_transfer.errors import UserError  # noqa: E402
+from image_transfer.jobs import cli
 
 TOKEN = "dapi-test-0123456789abcdef-SECRET"
 GPU_ML = "15.4.x-gpu-ml-scala2.12"
@@ -374,7 +374,7 @@ class UserNamespaceInitializer:
 
 TASK_VALUES_SCRIPT = """
 import json
-from image_transfer import workspace
+from image_transfer.jobs import workspace
 assert workspace.on_databricks()
 was_set = workspace.set_task_value("model_path", "/Volumes/a/b/c/m.keras")
 print(json.dumps([was_set, workspace.get_task_value("train", "model_path", "/fallback.keras")]))

@@ -8,15 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from image_transfer.api import (  # noqa: E402 - the version is importable without pyspark or TensorFlow
-    TooManyFailures,
-    featurize_images,
-    read_images,
-    score_images,
-    scoring_run,
-)
+from image_transfer.api import featurize_images, read_images, score_images, scoring_run
 from image_transfer.errors import RunFailed, UserError  # noqa: E402
-from image_transfer.incremental import IncrementalResult, featurize_new_images, score_new_images  # noqa: E402
+from image_transfer.scoring.incremental import IncrementalResult, featurize_new_images, score_new_images  # noqa: E402
 
 __all__ = [
     "IncrementalResult",

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from image_transfer.errors import TooManyFailures, UserError
-from image_transfer.images import IMAGE_EXTENSIONS, ImageLimits, read_image_files
-from image_transfer.registry import resolve_model
-from image_transfer.score import CLOSURE_MAX_BYTES, ScoringOptions, ScoringRun, prepare_model, scored_frame
-from image_transfer.stats import is_connect
+from image_transfer.imaging.files import IMAGE_EXTENSIONS, read_image_files
+from image_transfer.imaging.screen import ImageLimits
+from image_transfer.lifecycle.uris import resolve_model
+from image_transfer.scoring.frame import scored_frame
+from image_transfer.scoring.options import CLOSURE_MAX_BYTES, ScoringOptions, prepare_model
+from image_transfer.scoring.run import ScoringRun
+from image_transfer.session import is_connect
 
 _RUN_ATTRIBUTE = "_image_transfer_run"
 DEFAULT_MAX_FAILED_FRACTION = 0.5

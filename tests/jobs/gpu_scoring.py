@@ -32,9 +32,10 @@ def task_addresses(_: object) -> list[list[str]]:
 
 
 def main(fixtures: str, workdir: str, *amounts: str) -> int:
-    from image_transfer import api
-    from image_transfer.cli import _spark
     from image_transfer.io import write_output
+
+    from image_transfer import api
+    from image_transfer.session import get_spark
 
     work = Path(workdir)
     script = discovery_script(work)
@@ -46,7 +47,7 @@ def main(fixtures: str, workdir: str, *amounts: str) -> int:
             "spark.executor.resource.gpu.amount": "2",
             "spark.task.resource.gpu.amount": amount,
         }
-        spark = _spark(f"gpu test {amount}", "local-cluster[1,2,1024]", conf)
+        spark = get_spark(f"gpu test {amount}", master="local-cluster[1,2,1024]", conf=conf)
         tasks = spark.sparkContext.parallelize(range(4), 4).mapPartitions(task_addresses).collect()
         images = api.read_images(spark, str(Path(fixtures) / "images"))
         scored = api.score_images(images, str(Path(fixtures) / "model" / "shapes.keras"), batch_size=16, partitions=6)

@@ -22,15 +22,16 @@ def main(workdir: str) -> int:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-    from image_transfer import gpu
-    from image_transfer.cli import _spark
     from image_transfer.model import load_keras
     from image_transfer.prepare import prepare
     from image_transfer.train import TrainConfig, train
 
+    from image_transfer.scoring import gpu
+    from image_transfer.session import get_spark
+
     work = Path(workdir)
     fixtures = Path(__file__).resolve().parents[2] / "fixtures"
-    spark = _spark("mirrored training test", "local[1]")
+    spark = get_spark("mirrored training test", master="local[1]")
     prepare(spark, str(fixtures / "images"), str(work / "data.parquet"))
     data = spark.read.parquet(str(work / "data.parquet"))
     config = TrainConfig(

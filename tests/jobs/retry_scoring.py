@@ -14,13 +14,13 @@ from pathlib import Path
 
 
 def main(images: str, model: str, output: str, markers: str) -> int:
+    from image_transfer.io import write_output
     from pyspark.sql import functions as F
 
     from image_transfer import score_images
-    from image_transfer.cli import _spark
-    from image_transfer.io import write_output
+    from image_transfer.session import get_spark
 
-    spark = _spark("retry test", "local[2,2]")
+    spark = get_spark("retry test", master="local[2,2]")
 
     def fail_first_attempt(path: str) -> str:
         # Defined here so that it is pickled by value: workers cannot import this script.

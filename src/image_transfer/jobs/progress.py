@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, TextIO
 
-from image_transfer.stats import is_connect
+from image_transfer.session import is_connect
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -19,13 +19,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Find the ``.keras`` file; it is loaded and traced on the first ``predict`` (MLflow 3 calls this on save)."""
-        from image_transfer.registry import KERAS_ARTIFACT, find_model_file
+        from image_transfer.lifecycle.uris import KERAS_ARTIFACT, find_model_file
 
         self._path = find_model_file(context.artifacts[KERAS_ARTIFACT])
         self._scorer = None
 
     def _load(self) -> Any:
-        from image_transfer.score import Scorer, prepare_model
+        from image_transfer.scoring.options import prepare_model
+        from image_transfer.scoring.worker import Scorer
 
         if getattr(self, "_scorer", None) is None:
             self._prepared = prepare_model(self._path, mode="classify", top_k=1)
@@ -37,7 +38,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import numpy as np
         import pandas as pd
 
-        from image_transfer.images import ImageLimits, screen_batch
+        from image_transfer.imaging.screen import ImageLimits, screen_batch
 
         if not hasattr(self, "_path"):
             self.load_context(context)

@@ -59,7 +59,7 @@ def pin_worker() -> list[str] | None:
     Must run before TensorFlow is imported in the process. Later calls (a reused worker running a task
     assigned to another GPU) return the first pin and only record the new assignment.
     """
-    from image_transfer.stats import set_worker_fact
+    from image_transfer.scoring.stats import set_worker_fact
 
     assigned = task_gpu_addresses()
     with _LOCK:
@@ -84,7 +84,7 @@ def note_task() -> None:
     """Record the running task's GPU assignment (after the first pin); cheap enough for every batch."""
     assigned = task_gpu_addresses()
     if assigned and not _ASSIGNED.issuperset(assigned):
-        from image_transfer.stats import set_worker_fact
+        from image_transfer.scoring.stats import set_worker_fact
 
         with _LOCK:
             _ASSIGNED.update(assigned)

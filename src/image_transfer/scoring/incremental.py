@@ -28,9 +28,10 @@ from typing import Any
 
 from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
-from image_transfer.images import IMAGE_EXTENSIONS, extension_glob
-from image_transfer.jobs import failed_fraction, worker_lines
-from image_transfer.score import MODEL_ERROR, ScoringRun
+from image_transfer.imaging.files import IMAGE_EXTENSIONS, extension_glob
+from image_transfer.scoring.options import MODEL_ERROR
+from image_transfer.scoring.run import ScoringRun
+from image_transfer.scoring.stats import failed_fraction, worker_lines
 
 SOURCES = ("auto", "cloudFiles", "binaryFile")
 DEFAULT_MAX_FILES_PER_TRIGGER = 1000
@@ -167,7 +168,7 @@ def read_new_images(
 
 def _last_batch(spark: Any, folder: str) -> int:
     """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
-    from image_transfer.io import file_system
+    from image_transfer.fs import file_system
 
     fs, path = file_system(spark, folder)
     if not fs.exists(path):
@@ -203,21 +204,21 @@ def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
 
 def _accounted(spark: Any, checkpoint: str) -> int:
     """The last micro-batch a finished run has accounted for (a killed run's batches are the next run's)."""
-    from image_transfer.io import file_system
+    from image_transfer.fs import file_system
 
     fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
     return int(fs.read_text(path).strip()) if fs.exists(path) else -1
 
 
 def _set_accounted(spark: Any, checkpoint: str, batch_id: int) -> None:
-    from image_transfer.io import file_system
+    from image_transfer.fs import file_system
 
     fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
     fs.write_text(path, f"{batch_id}\n")
 
 
 def _why_missing(spark: Any, path: str) -> str:
-    from image_transfer.io import file_system
+    from image_transfer.fs import file_system
 
     fs, where = file_system(spark, path)
     if not fs.exists(where):
@@ -251,8 +252,9 @@ def _run(
     from pyspark.sql import functions as F
 
     from image_transfer.api import scoring_run
-    from image_transfer.io import _qualified, file_system
-    from image_transfer.stats import is_connect, progress_field
+    from image_transfer.fs import _qualified, file_system
+    from image_transfer.scoring.stats import progress_field
+    from image_transfer.session import is_connect
 
     if not checkpoint:
         raise UserError("incremental scoring needs a checkpoint location")

@@ -54,7 +54,7 @@ def evaluate(
     from pyspark.sql import functions as F
 
     from image_transfer.api import score_images, scoring_run
-    from image_transfer.prepare import usable
+    from image_transfer.training.prepare import usable
 
     rows = usable(df, split).select("path", "label", "label_index", "content")
     if rows.select().isEmpty():

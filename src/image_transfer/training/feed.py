@@ -82,7 +82,7 @@ def cache_location(parent: str | None, spark: Any) -> CacheLocation:
     ``parent`` may be a local path, ``file:///...``, ``file:///dbfs/...`` or ``dbfs:/...`` (DBFS through
     its FUSE mount), or ``/Volumes/...``. A cluster with remote executors needs a shared parent.
     """
-    from image_transfer.stats import is_connect
+    from image_transfer.session import is_connect
 
     name = f"image-transfer-feed-{uuid.uuid4().hex[:12]}"
     if parent is None:
@@ -186,7 +186,7 @@ def image_pipeline(
     """Raw column batches (``content``, ``label_index``, ...) -> batches of float images and int labels."""
     import tensorflow as tf
 
-    from image_transfer.images import decode_resize
+    from image_transfer.imaging.graph import decode_resize
 
     height, width = image_size
     rows = raw.unbatch()
@@ -329,7 +329,7 @@ def open_feed(
 
     The private cache directory is deleted on leaving the block, whether it ended normally or not.
     """
-    from image_transfer.stats import is_connect
+    from image_transfer.session import is_connect
 
     chosen = choose_path(path, connect=is_connect(df.sparkSession))
     missing = [c for c in columns if c not in df.columns]

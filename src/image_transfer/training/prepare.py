@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd  # module level: pandas_udf resolves the type hints against these globals
 
 from image_transfer.errors import UserError
-from image_transfer.images import ImageLimits, read_image_files
+from image_transfer.imaging.files import read_image_files
+from image_transfer.imaging.screen import ImageLimits
 
 SPLITS = ("train", "validation")
 _HASH_BUCKETS = 10_000
@@ -83,7 +84,7 @@ def _screen_udf(limits: ImageLimits) -> Any:
 
         from PIL import Image
 
-        from image_transfer.images import screen_one
+        from image_transfer.imaging.screen import screen_one
 
         payload, error = screen_one(data, limits, upright=True)
         if error is not None:
@@ -113,7 +114,7 @@ def _qualified_root(spark: Any, folder: str) -> str:
     Under Spark Connect (no JVM gateway) a scheme-less path is made absolute here: ``_relative_path``
     matches on the part after any scheme, so ``/abs/dir`` finds ``file:/abs/dir/...`` as well.
     """
-    from image_transfer.stats import is_connect
+    from image_transfer.session import is_connect
 
     if is_connect(spark):
         return (folder if "://" in folder or ":/" in folder else os.path.abspath(folder)).rstrip("/")
@@ -317,7 +318,7 @@ def prepare(
     """
     from pyspark.sql import functions as F
 
-    from image_transfer.io import write_output
+    from image_transfer.jobs.outputs import write_output
 
     if not 0.0 <= validation_fraction < 1.0:
         raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")

@@ -153,7 +153,8 @@ def build_backbone(name: str, *, weights: str, image_size: int | None) -> tuple[
     """(backbone, preprocessing layers, input size); a file backbone keeps its own preprocessing."""
     import keras
 
-    from image_transfer.model import embedding_model, load_keras, read_metadata
+    from image_transfer.models.artifact import read_metadata
+    from image_transfer.models.load import embedding_model, load_keras
 
     if name in BACKBONES:
         spec = BACKBONES[name]
@@ -340,15 +341,15 @@ def train(
     """
     import keras
 
-    from image_transfer import gpu
-    from image_transfer.feed import open_feed
-    from image_transfer.model import save_model
-    from image_transfer.prepare import class_names, usable
+    from image_transfer.models.artifact import save_model
+    from image_transfer.scoring import gpu
+    from image_transfer.training.feed import open_feed
+    from image_transfer.training.prepare import class_names, usable
 
     if not output_model.endswith(".keras"):
         raise UserError(f"--output-model must be a .keras file path, got {output_model}")
     if register_as:  # before training, not after
-        from image_transfer.registry import require_tracking
+        from image_transfer.lifecycle.uris import require_tracking
 
         require_tracking(f"--register-as {register_as}")
     names = class_names(df)
@@ -521,14 +522,14 @@ def plot_training_curves(epochs: Sequence[dict[str, Any]], path: Path) -> None:
 
 def mlflow_enabled() -> bool:
     """MLflow is importable and a tracking server is configured (always the case on Databricks)."""
-    from image_transfer.registry import tracking_configured
+    from image_transfer.lifecycle.uris import tracking_configured
 
     return tracking_configured()
 
 
 def log_to_mlflow(result: TrainResult, *, register_as: str | None = None) -> str | None:
     """Log the run to MLflow (see ``registry.log_training``) and register the model; returns the run id."""
-    from image_transfer.registry import log_training
+    from image_transfer.lifecycle.tracking import log_training
 
     run_id, version = log_training(result, register_as=register_as)
     result.mlflow_run_id, result.registered_version = run_id, version

@@ -1,0 +1,526 @@
+"""Command line: the only wiring, and the only place a SparkSession is created.
+
+Each subcommand parses its options, obtains the session once (``_spark``) and calls the stage
+functions, which take DataFrames and plain values. Also the ``python_wheel_task`` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
+from image_transfer.errors import RunFailed, TooManyFailures, UserError
+from image_transfer.imaging.files import IMAGE_EXTENSIONS
+from image_transfer.session import get_spark, parse_conf
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="Parquet dataset path with the images")
+    src.add_argument("--input-table", help="table name with the images (catalog.schema.table)")
+    src.add_argument("--images", help="incremental: folder of image files; only files no earlier run took are scored")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Keras model file (.keras) or SavedModel directory, or an MLflow URI: models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN/PATH",
+    )
+    p.add_argument("--output", help="Parquet output path (replaced atomically; with --images: appended, exactly once)")
+    p.add_argument("--output-table", help="also save the output as this table (with --images: append to it)")
+    _add_incremental_options(p)
+    p.add_argument("--image-column", default="content", help="binary column with encoded images")
+    p.add_argument(
+        "--key-column",
+        action="append",
+        dest="key_columns",
+        help="column passed through to the output (repeatable; default: path)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument(
+        "--broadcast-max-mb",
+        type=float,
+        default=256.0,
+        help="models up to this size are broadcast as bytes; larger ones load from the shared path",
+    )
+    _add_limit_options(p)
+    p.add_argument(
+        "--max-batch-mb",
+        type=float,
+        default=None,
+        help="encoded image bytes per Arrow batch (default 1536, under Arrow's 2 GB limit)",
+    )
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=None,
+        help="output rows per Parquet file (default: about 256 MB files for the output's row size)",
+    )
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=DEFAULT_MAX_FAILED_FRACTION,
+        help="fail the run (exit 3, output kept) when more than this share of rows fail (default 0.5)",
+    )
+    p.add_argument(
+        "--partitions", type=int, help="score in at least this many tasks (default: the cluster's task slots)"
+    )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="the model's compute precision (mixed: variables and outputs stay float32); for GPUs",
+    )
+    p.add_argument("--jit", action="store_true", help="XLA-compile the model on a fixed batch shape (once per worker)")
+    p.add_argument(
+        "--overlap",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode the next chunk of a batch while the model runs the current one (auto: when a GPU is visible)",
+    )
+    p.add_argument("--summary", help="write a JSON run summary here")
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        help="seconds between progress reports (default 1 on a terminal, 30 in logs)",
+    )
+    _add_spark_options(p)
+
+
+def _add_incremental_options(p: argparse.ArgumentParser) -> None:
+    from image_transfer.scoring.incremental import DEFAULT_MAX_FILES_PER_TRIGGER, SOURCES
+
+    p.add_argument("--checkpoint", help="with --images (required): streaming checkpoint, what earlier runs took")
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="with --images: file discovery; auto = Auto Loader (cloudFiles) on Databricks, else binaryFile",
+    )
+    p.add_argument(
+        "--max-files-per-trigger",
+        type=int,
+        default=DEFAULT_MAX_FILES_PER_TRIGGER,
+        help=f"with --images: files per micro-batch (default {DEFAULT_MAX_FILES_PER_TRIGGER})",
+    )
+    p.add_argument(
+        "--extensions", default=",".join(IMAGE_EXTENSIONS), help="with --images: comma-separated file extensions"
+    )
+
+
+def _add_spark_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master", help="Spark master for a local run (default local[*])")
+    p.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Spark setting for the session (repeatable), e.g. spark.executor.resource.gpu.amount=1",
+    )
+    p.add_argument("--remote", help="a Spark Connect server (sc://host:port, or local[2] to start one locally)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``image-transfer`` argument parser (also used by tests to check job parameters)."""
+    parser = argparse.ArgumentParser(prog="image-transfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="classify images: prediction, probability, top_k, error")
+    _add_common_scoring_options(p)
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to report per image")
+    p.set_defaults(handler=_cmd_score)
+
+    p = sub.add_parser("featurize", help="embed images with a model layer: embedding, error")
+    _add_common_scoring_options(p)
+    p.add_argument("--layer", help="layer whose output is the embedding (default: before the classifier)")
+    p.set_defaults(handler=_cmd_featurize)
+
+    p = sub.add_parser("ingest", help="read a folder of image files into Parquet (path, content)")
+    p.add_argument("--images", required=True, help="folder of images (read recursively)")
+    p.add_argument("--output", required=True, help="Parquet output path")
+    _add_spark_options(p)
+    p.set_defaults(handler=_cmd_ingest)
+
+    _add_training_parsers(sub)
+
+    p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
+    p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
+    p.add_argument("--master", help="Spark master (default local[2])")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="Spark setting (repeatable)")
+    p.set_defaults(handler=_cmd_demo)
+
+    from image_transfer.jobs.workspace import DEFAULT_SPARK_VERSION, DEFAULT_TIMEOUT_SECONDS
+
+    p = sub.add_parser("preflight", help="check that a Databricks workspace can run the bundle's jobs")
+    p.add_argument("--profile", help="~/.databrickscfg profile (default: the SDK's usual configuration)")
+    p.add_argument("--host", help="workspace URL (or DATABRICKS_HOST)")
+    p.add_argument(
+        "--token",
+        help="personal access token; prefer DATABRICKS_TOKEN (command lines are visible to other users)",
+    )
+    p.add_argument("--spark-version", default=DEFAULT_SPARK_VERSION, help="runtime key the jobs use")
+    p.add_argument("--node-type-id", help="GPU node type the jobs use (default: list the GPU types offered)")
+    p.add_argument(
+        "--path",
+        action="append",
+        dest="paths",
+        default=[],
+        help="/Volumes/<catalog>/<schema>/<volume>/... or <catalog>.<schema>.<volume> that must exist (repeatable)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per request and retry budget"
+    )
+    p.set_defaults(handler=_cmd_preflight)
+
+    return parser
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (24 MiB)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels (64 M)")
+
+
+def _image_limits(args: argparse.Namespace) -> Any:
+    from image_transfer.imaging.screen import ImageLimits
+
+    limits = ImageLimits.default()
+    try:
+        if args.max_image_bytes is not None:
+            limits = limits.replace(max_bytes=args.max_image_bytes)
+        if args.max_pixels is not None:
+            limits = limits.replace(max_pixels=args.max_pixels)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return limits
+
+
+def session(args: argparse.Namespace, what: str) -> Any:
+    """The command's session (``get_spark``) from its ``--master``, ``--conf`` and ``--remote``."""
+    conf = parse_conf(getattr(args, "conf", None))
+    return get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
+
+
+def _run_scoring(args: argparse.Namespace, mode: str) -> int:
+    from image_transfer import api
+    from image_transfer.jobs import runs
+    from image_transfer.jobs.outputs import read_input, write_output
+
+    if args.images is not None:
+        return _run_incremental(args, mode)
+    if args.checkpoint is not None:
+        raise UserError("--checkpoint goes with --images (incremental scoring)")
+    if args.output is None:
+        raise UserError("--output is required")
+    spark = session(args, "score" if mode == "classify" else "featurize")
+    source = read_input(spark, path=args.input, table=args.input_table)
+    options = dict(
+        image_column=args.image_column,
+        key_columns=tuple(args.key_columns or ["path"]),
+        batch_size=args.batch_size,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_pixels,
+        broadcast_max_mb=args.broadcast_max_mb,
+        partitions=args.partitions,
+        max_batch_mb=args.max_batch_mb,
+        max_failed_fraction=args.max_failed_fraction,
+        precision=args.precision,
+        jit=args.jit,
+        overlap=args.overlap,
+    )
+    if mode == "classify":
+        scored = api.score_images(source, args.model, top_k=args.top_k, **options)
+    else:
+        scored = api.featurize_images(source, args.model, layer=args.layer, **options)
+    rows_in = runs.count_rows(source)
+    runs.require_rows(rows_in)
+    rows_per_file = args.rows_per_file or runs.default_rows_per_file(scored)
+    runs.write_scored(
+        spark,
+        scored,
+        rows_in=rows_in,
+        writer=lambda df: write_output(
+            df, args.output, table=args.output_table, rows_per_file=rows_per_file, rows=rows_in
+        ),
+        output=args.output_table or args.output,
+        mode=mode,
+        progress_interval=args.progress_interval,
+        summary_path=args.summary,
+    )
+    return 0
+
+
+def _run_incremental(args: argparse.Namespace, mode: str) -> int:
+    from image_transfer.jobs.runs import write_summary
+    from image_transfer.scoring import incremental
+
+    if not args.checkpoint:
+        raise UserError("--images needs --checkpoint (where the stream records what it has scored)")
+    if args.key_columns and args.key_columns != ["path"]:
+        raise UserError("with --images the output key is the file path: --key-column does not apply")
+    if bool(args.output) == bool(args.output_table):
+        raise UserError("with --images give --output (a Parquet dataset) or --output-table (a table)")
+    spark = session(args, "score" if mode == "classify" else "featurize")
+    options = dict(
+        checkpoint=args.checkpoint,
+        output=None if args.output_table else args.output,
+        output_table=args.output_table,
+        source=args.source,
+        max_files_per_trigger=args.max_files_per_trigger,
+        extensions=[e.strip() for e in args.extensions.split(",") if e.strip()],
+        batch_size=args.batch_size,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_pixels,
+        broadcast_max_mb=args.broadcast_max_mb,
+        partitions=args.partitions,
+        max_failed_fraction=args.max_failed_fraction,
+        print_fn=print,
+    )
+    if mode == "classify":
+        result = incremental.score_new_images(spark, args.images, args.model, top_k=args.top_k, **options)
+    else:
+        result = incremental.featurize_new_images(spark, args.images, args.model, layer=args.layer, **options)
+    print(result.describe())
+    write_summary(result.to_dict(), args.summary)
+    result.check()
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    return _run_scoring(args, "classify")
+
+
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    return _run_scoring(args, "embed")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from image_transfer.imaging.files import read_image_files
+    from image_transfer.jobs.outputs import write_output
+
+    spark = session(args, "ingest")
+    rows = write_output(read_image_files(spark, args.images), args.output).count()
+    print(f"ingested {rows} files from {args.images} into {args.output}")
+    return 0
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="prepared Parquet dataset path")
+    src.add_argument("--data-table", help="prepared dataset table")
+
+
+def _add_training_parsers(sub: Any) -> None:
+    """``prepare``, ``train`` and ``evaluate`` (options as the bundle's training job passes them)."""
+    p = sub.add_parser("prepare", help="labelled image folder -> Parquet dataset with a train/validation split")
+    p.add_argument("--images", required=True, help="folder of images, one subfolder per class (read recursively)")
+    p.add_argument("--output", required=True, help="Parquet dataset path (replaced atomically)")
+    p.add_argument("--output-table", help="also save the dataset as this table")
+    p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of images for validation")
+    p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
+    p.add_argument("--summary", help="write a JSON summary (counts, the first rejected files) here")
+    p.add_argument(
+        "--rejected",
+        help="write every rejected file (CSV path,reason) here (default: beside --summary, as *.rejected.csv)",
+    )
+    _add_limit_options(p)
+    _add_spark_options(p)
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
+    _add_dataset_options(p)
+    p.add_argument("--output-model", required=True, help="where to save the model (.keras)")
+    p.add_argument(
+        "--backbone", default="mobilenet_v2", help="mobilenet_v2, resnet50, efficientnet_b0, or a .keras file"
+    )
+    p.add_argument("--weights", default="imagenet", help="imagenet (downloaded), none, or a weights file")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of training the new head")
+    p.add_argument(
+        "--fine-tune-layers", type=int, default=0, help="then unfreeze this many top backbone layers (lr / 10)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="of the head phase (fine-tuning: a tenth)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the backbone file's)")
+    p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
+    p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
+    p.add_argument("--mixed-precision", action="store_true", help="compute in float16 on GPUs (ignored without a GPU)")
+    p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
+    p.add_argument(
+        "--register-as",
+        help="register the model as a new version of this MLflow model (catalog.schema.model on Unity Catalog)",
+    )
+    _add_spark_options(p)
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
+    _add_dataset_options(p)
+    p.add_argument("--model", required=True, help="Keras model file (.keras) with class names, or models:/NAME/VERSION")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--metrics", help="write the metrics JSON here")
+    p.add_argument(
+        "--promote-to",
+        metavar="ALIAS",
+        help="set this alias on the evaluated registered version if good enough (exit 1 with the reason if not)",
+    )
+    p.add_argument("--min-accuracy", type=float, default=0.0, help="promotion needs at least this accuracy")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="promotion allows this much lower accuracy than the alias's current version on the same split",
+    )
+    _add_spark_options(p)
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from image_transfer.training.prepare import prepare
+
+    spark = session(args, "prepare")
+    rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
+    result = prepare(
+        spark,
+        args.images,
+        args.output,
+        output_table=args.output_table,
+        labels=args.labels,
+        validation_fraction=args.validation_fraction,
+        extensions=args.extensions.split(","),
+        limits=_image_limits(args),
+        rejected_file=rejected,
+    )
+    print(result.describe())
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _publish_task_value(key: str, value: Any) -> None:
+    """Hand ``value`` to later tasks of a Databricks job run; nothing elsewhere."""
+    try:
+        from image_transfer.jobs.workspace import set_task_value
+    except ImportError:
+        return
+    set_task_value(key, value)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from image_transfer.jobs.outputs import read_input
+    from image_transfer.training.train import TrainConfig, train
+
+    config = TrainConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        fine_tune_layers=args.fine_tune_layers,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        image_size=args.image_size,
+        data_path=args.data_path,
+        cache_dir=args.cache_dir,
+        mixed_precision=args.mixed_precision,
+    )
+    spark = session(args, "train")
+    data = read_input(spark, path=args.data, table=args.data_table)
+    result = train(
+        data, config, output_model=args.output_model, metrics_path=args.metrics, register_as=args.register_as
+    )
+    print(result.describe())
+    _publish_task_value("model_path", result.model_path)
+    _publish_task_value("model_uri", result.model_uri)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from image_transfer.jobs.outputs import read_input
+    from image_transfer.training.evaluate import evaluate
+
+    if args.promote_to is None and (args.min_accuracy or args.tolerance):
+        raise UserError("--min-accuracy and --tolerance only apply with --promote-to ALIAS")
+    spark = session(args, "evaluate")
+    data = read_input(spark, path=args.data, table=args.data_table)
+    if args.promote_to is None:
+        result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
+        print(result.describe())
+        return 0
+    from image_transfer.training.promotion import PromotionRefused, promote
+
+    result, decision = promote(
+        spark,
+        data,
+        model=args.model,
+        alias=args.promote_to,
+        min_accuracy=args.min_accuracy,
+        tolerance=args.tolerance,
+        split=args.split,
+        metrics_path=args.metrics,
+    )
+    print(result.describe())
+    if not decision.promoted:  # exit 1 with the reason; the JSON and the MLflow run have the decision
+        raise PromotionRefused(decision.describe())
+    print(decision.describe())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from image_transfer.jobs.demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from image_transfer.jobs import workspace
+
+    if args.timeout <= 0:
+        raise UserError("--timeout must be positive")
+    client = workspace.connect(profile=args.profile, host=args.host, token=args.token, timeout=args.timeout)
+    checks = workspace.preflight(
+        client, spark_version=args.spark_version, node_type_id=args.node_type_id, paths=args.paths
+    )
+    print(workspace.render_table(checks))
+    return 0 if all(check.ok for check in checks) else 1
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns the exit status.
+
+    0 success; 1 the run failed (the model raised, or ``evaluate --promote-to`` refused the version:
+    the JSON says why); 2 a user error (nothing written); 3 too many rows failed (the output and
+    summary are written).
+    """
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"image-transfer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TooManyFailures as exc:
+        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        return 3
+    except RunFailed as exc:
+        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    """Entry point of the ``image-transfer`` console script and of ``python_wheel_task``.
+
+    Exits non-zero on failure, so a Databricks task fails too.
+    """
+    code = run()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

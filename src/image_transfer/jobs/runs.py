@@ -1,0 +1,188 @@
+"""Scoring as a job: the API's DataFrame written atomically, progress, the run summary and its verdict.
+
+This is what the CLI's ``score``, ``featurize`` and ``demo`` (and so the bundle's jobs) run; notebook
+users call the API (``image_transfer.score_images``) and write the result themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import RunFailed, TooManyFailures, UserError
+from image_transfer.scoring.options import MODEL_ERROR
+from image_transfer.scoring.run import ScoringRun
+from image_transfer.scoring.stats import failed_fraction, worker_lines
+
+SAMPLE_ERRORS = 5
+
+
+@dataclass
+class RunSummary:
+    """What a scoring job did; ``to_dict`` is the ``--summary`` JSON."""
+
+    mode: str
+    model: str
+    model_version: str
+    output: str
+    rows_in: int
+    rows_out: int
+    rows_failed: int
+    seconds: float
+    workers: dict[str, dict[str, Any]]
+    shipped: str
+    errors_sample: list[str] = field(default_factory=list)
+    max_failed_fraction: float = 1.0
+    threshold_exceeded: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        """Output rows per second of the scoring action."""
+        return self.rows_out / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        out = asdict(self)
+        out["images_per_second"] = round(self.images_per_second, 2)
+        out["seconds"] = round(self.seconds, 3)
+        out["failed_fraction"] = failed_fraction(self.rows_failed, self.rows_out)
+        return out
+
+    def describe(self) -> str:
+        """A short human summary."""
+        lines = [
+            f"{self.mode}: {self.rows_in} rows in, {self.rows_out} out, {self.rows_failed} failed, "
+            f"{self.seconds:.1f}s ({self.images_per_second:.1f} images/s); model {self.model_version} "
+            f"({self.shipped})",
+            *worker_lines(self.workers),
+        ]
+        lines += [f"  failed: {e}" for e in self.errors_sample]
+        if self.threshold_exceeded:
+            lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
+        return "\n".join(lines)
+
+
+FILE_TARGET_BYTES = 256 * 1024 * 1024  # output files of about this size suit Parquet readers
+
+
+def default_rows_per_file(scored: Any) -> int:
+    """Rows per output file for files of about ``FILE_TARGET_BYTES``, from the scored output's row width."""
+    from image_transfer.api import scoring_run
+
+    run = scoring_run(scored)
+    keys = 96 * max(1, len(run.options.key_columns))  # a path or id, compressed
+    if run.model.mode == "embed":
+        row = keys + 4 * run.model.width + 64
+    else:
+        row = keys + 24 * run.model.width + 64  # prediction, probability, top-k labels and probabilities
+    return max(1000, FILE_TARGET_BYTES // row)
+
+
+def count_rows(df: Any) -> int:
+    """Rows of an input without reading its image bytes (Parquet footers, file listings)."""
+    return df.select().count()
+
+
+def _model_failure(exc: BaseException) -> RunFailed | None:
+    text = str(exc)
+    if MODEL_ERROR not in text:
+        return None
+    line = next(ln for ln in text.splitlines() if MODEL_ERROR in ln)
+    return RunFailed(line[line.index(MODEL_ERROR) :].strip())
+
+
+def write_scored(
+    spark: Any,
+    scored: Any,
+    *,
+    rows_in: int,
+    writer: Callable[[Any], Any],
+    output: str,
+    mode: str,
+    progress_interval: float | None = None,
+    summary_path: str | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> RunSummary:
+    """Run the scoring by writing ``scored`` with ``writer`` (which returns it read back), then summarise.
+
+    Raises ``RunFailed`` when the model failed (nothing written), ``TooManyFailures`` after writing the
+    output and the summary when more than the run's ``max_failed_fraction`` of the rows failed.
+    """
+    from pyspark.sql import functions as F
+
+    from image_transfer.api import scoring_run
+    from image_transfer.jobs.progress import Progress
+
+    run: ScoringRun = scoring_run(scored)
+    what = "score" if mode == "classify" else "featurize"
+    description = f"{what} {rows_in:,} images with {run.model_version} ({Path(run.model.info.path).name})"
+    started = time.perf_counter()
+    try:
+        with Progress(
+            spark,
+            what,
+            total_rows=rows_in,
+            description=description,
+            interval=progress_interval,
+            input_stage=1 if run.spread else 0,
+        ):
+            written = writer(scored)
+    except Exception as exc:
+        failure = _model_failure(exc)
+        if failure is not None:
+            raise failure from exc
+        raise
+    finally:
+        run.close()
+    seconds = time.perf_counter() - started
+    failed = written.where(F.col("error").isNotNull())
+    first_key = run.options.key_columns[0] if run.options.key_columns else None
+    sample = [
+        f"{r[first_key]}: {r['error']}" if first_key else r["error"] for r in failed.limit(SAMPLE_ERRORS).collect()
+    ]
+    rows_out, rows_failed = written.count(), failed.count()
+    summary = RunSummary(
+        mode=what,
+        model=run.source or run.model.info.path,
+        model_version=run.model_version,
+        output=output,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rows_failed=rows_failed,
+        seconds=seconds,
+        workers=run.workers(),
+        shipped=run.shipped,
+        errors_sample=sample,
+        max_failed_fraction=run.max_failed_fraction,
+    )
+    try:
+        run.check(rows=rows_out, failed=rows_failed, sample=sample)
+    except TooManyFailures:
+        summary.threshold_exceeded = True
+        report(summary, summary_path, print_fn)
+        raise
+    report(summary, summary_path, print_fn)
+    return summary
+
+
+def report(summary: RunSummary, path: str | None, print_fn: Callable[[str], None] = print) -> None:
+    """Print the summary and write it as JSON to ``path``."""
+    print_fn(summary.describe())
+    write_summary(summary.to_dict(), path)
+
+
+def write_summary(summary: dict[str, Any], path: str | None) -> None:
+    """Write a summary dictionary as JSON to ``path`` (nothing when None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def require_rows(rows: int, what: str = "the input") -> None:
+    """UserError for an empty input (before anything is written)."""
+    if rows == 0:
+        raise UserError(f"{what} has no rows")

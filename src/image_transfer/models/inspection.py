@@ -1,0 +1,210 @@
+"""Inspecting a model on the driver without TensorFlow where possible: input size, output width, layers."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import UserError
+from image_transfer.models.artifact import ModelInfo, model_kind, read_metadata, size_on_disk
+from image_transfer.models.load import embedding_model, io_shapes, load_model, preprocess_fn
+
+
+def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -> ModelInfo:
+    """Check the model on the driver is usable; raises UserError with the reason.
+
+    A Keras 3 ``.keras`` file of standard layers is checked from its archive (every member's CRC) and
+    its config (input, output and embedding shapes), without importing TensorFlow: a scheduled job's
+    driver then spends no CPU on it while the workers start. Anything the config cannot settle (a
+    SavedModel, custom or Python-code layers, an unusual head) is loaded once here instead.
+    """
+    kind = model_kind(path)
+    metadata = read_metadata(path)
+    shapes = _config_shapes(path, layer=layer, embed=embed) if kind == "keras" else None
+    if shapes is None:
+        model = load_model(path, kind)
+        if embed:
+            model = embedding_model(model, layer)
+        shapes = io_shapes(model)
+    in_shape, out_shape = shapes
+    if len(in_shape) != 4 or in_shape[-1] != 3 or not all(isinstance(d, int) for d in in_shape[1:3]):
+        raise UserError(
+            f"the model's input {in_shape} is not a batch of fixed-size RGB images [None, height, width, 3]"
+        )
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        what = "embedding" if embed else "class scores"
+        raise UserError(f"the model's output {out_shape} is not a batch of {what} [None, n]")
+    names = metadata.get("class_names")
+    if names is not None and not embed and len(names) != out_shape[1]:
+        raise UserError(f"the model has {out_shape[1]} outputs but its metadata names {len(names)} classes")
+    preprocess = metadata.get("preprocess", "none")
+    preprocess_fn(preprocess)  # validates the name
+    return ModelInfo(
+        path=str(path),
+        kind=kind,
+        height=int(in_shape[1]),
+        width=int(in_shape[2]),
+        output_width=int(out_shape[1]),
+        class_names=tuple(names) if names else None,
+        preprocess=preprocess,
+        size_bytes=size_on_disk(Path(path)),
+        metadata=metadata,
+    )
+
+
+# Layers whose output shape the config settles: same shape as the input, or computed below.
+_SAME_SHAPE = {
+    "Activation",
+    "BatchNormalization",
+    "Dropout",
+    "GaussianNoise",
+    "Identity",
+    "LayerNormalization",
+    "LeakyReLU",
+    "ReLU",
+    "Rescaling",
+    "Softmax",
+}
+_GLOBAL_POOLING = {"GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAveragePooling1D", "GlobalMaxPooling1D"}
+Shape = tuple[Any, ...]
+
+
+def _output_shape(spec: dict[str, Any], in_shape: Shape | None) -> Shape | None:
+    """The output shape of a standard layer given its input's, or None when the config cannot tell."""
+    kind, config = spec.get("class_name"), spec.get("config") or {}
+    if in_shape is None:
+        return None
+    if kind in _SAME_SHAPE:
+        return in_shape
+    if kind == "Dense" and isinstance(config.get("units"), int):
+        return (*in_shape[:-1], config["units"])
+    if kind in _GLOBAL_POOLING and not config.get("keepdims") and config.get("data_format") != "channels_first":
+        return (in_shape[0], in_shape[-1])
+    if kind == "Flatten" and all(isinstance(d, int) for d in in_shape[1:]):
+        return (in_shape[0], math.prod(in_shape[1:]))
+    return None
+
+
+def _tensors(value: Any) -> list[dict[str, Any]]:
+    """The ``__keras_tensor__`` entries of a layer's inbound node arguments (nested lists and dicts)."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return [value.get("config") or {}]
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _shape(value: Any) -> Shape | None:
+    return tuple(value) if isinstance(value, list) else None
+
+
+def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape, Shape] | None:
+    """(input shape, output shape) of a Keras 3 archive from its config alone; None when unsure.
+
+    The output is the model's, or with ``embed`` the named layer's (default: the input of the last
+    layer), as ``inspect_model`` would find by loading. A damaged archive raises UserError.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if not {"config.json", "metadata.json"} <= names:
+                return None
+            if not str(json.loads(zf.read("metadata.json")).get("keras_version", "")).startswith("3."):
+                return None
+            text = zf.read("config.json").decode()
+            bad = zf.testzip()  # reads every member: a damaged weights file shows here, not on a worker
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a valid .keras file: {exc}") from exc
+    if bad is not None:
+        raise UserError(f"{path} is not a valid .keras file: {bad} is damaged (CRC mismatch)")
+    if "Lambda" in text or "__lambda__" in text:
+        return None  # loading refuses it in safe mode, with the reason
+    config = json.loads(text)
+    modules = {str(m) for m in _values(config, "module")}
+    if any(not m.startswith("keras") for m in modules):
+        return None  # custom layers: only loading tells
+    body = config.get("config") or {}
+    layers = body.get("layers") or []
+    if not layers:
+        return None
+    if config.get("class_name") == "Sequential":
+        return _sequential_shapes(config, layers, layer=layer, embed=embed)
+    if config.get("class_name") != "Functional":
+        return None
+    inputs, outputs = body.get("input_layers") or [], body.get("output_layers") or []
+    if len(inputs) != 1 or len(outputs) != 1 or not isinstance(inputs[0], list) or not isinstance(outputs[0], list):
+        return None
+    by_name = {_layer_name(spec): spec for spec in layers}
+    first = by_name.get(inputs[0][0]) or {}
+    in_shape = _shape((first.get("config") or {}).get("batch_shape"))
+    if first.get("class_name") != "InputLayer" or in_shape is None:
+        return None
+    if any(len(spec.get("inbound_nodes") or []) > 1 for spec in layers):
+        return None  # a layer called more than once: which call is meant, only loading tells
+    consumed: dict[str, Shape] = {}  # a layer's output shape, as the layers after it saw it
+    for spec in layers:
+        for node in spec.get("inbound_nodes") or []:
+            for tensor in _tensors(node):
+                history, shape = tensor.get("keras_history"), _shape(tensor.get("shape"))
+                if isinstance(history, list) and len(history) == 3 and history[2] == 0 and shape is not None:
+                    consumed.setdefault(str(history[0]), shape)
+
+    def inbound(spec: dict[str, Any]) -> Shape | None:
+        tensors = [t for node in spec.get("inbound_nodes") or [] for t in _tensors(node)]
+        return _shape(tensors[0].get("shape")) if len(tensors) == 1 else None
+
+    if embed:
+        if layer is None:
+            out = inbound(layers[-1])
+            return (in_shape, out) if out is not None else None
+        chosen = by_name.get(layer)
+        if chosen is None:
+            return None  # loading names the layers there are
+        out = consumed.get(layer) or _output_shape(chosen, inbound(chosen))
+        return (in_shape, out) if out is not None else None
+    last = by_name.get(outputs[0][0])
+    out = _output_shape(last, inbound(last)) if last is not None else None
+    return (in_shape, out) if out is not None else None
+
+
+def _sequential_shapes(
+    config: dict[str, Any], layers: list[dict[str, Any]], *, layer: str | None, embed: bool
+) -> tuple[Shape, Shape] | None:
+    """The shapes of a Sequential model's config: each layer's input as built, else propagated."""
+    if layers[0].get("class_name") == "InputLayer":
+        in_shape = _shape((layers[0].get("config") or {}).get("batch_shape"))
+        layers = layers[1:]
+    else:
+        in_shape = _shape((config.get("build_config") or {}).get("input_shape"))
+    if in_shape is None or not layers:
+        return None
+    shape: Shape | None = in_shape
+    for i, spec in enumerate(layers):
+        shape = _shape((spec.get("build_config") or {}).get("input_shape")) or shape  # as built, when recorded
+        if embed and layer is None and i == len(layers) - 1:
+            return (in_shape, shape) if shape is not None else None  # the input of the last layer
+        shape = _output_shape(spec, shape)
+        if embed and layer is not None and _layer_name(spec) == layer:
+            break
+    else:
+        if embed:
+            return None  # no such layer: loading says which there are
+    return (in_shape, shape) if shape is not None else None
+
+
+def _layer_name(spec: dict[str, Any]) -> Any:
+    return spec.get("name") or (spec.get("config") or {}).get("name")
+
+
+def _values(value: Any, key: str) -> list[Any]:
+    """Every value of ``key`` anywhere in a JSON document."""
+    if isinstance(value, dict):
+        return [v for k, v in value.items() if k == key] + [x for v in value.values() for x in _values(v, key)]
+    if isinstance(value, list):
+        return [x for v in value for x in _values(v, key)]
+    return []

@@ -1,0 +1,124 @@
+"""Loading models safely (Keras safe mode, SavedModel adapter), preprocessing, the embedding sub-model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from image_transfer.errors import UserError
+from image_transfer.models.artifact import PREPROCESSING
+
+
+def preprocess_fn(name: str) -> Callable[[Any], Any]:
+    """Graph function mapping float RGB 0..255 to what a network expects (``none``: unchanged)."""
+    if name not in PREPROCESSING:
+        raise UserError(f"unknown preprocessing {name!r}; one of {', '.join(PREPROCESSING)}")
+    if name == "none":
+        return lambda x: x
+    if name == "scale_0_1":
+        return lambda x: x / 255.0
+    if name == "scale_-1_1":
+        return lambda x: x / 127.5 - 1.0
+    import tensorflow as tf  # caffe (ResNet50 / VGG): BGR, ImageNet means subtracted
+
+    mean = tf.constant([103.939, 116.779, 123.68], tf.float32)
+    return lambda x: x[..., ::-1] - mean
+
+
+def load_keras(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` file in Keras safe mode: a model that would run Python code is refused."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            raise UserError(
+                f"refused to load {path}: it contains Python code (e.g. a Lambda layer), which Keras "
+                "safe mode does not run; rebuild the model without it"
+            ) from exc
+        raise UserError(f"cannot load Keras model {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt archives raise many types
+        raise UserError(f"cannot load Keras model {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class _SavedModelCallable:
+    """A SavedModel's ``serving_default`` signature as a one-input, one-output callable."""
+
+    def __init__(self, path: str) -> None:
+        import tensorflow as tf
+
+        self._loaded = tf.saved_model.load(path)
+        if "serving_default" not in self._loaded.signatures:
+            raise UserError(f"SavedModel {path} has no serving_default signature")
+        self._fn = self._loaded.signatures["serving_default"]
+        inputs = self._fn.structured_input_signature[1]
+        outputs = self._fn.structured_outputs
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"SavedModel {path} must have one input and one output, has {len(inputs)}/{len(outputs)}")
+        self._input_name, spec = next(iter(inputs.items()))
+        self._output_name = next(iter(outputs))
+        self.input_shape = tuple(spec.shape.as_list())
+        self.output_shape = tuple(outputs[self._output_name].shape.as_list())
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        return self._fn(**{self._input_name: x})[self._output_name]
+
+
+def load_model(path: str | os.PathLike[str], kind: str) -> Any:
+    """Load a model for inference: a Keras model, or a callable over a SavedModel signature."""
+    if kind == "keras":
+        return load_keras(path)
+    try:
+        return _SavedModelCallable(str(path))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load SavedModel {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def io_shapes(model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    if isinstance(model, _SavedModelCallable):
+        return model.input_shape, model.output_shape
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(f"the model must have one input and one output, has {len(model.inputs)}/{len(model.outputs)}")
+    return tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
+
+
+def embedding_model(model: Any, layer: str | None) -> Any:
+    """A Keras model from the input to ``layer``'s output, or to the input of the final classifier."""
+    import keras
+
+    if isinstance(model, _SavedModelCallable):
+        raise UserError("featurize needs a Keras (.keras) model, to pick a layer")
+    if layer:
+        try:
+            chosen = model.get_layer(layer)
+        except ValueError as exc:
+            names = ", ".join(lyr.name for lyr in model.layers[-8:])
+            raise UserError(f"no layer {layer!r} in the model (last layers: {names})") from exc
+        # The layer's output as called in this model (for a nested model, ``.output`` is its own graph's).
+        nodes = getattr(chosen, "_inbound_nodes", None)
+        target = nodes[-1].output_tensors[0] if nodes else chosen.output
+    else:
+        target = model.layers[-1].input
+    try:
+        return keras.Model(model.inputs, target)
+    except ValueError as exc:
+        raise UserError(f"cannot cut the model at {layer or 'the input of its last layer'}: {exc}") from exc
+
+
+def configure_threads(cores: int) -> bool:
+    """Limit TensorFlow to ``cores`` threads so concurrent workers do not oversubscribe the CPU.
+
+    Must run before TensorFlow executes anything in the process; returns False when it was too late.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(cores)
+        return True
+    except RuntimeError:
+        return False
