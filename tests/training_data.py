@@ -21,7 +21,7 @@ def _root() -> Path:
 @functools.cache
 def fixture_dataset(spark) -> str:
     """The fixture images (6 classes x 40) prepared with a 0.2 validation fraction; returns its path."""
-    from image_transfer.prepare import prepare
+    from image_transfer.training.prepare import prepare
 
     out = _root() / "fixtures.parquet"
     prepare(spark, str(FIXTURES / "images"), str(out))
