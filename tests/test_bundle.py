@@ -20,7 +20,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from image_transfer.cli import build_parser  # noqa: E402
+from image_transfer.jobs.cli import build_parser  # noqa: E402
 
 try:
     import tomllib
@@ -41,6 +41,8 @@ BUILTINS = {
 }
 RUN_TIME = {"job.run_id": "1234567", "job.start_time.iso_date": "2024-05-01"}
 TASK_VALUE_SAMPLE = "/Volumes/main/s/v/models/from_task_value.keras"
+# What a deploy passes with --var: prod names no notification address of its own.
+DEPLOY_VARS = {"prod": {"notification_email": "ml-oncall@example.com"}}
 
 VAR_REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 DYN_REF = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
@@ -54,11 +56,19 @@ def jobs_of(path: Path) -> dict:
     return (load(path).get("resources") or {}).get("jobs") or {}
 
 
-def variables(target: str) -> dict:
-    """Variable values for ``target``: defaults, then the target's overrides."""
-    values = {name: (spec or {}).get("default") for name, spec in BUNDLE["variables"].items()}
+def variables(target: str, given: dict | None = None) -> dict:
+    """Variable values for ``target``: defaults, the target's overrides, then ``given`` (``--var``).
+
+    ``given`` defaults to ``DEPLOY_VARS[target]``. As in ``databricks bundle validate``, a declared variable
+    left without a value raises ``KeyError("no value assigned to required variable ...")``.
+    """
+    values = {name: spec["default"] for name, spec in BUNDLE["variables"].items() if "default" in (spec or {})}
     for name, value in ((BUNDLE["targets"][target] or {}).get("variables") or {}).items():
         values[name] = value.get("default") if isinstance(value, dict) else value
+    values.update(DEPLOY_VARS.get(target, {}) if given is None else given)
+    missing = sorted(set(BUNDLE["variables"]) - set(values))
+    if missing:
+        raise KeyError(f"no value assigned to required variable {missing[0]}")
     return values
 
 
@@ -76,9 +86,9 @@ def substitute(node, refs: dict):
     return VAR_REF.sub(lambda m: str(substitute(refs[m.group(1)], refs)), node)
 
 
-def resolved(target: str, node):
+def resolved(target: str, node, given: dict | None = None):
     refs = dict(BUILTINS, **{"bundle.target": target})
-    refs.update({f"var.{k}": v for k, v in variables(target).items()})
+    refs.update({f"var.{k}": v for k, v in variables(target, given).items()})
     return substitute(node, refs)
 
 
@@ -290,3 +300,86 @@ def test_validate_bundle_tool():
     done = subprocess.run([python, str(tool), "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "validate_bundle: ok" in done.stdout
+
+
+DOCS = ROOT / "docs" / "deploy.md"
+
+
+def job_of(name: str, target: str = "dev", given: dict | None = None) -> dict:
+    return resolved(target, jobs_of(ROOT / "resources" / f"{name}.job.yml")[name], given)
+
+
+def test_deploy_docs_describe_every_job():
+    text = DOCS.read_text()
+    jobs = sorted(k for path in JOB_FILES for k in jobs_of(path))
+    section = text.split("## The jobs", 1)[1].split("\n## ", 1)[0]
+    assert {"three": 3}.get(re.search(r"creates (\w+) jobs", text).group(1)) == len(jobs) == 3
+    for key in jobs:
+        assert f"**{key}**" in section, f"docs/deploy.md, The jobs: no paragraph on {key}"
+    assert "Both jobs" not in text
+
+
+def test_the_notebook_job_scores_the_model_training_promotes():
+    training = job_of("training")
+    tasks = {t["task_key"]: t for t in training["tasks"]}
+    registered = parse(run_time_values(training, tasks["train"])).register_as
+    promoted = f"models:/{registered}@{parse(run_time_values(training, tasks['evaluate'])).promote_to}"
+    notebook = job_of("score_and_featurize_notebook")
+    defaults = {p["name"]: p["default"] for p in notebook["parameters"]}
+    assert defaults["model"] == promoted == "models:/main.image_transfer_someone.image_classifier@champion"
+    (cluster,) = notebook["job_clusters"]
+    assert cluster["new_cluster"]["spark_env_vars"]["MLFLOW_REGISTRY_URI"] == "databricks-uc"
+    # The widget's own default (an interactive run): the prod variables' champion.
+    prod = {p["name"]: p["default"] for p in job_of("score_and_featurize_notebook", "prod")["parameters"]}
+    widget = re.search(r'widget\("model", "([^"]+)"\)', (ROOT / "notebooks" / "score_and_featurize.py").read_text())
+    assert widget.group(1) == prod["model"] == "models:/main.image_transfer.image_classifier@champion"
+
+
+def test_prod_requires_an_address_for_failure_notifications():
+    spec = BUNDLE["variables"]["notification_email"]
+    assert "default" not in spec and spec.get("type") != "complex"  # --var can set it
+    assert "notification_email" not in (BUNDLE["targets"]["prod"].get("variables") or {})
+    with pytest.raises(KeyError, match="no value assigned to required variable notification_email"):
+        variables("prod", given={})  # databricks bundle validate -t prod, without --var
+    expected = {"dev": "someone@example.com", "dbr18": "someone@example.com", "prod": "ml-oncall@example.com"}
+    assert set(expected) == set(TARGETS)
+    for target, address in expected.items():
+        for path in JOB_FILES:
+            for key, job in jobs_of(path).items():
+                notify = resolved(target, job)["email_notifications"]
+                assert notify["on_failure"] == [address], (target, key)
+                assert all(v == [address] for v in notify.values()), (target, key)
+
+
+def cloud(node_type: str) -> str:
+    """The cloud a node type name belongs to."""
+    return "azure" if node_type.startswith("Standard_") else "aws" if "." in node_type else "gcp"
+
+
+GPU_FAMILY = re.compile(r"^(g4dn|g5|g6e?|p3|p4d|p5)\.|^Standard_N|^(g2|a2|a3)-")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_batch_inference_has_a_cpu_driver(target):
+    (cluster,) = job_of("batch_inference", target)["job_clusters"]
+    spec = cluster["new_cluster"]
+    assert GPU_FAMILY.match(spec["node_type_id"]), spec["node_type_id"]
+    assert not GPU_FAMILY.match(spec["driver_node_type_id"]), spec["driver_node_type_id"]
+    assert cloud(spec["driver_node_type_id"]) == cloud(spec["node_type_id"])
+    assert BUNDLE["variables"]["driver_node_type_id"]["default"] == "m5d.xlarge"
+    (training,) = job_of("training", target)["job_clusters"]
+    assert "driver_node_type_id" not in training["new_cluster"]  # single node: Keras fits on the GPU driver
+
+
+def test_training_weights_are_a_variable_and_documented():
+    raw = jobs_of(ROOT / "resources" / "training.job.yml")["training"]
+    assert {"name": "weights", "default": "${var.backbone_weights}"} in raw["parameters"]
+    train = next(t for t in job_of("training")["tasks"] if t["task_key"] == "train")
+    params = train["python_wheel_task"]["parameters"]
+    assert params[params.index("--weights") + 1] == "{{job.parameters.weights}}"
+    assert parse(run_time_values(job_of("training"), train)).weights == "imagenet"
+    volume_file = "/Volumes/main/s/v/weights/mobilenet_v2_no_top.h5"
+    job = job_of("training", given={"backbone_weights": volume_file})
+    assert parse(run_time_values(job, train)).weights == volume_file
+    text = " ".join(DOCS.read_text().split())
+    assert "outbound internet" in text and "--weights" in text and "backbone_weights" in text
