@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("databricks.sdk")
 
 from image_transfer.errors import UserError  # noqa: E402
-from image_transfer.jobs import cli
+from image_transfer.jobs import cli, workspace  # noqa: E402
 
 TOKEN = "dapi-test-0123456789abcdef-SECRET"
 GPU_ML = "15.4.x-gpu-ml-scala2.12"

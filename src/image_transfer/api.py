@@ -13,11 +13,11 @@ and ``model_version``. Nothing runs until an action (``show``, ``write``, ``coll
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from image_transfer.errors import TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS, read_image_files
-from image_transfer.imaging.screen import ImageLimits
 from image_transfer.lifecycle.uris import resolve_model
 from image_transfer.scoring.frame import scored_frame
 from image_transfer.scoring.options import CLOSURE_MAX_BYTES, ScoringOptions, prepare_model
@@ -25,48 +25,11 @@ from image_transfer.scoring.run import ScoringRun
 from image_transfer.session import is_connect
 
 _RUN_ATTRIBUTE = "_image_transfer_run"
-DEFAULT_MAX_FAILED_FRACTION = 0.5
 
 
 def read_images(spark: Any, folder: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Any:
     """A folder tree of image files as a DataFrame ``path, content`` (every matching file, empty ones too)."""
     return read_image_files(spark, folder, extensions=extensions)
-
-
-def _options(
-    *,
-    image_column: str,
-    key_columns: Sequence[str],
-    batch_size: int,
-    max_image_bytes: int | None,
-    max_pixels: int | None,
-    broadcast_max_mb: float,
-    partitions: int | None,
-    max_batch_mb: float | None = None,
-    precision: str = "float32",
-    jit: bool = False,
-    overlap: str = "auto",
-) -> ScoringOptions:
-    limits = ImageLimits.default()
-    try:
-        if max_image_bytes is not None:
-            limits = limits.replace(max_bytes=max_image_bytes)
-        if max_pixels is not None:
-            limits = limits.replace(max_pixels=max_pixels)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    return ScoringOptions(
-        image_column=image_column,
-        key_columns=tuple(key_columns),
-        batch_size=batch_size,
-        limits=limits,
-        broadcast_max_bytes=int(broadcast_max_mb * 1024 * 1024),
-        partitions=partitions,
-        **({"max_batch_bytes": int(max_batch_mb * 1024 * 1024)} if max_batch_mb is not None else {}),
-        precision=precision,
-        jit=jit,
-        overlap=overlap,
-    )
 
 
 def _model(df: Any, model: str, model_version: str | None, broadcast_max_mb: float) -> tuple[str, str | None, float]:
@@ -95,8 +58,6 @@ def _files(path: str) -> list[Any]:
 
 
 def _attach(df: Any, run: ScoringRun, max_failed_fraction: float, source: str) -> Any:
-    if not 0.0 <= max_failed_fraction <= 1.0:
-        raise UserError(f"max_failed_fraction must be between 0 and 1, got {max_failed_fraction}")
     run.max_failed_fraction = max_failed_fraction
     run.source = str(source)
     setattr(df, _RUN_ATTRIBUTE, run)
@@ -107,20 +68,10 @@ def score_images(
     df: Any,
     model: str,
     *,
-    image_column: str = "content",
-    key_columns: Sequence[str] = ("path",),
     top_k: int = 5,
-    batch_size: int = 64,
-    max_image_bytes: int | None = None,
-    max_pixels: int | None = None,
-    broadcast_max_mb: float = 256.0,
-    partitions: int | None = None,
-    max_batch_mb: float | None = None,
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
-    precision: str = "float32",
-    jit: bool = False,
-    overlap: str = "auto",
+    options: ScoringOptions | None = None,
+    **keywords: Any,
 ) -> Any:
     """Classify the images in ``df[image_column]``: keys, ``prediction, probability, top_k, error, model_version``.
 
@@ -129,34 +80,27 @@ def score_images(
     ``runs:/RUN/PATH``. An alias is resolved here, once, and ``model_version`` is ``NAME/VERSION``;
     for a path it is the file's digest (``sha256:...``) unless ``model_version`` says otherwise.
     Bad images become a row with ``error`` set, never a failed job.
-    ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
-    ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed. ``max_batch_mb`` caps
-    the encoded bytes of one Arrow batch (default 1536, under Arrow's 2 GB limit); ``max_image_bytes``
-    (default 24 MiB) must fit in it. A model over ``broadcast_max_mb`` is read by the executors from its
-    path, which on a cluster must be on shared storage (``/Volumes/...``): anything else is a UserError.
 
-    Compute: ``precision`` (``float32``, ``float16``, ``bfloat16``: the model's compute under a Keras
-    mixed policy, outputs float32), ``jit`` (XLA on a fixed batch shape, compiled once per worker),
-    ``overlap`` (``auto``: decode the next chunk of a batch while the model runs, when a GPU is visible;
-    ``on``, ``off``). On a GPU cluster each Python worker is pinned to the GPU Spark assigned its task.
+    Options (keywords, or a ``ScoringOptions`` as ``options``; see ``ScoringOptions`` for each):
+    ``image_column`` (``content``), ``key_columns`` (``("path",)``), ``batch_size`` (64),
+    ``max_image_bytes`` (24 MiB), ``max_pixels`` (64 M), ``broadcast_max_mb`` (256: a larger model is
+    read by the executors from its path, which on a cluster must be on shared storage such as
+    ``/Volumes/...``), ``max_batch_mb`` (1536 encoded bytes per Arrow batch), ``partitions``,
+    ``max_failed_fraction`` (0.5), and compute: ``precision`` (``float32``, ``float16``, ``bfloat16``),
+    ``jit`` (XLA on a fixed batch shape), ``overlap`` (``auto``, ``on``, ``off``). On a GPU cluster each
+    Python worker is pinned to the GPU Spark assigned its task.
+    ``scoring_run(result)`` is the handle with the statistics; ``scoring_run(result).check()`` raises
+    ``TooManyFailures`` when more than ``max_failed_fraction`` of the rows failed.
     """
-    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
-    prepared = prepare_model(path, mode="classify", top_k=top_k, version=version)
-    options = _options(
-        image_column=image_column,
-        key_columns=key_columns,
-        batch_size=batch_size,
-        max_image_bytes=max_image_bytes,
-        max_pixels=max_pixels,
-        broadcast_max_mb=broadcast_max_mb,
-        partitions=partitions,
-        max_batch_mb=max_batch_mb,
-        precision=precision,
-        jit=jit,
-        overlap=overlap,
+    return _scored(
+        df,
+        model,
+        mode="classify",
+        top_k=top_k,
+        layer=None,
+        version=model_version,
+        options=ScoringOptions.build(options, **keywords),
     )
-    result, run = scored_frame(df, prepared, options)
-    return _attach(result, run, max_failed_fraction, model)
 
 
 def featurize_images(
@@ -164,43 +108,35 @@ def featurize_images(
     model: str,
     *,
     layer: str | None = None,
-    image_column: str = "content",
-    key_columns: Sequence[str] = ("path",),
-    batch_size: int = 64,
-    max_image_bytes: int | None = None,
-    max_pixels: int | None = None,
-    broadcast_max_mb: float = 256.0,
-    partitions: int | None = None,
-    max_batch_mb: float | None = None,
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
-    precision: str = "float32",
-    jit: bool = False,
-    overlap: str = "auto",
+    options: ScoringOptions | None = None,
+    **keywords: Any,
 ) -> Any:
     """Embed the images with a layer of ``model``: keys, ``embedding array<float>, error, model_version``.
 
     ``layer`` names the layer whose output is the embedding; by default the input of the final
     classifier layer (the pooled backbone features of a transfer-learning model). ``model`` is a path
-    or an MLflow URI, as for ``score_images``.
+    or an MLflow URI, and the options are those of ``score_images``.
     """
-    path, version, broadcast_max_mb = _model(df, model, model_version, broadcast_max_mb)
-    prepared = prepare_model(path, mode="embed", layer=layer, version=version)
-    options = _options(
-        image_column=image_column,
-        key_columns=key_columns,
-        batch_size=batch_size,
-        max_image_bytes=max_image_bytes,
-        max_pixels=max_pixels,
-        broadcast_max_mb=broadcast_max_mb,
-        partitions=partitions,
-        max_batch_mb=max_batch_mb,
-        precision=precision,
-        jit=jit,
-        overlap=overlap,
+    return _scored(
+        df,
+        model,
+        mode="embed",
+        top_k=5,
+        layer=layer,
+        version=model_version,
+        options=ScoringOptions.build(options, **keywords),
     )
+
+
+def _scored(
+    df: Any, model: str, *, mode: str, top_k: int, layer: str | None, version: str | None, options: ScoringOptions
+) -> Any:
+    path, version, broadcast_max_mb = _model(df, model, version, options.broadcast_max_mb)
+    prepared = prepare_model(path, mode=mode, top_k=top_k, layer=layer, version=version)
+    options = replace(options, broadcast_max_mb=broadcast_max_mb)
     result, run = scored_frame(df, prepared, options)
-    return _attach(result, run, max_failed_fraction, model)
+    return _attach(result, run, options.max_failed_fraction, model)
 
 
 def scoring_run(df: Any) -> ScoringRun:

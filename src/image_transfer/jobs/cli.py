@@ -13,12 +13,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
+from image_transfer import __version__
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
+from image_transfer.scoring.options import ScoringOptions
 from image_transfer.session import get_spark, parse_conf
 
 Handler = Callable[[argparse.Namespace], int]
+
+DESCRIPTION = (
+    "Score and embed images with a Keras model on Spark, and train one on your labelled images by "
+    "transfer learning: ingest a folder of images, score or featurize it, prepare a labelled folder, "
+    "train, evaluate and promote. Try `image-transfer demo` on the bundled fixtures."
+)
+IMAGES_HINT = (
+    "score a folder of image files with --images (incremental, with --checkpoint), or read it into "
+    "Parquet first with `image-transfer ingest --images DIR --output PATH`"
+)
+PREPARE_HINT = "make a dataset of a labelled folder first with `image-transfer prepare --images DIR --output PATH`"
 
 
 def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
@@ -32,63 +44,26 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
         help="Keras model file (.keras) or SavedModel directory, or an MLflow URI: models:/NAME@ALIAS, "
         "models:/NAME/VERSION, runs:/RUN/PATH",
     )
-    p.add_argument("--output", help="Parquet output path (replaced atomically; with --images: appended, exactly once)")
+    p.add_argument(
+        "--output",
+        help="Parquet output path: a new path, an empty folder or an earlier output of this command, "
+        "replaced atomically (with --images: appended, exactly once)",
+    )
     p.add_argument("--output-table", help="also save the output as this table (with --images: append to it)")
+    _add_overwrite_option(p)
     _add_incremental_options(p)
-    p.add_argument("--image-column", default="content", help="binary column with encoded images")
-    p.add_argument(
-        "--key-column",
-        action="append",
-        dest="key_columns",
-        help="column passed through to the output (repeatable; default: path)",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    p.add_argument(
-        "--broadcast-max-mb",
-        type=float,
-        default=256.0,
-        help="models up to this size are broadcast as bytes; larger ones load from the shared path",
-    )
-    _add_limit_options(p)
-    p.add_argument(
-        "--max-batch-mb",
-        type=float,
-        default=None,
-        help="encoded image bytes per Arrow batch (default 1536, under Arrow's 2 GB limit)",
-    )
+    ScoringOptions.add_arguments(p)
     p.add_argument(
         "--rows-per-file",
         type=int,
         default=None,
         help="output rows per Parquet file (default: about 256 MB files for the output's row size)",
     )
-    p.add_argument(
-        "--max-failed-fraction",
-        type=float,
-        default=DEFAULT_MAX_FAILED_FRACTION,
-        help="fail the run (exit 3, output kept) when more than this share of rows fail (default 0.5)",
-    )
-    p.add_argument(
-        "--partitions", type=int, help="score in at least this many tasks (default: the cluster's task slots)"
-    )
-    p.add_argument(
-        "--precision",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="the model's compute precision (mixed: variables and outputs stay float32); for GPUs",
-    )
-    p.add_argument("--jit", action="store_true", help="XLA-compile the model on a fixed batch shape (once per worker)")
-    p.add_argument(
-        "--overlap",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="decode the next chunk of a batch while the model runs the current one (auto: when a GPU is visible)",
-    )
     p.add_argument("--summary", help="write a JSON run summary here")
     p.add_argument(
         "--progress-interval",
         type=float,
-        help="seconds between progress reports (default 1 on a terminal, 30 in logs)",
+        help="seconds between progress reports (default 1 on a terminal, 30 in logs; batch scoring)",
     )
     _add_spark_options(p)
 
@@ -101,16 +76,27 @@ def _add_incremental_options(p: argparse.ArgumentParser) -> None:
         "--source",
         choices=SOURCES,
         default="auto",
-        help="with --images: file discovery; auto = Auto Loader (cloudFiles) on Databricks, else binaryFile",
+        help="with --images: file discovery; auto = Auto Loader (cloudFiles) on Databricks, else binaryFile "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--max-files-per-trigger",
         type=int,
         default=DEFAULT_MAX_FILES_PER_TRIGGER,
-        help=f"with --images: files per micro-batch (default {DEFAULT_MAX_FILES_PER_TRIGGER})",
+        help="with --images: files per micro-batch (default: %(default)s)",
     )
     p.add_argument(
-        "--extensions", default=",".join(IMAGE_EXTENSIONS), help="with --images: comma-separated file extensions"
+        "--extensions",
+        default=",".join(IMAGE_EXTENSIONS),
+        help="with --images: comma-separated file extensions (default: %(default)s)",
+    )
+
+
+def _add_overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is at --output even if it is not an earlier output of this command (never the input)",
     )
 
 
@@ -128,12 +114,13 @@ def _add_spark_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``image-transfer`` argument parser (also used by tests to check job parameters)."""
-    parser = argparse.ArgumentParser(prog="image-transfer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="image-transfer", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("score", help="classify images: prediction, probability, top_k, error")
     _add_common_scoring_options(p)
-    p.add_argument("--top-k", type=int, default=5, help="how many classes to report per image")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to report per image (default: %(default)s)")
     p.set_defaults(handler=_cmd_score)
 
     p = sub.add_parser("featurize", help="embed images with a model layer: embedding, error")
@@ -142,8 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_featurize)
 
     p = sub.add_parser("ingest", help="read a folder of image files into Parquet (path, content)")
-    p.add_argument("--images", required=True, help="folder of images (read recursively)")
-    p.add_argument("--output", required=True, help="Parquet output path")
+    p.add_argument(
+        "--images", required=True, help=f"folder of images (read recursively: {', '.join(IMAGE_EXTENSIONS)})"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="Parquet output path: a new path, an empty folder or an earlier ingest output (replaced atomically)",
+    )
+    _add_overwrite_option(p)
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_ingest)
 
@@ -151,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
     p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
-    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs (default: %(default)s)")
     p.add_argument("--master", help="Spark master (default local[2])")
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="Spark setting (repeatable)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is in --workdir under the demo's output names even if the demo did not write it",
+    )
     p.set_defaults(handler=_cmd_demo)
 
     from image_transfer.jobs.workspace import DEFAULT_SPARK_VERSION, DEFAULT_TIMEOUT_SECONDS
@@ -165,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help="personal access token; prefer DATABRICKS_TOKEN (command lines are visible to other users)",
     )
-    p.add_argument("--spark-version", default=DEFAULT_SPARK_VERSION, help="runtime key the jobs use")
+    p.add_argument(
+        "--spark-version", default=DEFAULT_SPARK_VERSION, help="runtime key the jobs use (default: %(default)s)"
+    )
     p.add_argument("--node-type-id", help="GPU node type the jobs use (default: list the GPU types offered)")
     p.add_argument(
         "--path",
@@ -175,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="/Volumes/<catalog>/<schema>/<volume>/... or <catalog>.<schema>.<volume> that must exist (repeatable)",
     )
     p.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per request and retry budget"
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help="seconds per request and retry budget (default: %(default)s)",
     )
     p.set_defaults(handler=_cmd_preflight)
 
@@ -207,37 +211,68 @@ def session(args: argparse.Namespace, what: str) -> Any:
     return get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
 
 
+def _checked_session(
+    args: argparse.Namespace,
+    command: str,
+    outputs: Sequence[str | None],
+    inputs: Sequence[str | None],
+    *,
+    append: bool = False,
+) -> Any:
+    """The command's session, once its outputs are checked (``outputs.check_output``): none may overlap an
+    input or replace what it must not. Local paths are checked before Spark starts, others with it."""
+    from image_transfer.jobs.outputs import check_output
+
+    def check(spark: Any) -> bool:
+        return all(
+            [
+                check_output(out, command=command, inputs=inputs, overwrite=overwrite, append=append, spark=spark)
+                for out in outputs
+                if out
+            ]
+        )
+
+    overwrite = bool(getattr(args, "overwrite", False))
+    checked = check(None)
+    spark = session(args, command)
+    if not checked:
+        check(spark)
+    return spark
+
+
+def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
+    """The options object of the flags, checked before any Spark work (a UserError names the flag)."""
+    options = ScoringOptions.from_args(args)
+    if mode == "classify" and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.rows_per_file is not None and args.rows_per_file < 1:
+        raise UserError(f"--rows-per-file must be at least 1, got {args.rows_per_file}")
+    if args.progress_interval is not None and args.progress_interval <= 0:
+        raise UserError(f"--progress-interval must be above 0, got {args.progress_interval}")
+    if args.max_files_per_trigger < 1:
+        raise UserError(f"--max-files-per-trigger must be at least 1, got {args.max_files_per_trigger}")
+    return options
+
+
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     from image_transfer import api
     from image_transfer.jobs import runs
     from image_transfer.jobs.outputs import read_input, write_output
 
+    options = _scoring_options(args, mode)
+    command = "score" if mode == "classify" else "featurize"
     if args.images is not None:
-        return _run_incremental(args, mode)
+        return _run_incremental(args, mode, options)
     if args.checkpoint is not None:
         raise UserError("--checkpoint goes with --images (incremental scoring)")
     if args.output is None:
         raise UserError("--output is required")
-    spark = session(args, "score" if mode == "classify" else "featurize")
-    source = read_input(spark, path=args.input, table=args.input_table)
-    options = dict(
-        image_column=args.image_column,
-        key_columns=tuple(args.key_columns or ["path"]),
-        batch_size=args.batch_size,
-        max_image_bytes=args.max_image_bytes,
-        max_pixels=args.max_pixels,
-        broadcast_max_mb=args.broadcast_max_mb,
-        partitions=args.partitions,
-        max_batch_mb=args.max_batch_mb,
-        max_failed_fraction=args.max_failed_fraction,
-        precision=args.precision,
-        jit=args.jit,
-        overlap=args.overlap,
-    )
+    spark = _checked_session(args, command, [args.output], [args.input])
+    source = read_input(spark, path=args.input, table=args.input_table, images_hint=IMAGES_HINT)
     if mode == "classify":
-        scored = api.score_images(source, args.model, top_k=args.top_k, **options)
+        scored = api.score_images(source, args.model, top_k=args.top_k, options=options)
     else:
-        scored = api.featurize_images(source, args.model, layer=args.layer, **options)
+        scored = api.featurize_images(source, args.model, layer=args.layer, options=options)
     rows_in = runs.count_rows(source)
     runs.require_rows(rows_in)
     rows_per_file = args.rows_per_file or runs.default_rows_per_file(scored)
@@ -246,7 +281,13 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         scored,
         rows_in=rows_in,
         writer=lambda df: write_output(
-            df, args.output, table=args.output_table, rows_per_file=rows_per_file, rows=rows_in
+            df,
+            args.output,
+            table=args.output_table,
+            rows_per_file=rows_per_file,
+            rows=rows_in,
+            command=command,
+            overwrite=args.overwrite,
         ),
         output=args.output_table or args.output,
         mode=mode,
@@ -256,36 +297,35 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     return 0
 
 
-def _run_incremental(args: argparse.Namespace, mode: str) -> int:
+def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOptions) -> int:
     from image_transfer.jobs.runs import write_summary
     from image_transfer.scoring import incremental
 
     if not args.checkpoint:
         raise UserError("--images needs --checkpoint (where the stream records what it has scored)")
-    if args.key_columns and args.key_columns != ["path"]:
-        raise UserError("with --images the output key is the file path: --key-column does not apply")
     if bool(args.output) == bool(args.output_table):
         raise UserError("with --images give --output (a Parquet dataset) or --output-table (a table)")
-    spark = session(args, "score" if mode == "classify" else "featurize")
-    options = dict(
+    for flag, value in (("--rows-per-file", args.rows_per_file), ("--progress-interval", args.progress_interval)):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to incremental scoring (--images): each micro-batch is reported")
+    if args.overwrite:
+        raise UserError("--overwrite does not apply to incremental scoring (--images): the output is appended to")
+    command = "score" if mode == "classify" else "featurize"
+    spark = _checked_session(args, command, [args.output], [args.images], append=True)
+    common = dict(
         checkpoint=args.checkpoint,
         output=None if args.output_table else args.output,
         output_table=args.output_table,
         source=args.source,
         max_files_per_trigger=args.max_files_per_trigger,
         extensions=[e.strip() for e in args.extensions.split(",") if e.strip()],
-        batch_size=args.batch_size,
-        max_image_bytes=args.max_image_bytes,
-        max_pixels=args.max_pixels,
-        broadcast_max_mb=args.broadcast_max_mb,
-        partitions=args.partitions,
-        max_failed_fraction=args.max_failed_fraction,
         print_fn=print,
+        options=options,
     )
     if mode == "classify":
-        result = incremental.score_new_images(spark, args.images, args.model, top_k=args.top_k, **options)
+        result = incremental.score_new_images(spark, args.images, args.model, top_k=args.top_k, **common)
     else:
-        result = incremental.featurize_new_images(spark, args.images, args.model, layer=args.layer, **options)
+        result = incremental.featurize_new_images(spark, args.images, args.model, layer=args.layer, **common)
     print(result.describe())
     write_summary(result.to_dict(), args.summary)
     result.check()
@@ -301,12 +341,21 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from image_transfer.imaging.files import read_image_files
+    from image_transfer.imaging.files import describe_skipped, read_image_files, skipped_files
     from image_transfer.jobs.outputs import write_output
 
-    spark = session(args, "ingest")
-    rows = write_output(read_image_files(spark, args.images), args.output).count()
+    spark = _checked_session(args, "ingest", [args.output], [args.images])
+    images = read_image_files(spark, args.images)
+    skipped = describe_skipped(skipped_files(spark, args.images))
+    if images.isEmpty():
+        found = f"skipped {skipped}" if skipped else "the folder has no files"
+        raise UserError(
+            f"no image files under {args.images} ({found}); ingest reads {', '.join(IMAGE_EXTENSIONS)}; nothing written"
+        )
+    rows = write_output(images, args.output, command="ingest", overwrite=args.overwrite).count()
     print(f"ingested {rows} files from {args.images} into {args.output}")
+    if skipped:
+        print(f"skipped {skipped}: ingest reads {', '.join(IMAGE_EXTENSIONS)}")
     return 0
 
 
@@ -320,11 +369,20 @@ def _add_training_parsers(sub: Any) -> None:
     """``prepare``, ``train`` and ``evaluate`` (options as the bundle's training job passes them)."""
     p = sub.add_parser("prepare", help="labelled image folder -> Parquet dataset with a train/validation split")
     p.add_argument("--images", required=True, help="folder of images, one subfolder per class (read recursively)")
-    p.add_argument("--output", required=True, help="Parquet dataset path (replaced atomically)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="Parquet dataset path: a new path, an empty folder or an earlier prepare output (replaced atomically)",
+    )
     p.add_argument("--output-table", help="also save the dataset as this table")
+    _add_overwrite_option(p)
     p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
-    p.add_argument("--validation-fraction", type=float, default=0.2, help="share of images for validation")
-    p.add_argument("--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read")
+    p.add_argument(
+        "--validation-fraction", type=float, default=0.2, help="share of images for validation (default: %(default)s)"
+    )
+    p.add_argument(
+        "--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read (default: %(default)s)"
+    )
     p.add_argument("--summary", help="write a JSON summary (counts, the first rejected files) here")
     p.add_argument(
         "--rejected",
@@ -338,18 +396,37 @@ def _add_training_parsers(sub: Any) -> None:
     _add_dataset_options(p)
     p.add_argument("--output-model", required=True, help="where to save the model (.keras)")
     p.add_argument(
-        "--backbone", default="mobilenet_v2", help="mobilenet_v2, resnet50, efficientnet_b0, or a .keras file"
+        "--backbone",
+        default="mobilenet_v2",
+        help="mobilenet_v2, resnet50, efficientnet_b0, or a .keras file (default: %(default)s)",
     )
-    p.add_argument("--weights", default="imagenet", help="imagenet (downloaded), none, or a weights file")
-    p.add_argument("--epochs", type=int, default=5, help="epochs of training the new head")
     p.add_argument(
-        "--fine-tune-layers", type=int, default=0, help="then unfreeze this many top backbone layers (lr / 10)"
+        "--weights",
+        default="imagenet",
+        help="imagenet (downloaded), none, or a weights file (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="of the head phase (fine-tuning: a tenth)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of training the new head (default: %(default)s)")
+    p.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        default=0,
+        help="then unfreeze this many top backbone layers, at a tenth of the learning rate (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step (default: %(default)s)")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="of the head phase; fine-tuning uses a tenth (default: %(default)s)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the backbone file's)")
     p.add_argument("--cache-dir", help="parent dir (URL) for the feed cache: a Volume or file:///dbfs/... on clusters")
-    p.add_argument("--data-path", default="auto", choices=["auto", "petastorm", "arrow"], help="how data reaches TF")
+    p.add_argument(
+        "--data-path",
+        default="auto",
+        choices=["auto", "petastorm", "arrow"],
+        help="how data reaches TensorFlow; auto: Petastorm where installed, else Arrow (default: %(default)s)",
+    )
     p.add_argument("--mixed-precision", action="store_true", help="compute in float16 on GPUs (ignored without a GPU)")
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
     p.add_argument(
@@ -362,20 +439,32 @@ def _add_training_parsers(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
     _add_dataset_options(p)
     p.add_argument("--model", required=True, help="Keras model file (.keras) with class names, or models:/NAME/VERSION")
-    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument(
+        "--split",
+        default="validation",
+        choices=["train", "validation"],
+        help="the split to score (default: %(default)s)",
+    )
     p.add_argument("--metrics", help="write the metrics JSON here")
     p.add_argument(
         "--promote-to",
         metavar="ALIAS",
         help="set this alias on the evaluated registered version if good enough (exit 1 with the reason if not)",
     )
-    p.add_argument("--min-accuracy", type=float, default=0.0, help="promotion needs at least this accuracy")
+    p.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.0,
+        help="promotion needs at least this accuracy (default: %(default)s)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
         default=0.0,
-        help="promotion allows this much lower accuracy than the alias's current version on the same split",
+        help="promotion allows this much lower accuracy than the alias's current version on the same split "
+        "(default: %(default)s)",
     )
+    ScoringOptions.add_arguments(p)
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -383,7 +472,13 @@ def _add_training_parsers(sub: Any) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from image_transfer.training.prepare import prepare
 
-    spark = session(args, "prepare")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise UserError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    if not [e for e in args.extensions.split(",") if e.strip()]:
+        raise UserError("--extensions names no extension")
+    limits = _image_limits(args)
+    inputs = [args.images, args.labels if args.labels and args.labels.lower().endswith(".csv") else None]
+    spark = _checked_session(args, "prepare", [args.output], inputs)
     rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
     result = prepare(
         spark,
@@ -393,8 +488,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         labels=args.labels,
         validation_fraction=args.validation_fraction,
         extensions=args.extensions.split(","),
-        limits=_image_limits(args),
+        limits=limits,
         rejected_file=rejected,
+        overwrite=args.overwrite,
     )
     print(result.describe())
     if args.summary:
@@ -416,6 +512,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from image_transfer.jobs.outputs import read_input
     from image_transfer.training.train import TrainConfig, train
 
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning-rate must be above 0, got {args.learning_rate}")
     config = TrainConfig(
         backbone=args.backbone,
         weights=args.weights,
@@ -429,7 +527,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
     )
     spark = session(args, "train")
-    data = read_input(spark, path=args.data, table=args.data_table)
+    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT)
     result = train(
         data, config, output_model=args.output_model, metrics_path=args.metrics, register_as=args.register_as
     )
@@ -445,10 +543,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.promote_to is None and (args.min_accuracy or args.tolerance):
         raise UserError("--min-accuracy and --tolerance only apply with --promote-to ALIAS")
+    if not 0.0 <= args.min_accuracy <= 1.0:
+        raise UserError(f"--min-accuracy must be between 0 and 1, got {args.min_accuracy}")
+    if args.tolerance < 0:
+        raise UserError(f"--tolerance must be at least 0, got {args.tolerance}")
+    options = ScoringOptions.from_args(args)
     spark = session(args, "evaluate")
-    data = read_input(spark, path=args.data, table=args.data_table)
+    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT)
     if args.promote_to is None:
-        result = evaluate(spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics)
+        result = evaluate(
+            spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics, options=options
+        )
         print(result.describe())
         return 0
     from image_transfer.training.promotion import PromotionRefused, promote
@@ -462,6 +567,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         split=args.split,
         metrics_path=args.metrics,
+        options=options,
     )
     print(result.describe())
     if not decision.promoted:  # exit 1 with the reason; the JSON and the MLflow run have the decision

@@ -38,6 +38,7 @@ class RunSummary:
     errors_sample: list[str] = field(default_factory=list)
     max_failed_fraction: float = 1.0
     threshold_exceeded: bool = False
+    compute: dict[str, Any] = field(default_factory=dict)  # batch size, precision, jit, overlap
 
     @property
     def images_per_second(self) -> float:
@@ -158,6 +159,7 @@ def write_scored(
         shipped=run.shipped,
         errors_sample=sample,
         max_failed_fraction=run.max_failed_fraction,
+        compute=run.options.compute_summary(),
     )
     try:
         run.check(rows=rows_out, failed=rows_failed, sample=sample)

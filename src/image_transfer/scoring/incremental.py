@@ -26,10 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from image_transfer.api import DEFAULT_MAX_FAILED_FRACTION
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS, extension_glob
-from image_transfer.scoring.options import MODEL_ERROR
+from image_transfer.scoring.options import MODEL_ERROR, ScoringOptions
 from image_transfer.scoring.run import ScoringRun
 from image_transfer.scoring.stats import failed_fraction, worker_lines
 
@@ -69,6 +68,7 @@ class IncrementalResult:
     errors_sample: list[str] = field(default_factory=list)
     max_failed_fraction: float = 1.0
     threshold_exceeded: bool = False
+    compute: dict[str, Any] = field(default_factory=dict)  # batch size, precision, jit, overlap
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -234,6 +234,25 @@ def _written(spark: Any, output: str | None, table: str | None) -> Any:
     return spark.table(table) if table else spark.read.parquet(output)
 
 
+def _readable_when_empty(spark: Any, output: str, schema: Any) -> None:
+    """Make a Parquet output no micro-batch has committed to (an empty folder, no new files) readable.
+
+    The file sink makes ``_spark_metadata`` before its first commit; while that log is empty, readers
+    find no files and cannot infer a schema. The empty log goes and one empty Parquet file with the
+    output's schema comes: readers see no rows, with the columns. The sink's first commit starts a
+    new log, which lists only its own files.
+    """
+    from image_transfer.fs import file_system
+
+    fs, where = file_system(spark, output)
+    log = fs.join(where, "_spark_metadata")
+    if fs.exists(log):
+        fs.delete(log)
+    if fs.exists(where) and any(n.endswith(".parquet") for n in fs.names(where)):
+        return
+    spark.createDataFrame([], schema).write.mode("append").parquet(output)
+
+
 def _run(
     spark: Any,
     images_dir: str,
@@ -313,7 +332,8 @@ def _run(
         run.close()
     seconds = time.perf_counter() - started
     committed_after = _last_batch(spark, f"{checkpoint}/commits")
-
+    if output and _last_batch(spark, f"{output}/_spark_metadata") < 0:
+        _readable_when_empty(spark, output, out.schema)
     written = _written(spark, output, output_table)
     files_new: int | None = None
     not_scored: list[dict[str, str]] = []
@@ -362,6 +382,7 @@ def _run(
         workers=run.workers(),
         errors_sample=sample,
         max_failed_fraction=max_failed_fraction,
+        compute=run.options.compute_summary(),
     )
     try:
         result.check()
@@ -384,14 +405,10 @@ def score_new_images(
     max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     top_k: int = 5,
-    batch_size: int = 64,
-    max_image_bytes: int | None = None,
-    max_pixels: int | None = None,
-    broadcast_max_mb: float = 256.0,
-    partitions: int | None = None,
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
     print_fn: Callable[[str], None] | None = None,
+    options: ScoringOptions | None = None,
+    **keywords: Any,
 ) -> IncrementalResult:
     """Classify the images under ``images_dir`` that no earlier run with this ``checkpoint`` took.
 
@@ -399,28 +416,16 @@ def score_new_images(
     dataset ``output`` (read it with Spark: the ``_spark_metadata`` log lists the committed files) or
     to the table ``output_table``, then stops. ``result.threshold_exceeded`` (and ``result.check()``)
     tell whether more than ``max_failed_fraction`` of this run's rows failed. To re-score everything
-    with a new model, use a new checkpoint and a new output.
+    with a new model, use a new checkpoint and a new output. The scoring options are those of
+    ``score_images`` (``image_column`` and ``key_columns`` are the files': ``content`` and ``path``).
     """
     from image_transfer.api import score_images
 
-    def scorer(df: Any) -> Any:
-        return score_images(
-            df,
-            model,
-            top_k=top_k,
-            batch_size=batch_size,
-            max_image_bytes=max_image_bytes,
-            max_pixels=max_pixels,
-            broadcast_max_mb=broadcast_max_mb,
-            partitions=partitions,
-            max_failed_fraction=max_failed_fraction,
-            model_version=model_version,
-        )
-
+    opts = _file_options(ScoringOptions.build(options, **keywords))
     return _run(
         spark,
         images_dir,
-        scorer,
+        lambda df: score_images(df, model, top_k=top_k, model_version=model_version, options=opts),
         mode="classify",
         checkpoint=checkpoint,
         output=output,
@@ -428,7 +433,7 @@ def score_new_images(
         source=source,
         extensions=extensions,
         max_files_per_trigger=max_files_per_trigger,
-        max_failed_fraction=max_failed_fraction,
+        max_failed_fraction=opts.max_failed_fraction,
         print_fn=print_fn,
     )
 
@@ -445,36 +450,19 @@ def featurize_new_images(
     source: str = "auto",
     max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    batch_size: int = 64,
-    max_image_bytes: int | None = None,
-    max_pixels: int | None = None,
-    broadcast_max_mb: float = 256.0,
-    partitions: int | None = None,
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     model_version: str | None = None,
     print_fn: Callable[[str], None] | None = None,
+    options: ScoringOptions | None = None,
+    **keywords: Any,
 ) -> IncrementalResult:
     """Embed the new images under ``images_dir`` (as ``score_new_images``): ``path, embedding, error, ...``."""
     from image_transfer.api import featurize_images
 
-    def scorer(df: Any) -> Any:
-        return featurize_images(
-            df,
-            model,
-            layer=layer,
-            batch_size=batch_size,
-            max_image_bytes=max_image_bytes,
-            max_pixels=max_pixels,
-            broadcast_max_mb=broadcast_max_mb,
-            partitions=partitions,
-            max_failed_fraction=max_failed_fraction,
-            model_version=model_version,
-        )
-
+    opts = _file_options(ScoringOptions.build(options, **keywords))
     return _run(
         spark,
         images_dir,
-        scorer,
+        lambda df: featurize_images(df, model, layer=layer, model_version=model_version, options=opts),
         mode="embed",
         checkpoint=checkpoint,
         output=output,
@@ -482,6 +470,16 @@ def featurize_new_images(
         source=source,
         extensions=extensions,
         max_files_per_trigger=max_files_per_trigger,
-        max_failed_fraction=max_failed_fraction,
+        max_failed_fraction=opts.max_failed_fraction,
         print_fn=print_fn,
     )
+
+
+def _file_options(options: ScoringOptions) -> ScoringOptions:
+    """Refuse what does not apply to image files: their bytes are ``content``, their key is ``path``."""
+    for name, value in (("image_column", "content"), ("key_columns", ("path",))):
+        if getattr(options, name) != value:
+            raise UserError(
+                f"incremental scoring reads image files: {name} ({ScoringOptions.flag(name)}) does not apply"
+            )
+    return options

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from image_transfer.errors import UserError
@@ -25,24 +25,55 @@ class ModelFailure(RuntimeError):
     """The model itself raised while scoring (not an undecodable image): the run fails with this reason."""
 
 
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A scoring option: its default, and how the CLI spells it (``help``; argparse's ``type``, ``choices``...)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How to score: input columns, batching, limits and shipping (the API's keyword options)."""
+    """Every scoring option, defined once: the API's keywords and the CLI's flags (``--image-column`` ...).
 
-    image_column: str = "content"
-    key_columns: tuple[str, ...] = ("path",)
-    batch_size: int = 64
-    limits: ImageLimits = field(default_factory=ImageLimits.default)
-    broadcast_max_bytes: int = 256 * 1024 * 1024
-    max_batch_bytes: int = ARROW_BATCH_BYTES
-    partitions: int | None = None
-    precision: str = "float32"  # the model's compute: float32, float16 or bfloat16 (outputs stay float32)
-    jit: bool = False  # XLA-compile the model on a fixed batch shape (once per worker)
-    overlap: str = "auto"  # decode the next chunk while the model runs: on, off, auto (when a GPU is visible)
+    Built once, from keywords (``ScoringOptions.build``) or from parsed flags (``from_args``), and
+    passed through every entry point: ``score_images``, ``featurize_images``, ``score_new_images``,
+    ``featurize_new_images``, ``evaluate`` and the CLI's batch and incremental paths.
+    """
+
+    image_column: str = _opt("content", "binary column with encoded images")
+    key_columns: tuple[str, ...] = _opt(
+        ("path",), "column passed through to the output (repeatable)", flag="--key-column"
+    )
+    batch_size: int = _opt(64, "images per model call", type=int)
+    max_image_bytes: int | None = _opt(None, "refuse larger encoded images (default 24 MiB)", type=int)
+    max_pixels: int | None = _opt(None, "refuse images declaring more pixels (default 64 M)", type=int)
+    broadcast_max_mb: float = _opt(
+        256.0, "models up to this size are broadcast as bytes; larger ones load from the shared path", type=float
+    )
+    max_batch_mb: float | None = _opt(
+        None, "encoded image bytes per Arrow batch (default 1536, under Arrow's 2 GB limit)", type=float
+    )
+    partitions: int | None = _opt(
+        None, "score in at least this many tasks (default: the cluster's task slots)", type=int
+    )
+    max_failed_fraction: float = _opt(
+        0.5, "fail the run (exit 3, output kept) when more than this share of rows fail", type=float
+    )
+    precision: str = _opt(
+        "float32",
+        "the model's compute precision (mixed: variables and outputs stay float32); for GPUs",
+        choices=("float32", "float16", "bfloat16"),
+    )
+    jit: bool = _opt(False, "XLA-compile the model on a fixed batch shape (once per worker)", action="store_true")
+    overlap: str = _opt(
+        "auto",
+        "decode the next chunk of a batch while the model runs the current one (auto: when a GPU is visible)",
+        choices=OVERLAP,
+    )
 
     def __post_init__(self) -> None:
         from image_transfer.scoring.gpu import check_precision
 
+        object.__setattr__(self, "key_columns", tuple(self.key_columns))
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
         check_precision(self.precision)
@@ -50,6 +81,15 @@ class ScoringOptions:
             raise UserError(f"overlap must be one of {', '.join(OVERLAP)}, not {self.overlap!r}")
         if self.partitions is not None and self.partitions < 1:
             raise UserError(f"partitions must be at least 1, got {self.partitions}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise UserError(f"max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}")
+        if self.broadcast_max_mb < 0:
+            raise UserError(f"broadcast_max_mb must be at least 0, got {self.broadcast_max_mb}")
+        if self.max_batch_mb is not None and self.max_batch_mb <= 0:
+            raise UserError(f"max_batch_mb must be above 0, got {self.max_batch_mb}")
+        if not self.key_columns:
+            raise UserError("give at least one key column")
+        self.limits  # noqa: B018 - checks the image limits
         if self.limits.max_bytes > self.max_batch_bytes:
             raise UserError(
                 f"the image size limit ({self.limits.max_bytes} bytes) is over the bytes per batch "
@@ -58,6 +98,75 @@ class ScoringOptions:
         clash = RESERVED & set(self.key_columns)
         if clash:
             raise UserError(f"key columns may not be named like output columns: {', '.join(sorted(clash))}")
+
+    @classmethod
+    def build(cls, options: ScoringOptions | None = None, **keywords: Any) -> ScoringOptions:
+        """``options`` (or the defaults) with ``keywords`` replaced; a UserError names an unknown keyword."""
+        unknown = sorted(set(keywords) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown scoring option {', '.join(unknown)} (options: {', '.join(cls.names())})")
+        return replace(options, **keywords) if options is not None else cls(**keywords)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names (keywords), in order."""
+        return [f.name for f in fields(cls)]
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The CLI flag of an option (``--image-column``)."""
+        spec = next(f for f in fields(ScoringOptions) if f.name == name)
+        return spec.metadata.get("flag") or "--" + name.replace("_", "-")
+
+    @classmethod
+    def add_arguments(cls, parser: Any) -> None:
+        """Add every option to an argparse parser as a flag (help texts show the defaults)."""
+        for spec in fields(cls):
+            meta = dict(spec.metadata)
+            help_text, flag = meta.pop("help"), meta.pop("flag", None) or "--" + spec.name.replace("_", "-")
+            if spec.name == "key_columns":
+                parser.add_argument(flag, action="append", dest=spec.name, help=f"{help_text} (default: path)")
+                continue
+            if meta.get("action") != "store_true" and spec.default is not None:
+                help_text = f"{help_text} (default: {spec.default})"
+            parser.add_argument(flag, dest=spec.name, default=None, help=help_text, **meta)
+
+    @classmethod
+    def from_args(cls, args: Any) -> ScoringOptions:
+        """The options of parsed flags: those given, the rest at their defaults."""
+        given = {n: getattr(args, n) for n in cls.names() if getattr(args, n, None) not in (None, False)}
+        return cls.build(**given)
+
+    def given(self) -> dict[str, Any]:
+        """The options that differ from their defaults, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+    @property
+    def limits(self) -> ImageLimits:
+        """The per-image limits (encoded size, declared pixels)."""
+        limits = ImageLimits.default()
+        try:
+            if self.max_image_bytes is not None:
+                limits = limits.replace(max_bytes=self.max_image_bytes)
+            if self.max_pixels is not None:
+                limits = limits.replace(max_pixels=self.max_pixels)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        return limits
+
+    @property
+    def broadcast_max_bytes(self) -> int:
+        """Models up to this many bytes are broadcast."""
+        return int(self.broadcast_max_mb * 1024 * 1024)
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """Encoded bytes per Arrow batch at most."""
+        return int(self.max_batch_mb * 1024 * 1024) if self.max_batch_mb is not None else ARROW_BATCH_BYTES
+
+    def compute_summary(self) -> dict[str, Any]:
+        """The compute settings a run summary records."""
+        return {"batch_size": self.batch_size, "precision": self.precision, "jit": self.jit, "overlap": self.overlap}
 
 
 @dataclass(frozen=True)
@@ -110,12 +219,16 @@ def prepare_model(
     layer: str | None = None,
     version: str | None = None,
 ) -> PreparedModel:
-    """Check the model on the driver (``inspect_model``); raises UserError before any Spark work is scheduled."""
+    """Check the model on the driver (``inspect_model``); raises UserError before any Spark work is scheduled.
+
+    ``classify`` needs a model whose outputs are class probabilities (a softmax or sigmoid at the end):
+    a headless backbone is refused with a pointer to ``featurize``.
+    """
     if mode not in OUTPUT_COLUMNS:
         raise ValueError(f"mode must be classify or embed, not {mode!r}")
     if mode == "classify" and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
-    info = inspect_model(model_path, layer=layer, embed=mode == "embed")
+    info = inspect_model(model_path, layer=layer, embed=mode == "embed", classify=mode == "classify")
     width = min(top_k, info.output_width) if mode == "classify" else info.output_width
     digest = content_digest(info.path)
     return PreparedModel(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
+from image_transfer.scoring.options import ScoringOptions
 
 
 @dataclass
@@ -44,12 +45,14 @@ def evaluate(
     *,
     model_path: str,
     split: str = "validation",
-    batch_size: int = 64,
     metrics_path: str | None = None,
+    options: ScoringOptions | None = None,
 ) -> EvaluationResult:
     """Classify the ``split`` rows of a prepared dataset and compare the predictions with ``label``.
 
     ``model_path`` is a model file or an MLflow URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``).
+    ``options`` are the scoring options (batch size, limits, compute); the dataset's image column is
+    ``content`` and its keys are ``path, label, label_index``, so those two options do not apply.
     """
     from pyspark.sql import functions as F
 
@@ -59,9 +62,12 @@ def evaluate(
     rows = usable(df, split).select("path", "label", "label_index", "content")
     if rows.select().isEmpty():
         raise UserError(f"the dataset has no usable rows in the {split} split")
-    scored = score_images(
-        rows, model_path, key_columns=("path", "label", "label_index"), top_k=1, batch_size=batch_size
-    )
+    options = options or ScoringOptions()
+    for name in ("image_column", "key_columns"):
+        if getattr(options, name) != getattr(ScoringOptions(), name):
+            raise UserError(f"evaluate scores a prepared dataset: {name} ({ScoringOptions.flag(name)}) does not apply")
+    keys = replace(options, key_columns=("path", "label", "label_index"))
+    scored = score_images(rows, model_path, top_k=1, options=keys)
     run = scoring_run(scored)
     names = run.model.info.class_names
     if names is not None:

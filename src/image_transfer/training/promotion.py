@@ -9,6 +9,7 @@ from typing import Any
 
 from image_transfer.errors import RunFailed, UserError, first_line
 from image_transfer.lifecycle.uris import ResolvedModel, client, import_mlflow, resolve_model
+from image_transfer.scoring.options import ScoringOptions
 
 
 class PromotionRefused(RunFailed):
@@ -76,8 +77,8 @@ def promote(
     min_accuracy: float = 0.0,
     tolerance: float = 0.0,
     split: str = "validation",
-    batch_size: int = 64,
     metrics_path: str | None = None,
+    options: ScoringOptions | None = None,
 ) -> tuple[Any, Promotion]:
     """Evaluate the registered version ``model`` and its alias's current version; move the alias if better.
 
@@ -100,13 +101,13 @@ def promote(
     except Exception:  # noqa: BLE001 - the alias is not set (RESOURCE_DOES_NOT_EXIST / NOT_FOUND)
         current = None
     candidate_uri = f"models:/{resolved.name}/{resolved.number}"
-    result = evaluate(spark, df, model_path=candidate_uri, split=split, batch_size=batch_size)
+    result = evaluate(spark, df, model_path=candidate_uri, split=split, options=options)
     champion_version = champion_accuracy = None
     if current is not None and str(current.version) != resolved.number:
         champion_version = str(current.version)
         try:
             champion = evaluate(
-                spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, batch_size=batch_size
+                spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, options=options
             )
         except UserError as exc:  # e.g. the classes changed: no comparison, so no automatic promotion
             raise UserError(
