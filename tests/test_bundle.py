@@ -21,6 +21,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from image_transfer.jobs.cli import build_parser  # noqa: E402
+from image_transfer.session import SETTINGS  # noqa: E402
 
 try:
     import tomllib
@@ -269,7 +270,8 @@ def test_job_clusters_are_set_up_for_gpu_scoring(target):
                 assert "-gpu-ml-" in spec["spark_version"], where
                 assert spec["data_security_mode"] == "SINGLE_USER", where
                 conf, env = spec["spark_conf"], spec["spark_env_vars"]
-                assert conf["spark.python.worker.reuse"] == "true", where
+                # The Spark settings live in one place (image_transfer.session); the clusters mirror them.
+                assert {k: conf.get(k) for k in SETTINGS} == SETTINGS, where
                 assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true", where
                 assert env["TF_GPU_ALLOCATOR"] == "cuda_malloc_async", where
                 arrow = int(conf["spark.sql.execution.arrow.maxRecordsPerBatch"])
