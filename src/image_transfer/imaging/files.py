@@ -43,6 +43,34 @@ def read_image_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMA
     return df.unionByName(spark.createDataFrame([(p, b"") for p in empty], df.schema))
 
 
+def skipped_files(spark: Any, folder: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, int]:
+    """The files under ``folder`` (recursive) that ``read_image_files`` leaves out for their extension.
+
+    Counts by extension (lower case, ``""`` for a name without one); one pass over the file listing,
+    no file is read. A folder that cannot be listed skips nothing here (the read says why).
+    """
+    from pyspark.sql import functions as F
+
+    try:
+        listing = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(folder)
+    except Exception:  # noqa: BLE001 - AnalysisException: missing folder; read_image_files reports it
+        return {}
+    suffix = F.lower(F.regexp_extract(F.col("path"), r"\.([^./]+)$", 1)).alias("suffix")
+    keep = sorted({e.lower().lstrip(".") for e in extensions})
+    rows = listing.select(suffix).where(~F.col("suffix").isin(keep)).groupBy("suffix").count().collect()
+    return {r["suffix"]: int(r["count"]) for r in rows}
+
+
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """``3 files with other extensions (2 .txt, 1 without an extension)``, most common first; "" for none."""
+    if not skipped:
+        return ""
+    total = sum(skipped.values())
+    kinds = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0] == "", kv[0]))
+    parts = [f"{n} .{ext}" if ext else f"{n} without an extension" for ext, n in kinds]
+    return f"{total} file{'s' if total != 1 else ''} with other extensions ({', '.join(parts)})"
+
+
 def _hadoop_path_string(uri: str) -> str:
     """``file:///a%20b`` (a URI, as ``inputFiles`` gives) -> ``file:/a b`` (as the ``path`` column has it)."""
     from urllib.parse import unquote, urlsplit

@@ -1,4 +1,8 @@
-"""The demo: the pipeline end to end on the bundled fixtures."""
+"""The demo: the pipeline end to end on the bundled fixtures.
+
+Its outputs in the work folder are its own: a second run replaces them; anything else there of the
+same name is refused unless ``--overwrite``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,31 @@ from typing import Any
 from image_transfer.errors import UserError
 from image_transfer.session import get_spark, parse_conf
 
+# Each output in the work folder, and the command its marker records.
+OUTPUTS = {
+    "images.parquet": "demo",
+    "predictions.parquet": "demo",
+    "dataset.parquet": "prepare",
+    "validation_predictions.parquet": "demo",
+}
 
-def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
+
+def check_workdir(workdir: Path, fixtures: Path, *, overwrite: bool = False) -> None:
+    """Refuse (UserError) a work folder whose outputs would overlap the fixture images or replace what
+    the demo did not write (``outputs.check_output``); run before Spark starts."""
+    from image_transfer.jobs.outputs import check_output
+
+    for name, command in OUTPUTS.items():
+        check_output(
+            str(workdir / name),
+            command=command,
+            inputs=[str(fixtures / "images")],
+            overwrite=overwrite,
+            flag="--workdir",
+        )
+
+
+def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool = False) -> None:
     """prepare -> train (the fixture backbone, 64x64) -> score the validation split with the new model."""
     from image_transfer import api
     from image_transfer.jobs import runs
@@ -19,7 +46,7 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
     from image_transfer.training.train import TrainConfig, train
 
     dataset = workdir / "dataset.parquet"
-    print(prepare(spark, str(fixtures / "images"), str(dataset)).describe())
+    print(prepare(spark, str(fixtures / "images"), str(dataset), overwrite=overwrite).describe())
     config = TrainConfig(
         backbone=str(fixtures / "model" / "backbone.keras"),
         epochs=12,
@@ -39,7 +66,7 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path) -> None:
         spark,
         scored,
         rows_in=runs.count_rows(source),
-        writer=lambda df: write_output(df, str(out)),
+        writer=lambda df: write_output(df, str(out), command=OUTPUTS[out.name], overwrite=overwrite),
         output=str(out),
         mode="classify",
     )
@@ -54,6 +81,7 @@ def default_fixtures() -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``image-transfer demo``: ingest and score the fixtures, then prepare, train and score again."""
     from image_transfer import api
     from image_transfer.jobs import runs
     from image_transfer.jobs.outputs import write_output
@@ -64,9 +92,13 @@ def run_demo(args: argparse.Namespace) -> int:
     model_path = fixtures / "model" / "shapes.keras"
     if not model_path.exists():
         raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_workdir(workdir, fixtures, overwrite=overwrite)
     spark = get_spark("image-transfer demo", master=args.master or "local[2]", conf=parse_conf(args.conf))
     images = workdir / "images.parquet"
-    n = write_output(api.read_images(spark, str(fixtures / "images")), str(images)).count()
+    n = write_output(
+        api.read_images(spark, str(fixtures / "images")), str(images), command="demo", overwrite=overwrite
+    ).count()
     print(f"ingested {n} fixture images into {images}")
     out, summary = workdir / "predictions.parquet", workdir / "summary.json"
     source = spark.read.parquet(str(images))
@@ -74,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
         spark,
         api.score_images(source, str(model_path), top_k=3),
         rows_in=n,
-        writer=lambda df: write_output(df, str(out)),
+        writer=lambda df: write_output(df, str(out), command="demo", overwrite=overwrite),
         output=str(out),
         mode="classify",
         summary_path=str(summary),
@@ -84,5 +116,5 @@ def run_demo(args: argparse.Namespace) -> int:
     accuracy = frame.label_accuracy(scored)
     print(f"accuracy against the folder labels: {accuracy:.3f}")
     print(f"predictions: {out}\nsummary: {summary}")
-    _demo_training(spark, fixtures, workdir)
+    _demo_training(spark, fixtures, workdir, overwrite=overwrite)
     return 0

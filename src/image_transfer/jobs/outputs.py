@@ -1,24 +1,284 @@
-"""Reading inputs and writing outputs atomically (staging location, then a rename into place)."""
+"""Reading inputs and writing outputs atomically (staging location, then a rename into place).
+
+An output is only ever written over a previous output of the same command (its commit marker says
+which), a missing path or an empty folder, unless asked to ``overwrite``; never over its own input.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from image_transfer.errors import UserError
 from image_transfer.fs import COMMIT_MARKER, file_system
+from image_transfer.imaging.files import IMAGE_EXTENSIONS
+
+_IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 
 
-def read_input(spark: Any, *, path: str | None = None, table: str | None = None) -> Any:
-    """The input DataFrame from a Parquet path or a table name; UserError when it cannot be read."""
+def read_input(spark: Any, *, path: str | None = None, table: str | None = None, images_hint: str | None = None) -> Any:
+    """The input DataFrame from a Parquet path or a table name; UserError (one line) when it cannot be read.
+
+    ``images_hint`` is said when ``path`` turns out to be a folder of image files, not Parquet (what
+    to run instead).
+    """
     if (path is None) == (table is None):
         raise UserError("give exactly one of an input path or an input table")
+    if path is not None:
+        images = _image_files_in(spark, path)
+        if images:
+            hint = f": {images_hint}" if images_hint else ""
+            raise UserError(f"cannot read input {path}: it is a folder of image files ({images}), not Parquet{hint}")
+        other = _local_non_parquet(path)
+        if other and os.path.splitext(other)[1].lower() in _IMAGE_SUFFIXES:
+            hint = f": {images_hint}" if images_hint else ""
+            raise UserError(f"cannot read input {path}: it holds image files ({other}), not Parquet{hint}")
+        if other:
+            raise UserError(f"cannot read input {path}: not a Parquet dataset ({other} is not a Parquet file)")
     try:
         return spark.read.parquet(path) if path is not None else spark.table(table)
-    except Exception as exc:  # AnalysisException: missing path or table, not Parquet
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read input {path or table}: {first}") from exc
+    except Exception as exc:  # AnalysisException: missing path or table; not Parquet
+        raise UserError(f"cannot read input {path or table}: {_read_error(exc, images_hint)}") from exc
+
+
+def _read_error(exc: BaseException, images_hint: str | None) -> str:
+    """One line for a failed read: the Spark error class and what it means, without the JVM stack."""
+    text = str(exc)
+    if "UNABLE_TO_INFER_SCHEMA" in text:
+        return "no Parquet data there (an empty folder, or files that are not Parquet)" + (
+            f"; {images_hint}" if images_hint else ""
+        )
+    found = re.search(r"(\S+) is not a Parquet file", text)
+    if found or "CANNOT_READ_FILE_FOOTER" in text:
+        which = f" ({found.group(1)} is not a Parquet file)" if found else ""
+        return f"not a Parquet dataset{which}; give a Parquet file or folder, or a table"
+    classed = re.search(r"\[[A-Z_]+(\.[A-Z_]+)?\][^\n]*", text)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (classed.group(0).strip() if classed else lines[0] if lines else type(exc).__name__)[:500]
+
+
+def _local_non_parquet(path: str, *, sample: int = 3) -> str | None:
+    """A local input's data file that is not Parquet (no ``PAR1`` at both ends), when none of its first
+    ``sample`` data files is Parquet; else None (also for a path that is not local, or is missing)."""
+    from image_transfer.session import on_databricks
+
+    local = local_path(path) if not on_databricks() or path.startswith("file:") else None
+    if local is None or not os.path.exists(local):
+        return None
+    if os.path.isfile(local):
+        files = [local]
+    else:
+        files = []
+        for root, dirs, names in os.walk(local):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+            files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(("_", "."))]
+            if len(files) >= sample:
+                break
+    first = None
+    for name in files[:sample]:
+        try:
+            with open(name, "rb") as fh:
+                head = fh.read(4)
+                fh.seek(max(0, os.path.getsize(name) - 4))
+                tail = fh.read(4)
+        except OSError:
+            return None  # unreadable here: Spark says why
+        if head == tail == b"PAR1":
+            return None
+        first = first or name
+    return first
+
+
+def _image_files_in(spark: Any, path: str, *, folders: int = 20) -> str:
+    """``27 .png`` when ``path`` holds image files and no Parquet file (itself and its first ``folders``
+    subfolders, names only); else ""."""
+    try:
+        fs, where = file_system(spark, path)
+        if not fs.exists(where):
+            return ""
+        names = [(where, n) for n in fs.names(where)]
+        for sub in [n for _, n in names if "." not in n and not n.startswith(("_", "."))][:folders]:
+            try:
+                names += [(sub, n) for n in fs.names(fs.join(where, sub))]
+            except Exception:  # noqa: BLE001 - a file without a suffix, or unreadable: not a folder
+                continue
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the read says the rest
+        return ""
+    suffixes = [os.path.splitext(n)[1].lower() for _, n in names if not n.startswith(("_", "."))]
+    if ".parquet" in suffixes or not any(s in _IMAGE_SUFFIXES for s in suffixes):
+        return ""
+    counts: dict[str, int] = {}
+    for suffix in suffixes:
+        if suffix in _IMAGE_SUFFIXES:
+            counts[suffix] = counts.get(suffix, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
+
+
+# ---- where an output may be written ---------------------------------------------------------------------
+
+
+def local_path(path: str) -> str | None:
+    """The resolved local path of ``path``, ``file:/x``, ``file:///x`` or ``file://localhost/x``; None for
+    another scheme (``dbfs:/``, ``s3://``)."""
+    if path.startswith("file:"):
+        rest = path[len("file:") :]
+        if rest.startswith("//"):
+            host, _, tail = rest[2:].partition("/")
+            if host not in ("", "localhost"):
+                return None
+            rest = "/" + tail
+        return os.path.realpath(rest)
+    if re.match(r"^[A-Za-z][\w+.-]*:/", path):
+        return None
+    return os.path.realpath(path)
+
+
+def _glob_root(path: str) -> str:
+    """``path`` up to its first component with a glob character (``data/*.parquet`` -> ``data``)."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?[{"):
+            return "/".join(parts[:i]) or ("/" if path.startswith("/") else ".")
+    return path
+
+
+def _location(spark: Any, path: str) -> tuple[str, str] | None:
+    """(file system, absolute path) to compare places by, or None when it takes a session to know.
+
+    Without a session: local paths and ``file:`` URIs, resolved (symlinks too); a path without a scheme
+    is not local on Databricks (Spark resolves it on DBFS). With one: what Spark's Hadoop file system
+    qualifies it to (a classic session) or the driver path (Spark Connect).
+    """
+    from image_transfer.session import on_databricks
+
+    path = _glob_root(path)
+    if spark is None:
+        if on_databricks() and not path.startswith("file:"):
+            return None
+        local = local_path(path)
+        return ("file://", local) if local is not None else None
+    try:
+        _, where = file_system(spark, path)
+    except Exception:  # noqa: BLE001 - no file system for this scheme (models:/...): not a place
+        return None
+    parts = urlsplit(where)
+    if parts.scheme in ("", "file"):
+        return "file://", os.path.realpath(parts.path)
+    return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/") or "/"
+
+
+def _relation(output: tuple[str, str], source: tuple[str, str]) -> str | None:
+    """``is``, ``contains`` or ``is inside`` when the output's place overlaps the input's."""
+    if output[0] != source[0]:
+        return None
+    out, src = output[1].rstrip("/") or "/", source[1].rstrip("/") or "/"
+    if out == src:
+        return "is"
+    if src.startswith(out.rstrip("/") + "/"):
+        return "contains"
+    if out.startswith(src.rstrip("/") + "/"):
+        return "is inside"
+    return None
+
+
+def _owner(fs: Any, directory: str) -> str | None:
+    """The command recorded in ``directory``'s commit marker ("" for a marker without one); None: no marker."""
+    marker = fs.join(directory, COMMIT_MARKER)
+    if not fs.exists(marker):
+        return None
+    try:
+        text = fs.read_text(marker)
+    except Exception:  # noqa: BLE001 - unreadable (a checksum error): ours, by whom unknown
+        return ""
+    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    return fields.get("command", "")
+
+
+def _is_dir(fs: Any, path: str) -> bool:
+    hadoop = getattr(fs, "_fs", None)  # fs._HadoopFs: Spark's Hadoop FileSystem
+    if hadoop is None:
+        return os.path.isdir(path)
+    return bool(hadoop.getFileStatus(fs._path(path)).isDirectory())
+
+
+def _existing(fs: Any, dest: str) -> tuple[str, str | None]:
+    """What is at ``dest``: ``missing``, ``empty``, ``file``, ``foreign`` (not an output of this project),
+    or ``output`` with the command that wrote it ("" when its marker predates recording it).
+
+    A run killed while swapping outputs leaves ``.NAME.previous-*`` beside ``dest``: those say whose
+    output it is (``_recover`` puts it back before writing).
+    """
+    parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
+    previous = [p for p, _ in sorted(fs.glob(fs.join(parent, f".{name}.previous-*")), key=lambda x: -x[1])]
+    owners = [o for o in (_owner(fs, p) for p in previous) if o is not None] or ([""] if previous else [])
+    if fs.exists(dest):
+        if not _is_dir(fs, dest):
+            return "file", None
+        owner = _owner(fs, dest)
+        if owner is not None:
+            return "output", owner
+        if owners:
+            return "output", owners[0]
+        return ("empty", None) if not fs.names(dest) else ("foreign", None)
+    return ("output", owners[0]) if owners else ("missing", None)
+
+
+def replace_refusal(fs: Any, dest: str, *, command: str | None, path: str | None = None) -> str | None:
+    """Why an output must not replace what is at ``dest`` without being told to overwrite it, or None.
+
+    Free to write: nothing there, an empty folder, or a previous output of this project written by
+    ``command`` (or by any command when ``command`` is None; an old marker records none).
+    """
+    kind, owner = _existing(fs, dest)
+    shown = path or dest
+    if kind == "file":
+        return f"{shown} is an existing file, not an output of image-transfer"
+    if kind == "foreign":
+        return f"{shown} exists and is not an output of image-transfer (it has no {COMMIT_MARKER} marker)"
+    if kind == "output" and owner and command and owner != command:
+        return f"{shown} holds the output of `image-transfer {owner}`, not of `{command}`"
+    return None
+
+
+def check_output(
+    output: str,
+    *,
+    command: str | None,
+    inputs: Sequence[str | None] = (),
+    overwrite: bool = False,
+    append: bool = False,
+    spark: Any = None,
+    flag: str = "--output",
+) -> bool:
+    """Refuse (UserError) an ``output`` that overlaps an input, or would replace what it must not.
+
+    The output may not be, contain or lie inside an input (``append``: be or lie inside one), even with
+    ``overwrite``. Unless ``overwrite`` or ``append``, what is at ``output`` must be free to replace
+    (``replace_refusal``). Without a session (``spark`` None) only local paths and ``file:`` URIs are
+    checked; returns whether everything was (False: check again with the session).
+    """
+    from image_transfer.fs import _LocalFs
+
+    place = _location(spark, output)
+    sources = {source: _location(spark, source) for source in inputs if source}
+    for source, where in sources.items():
+        relation = _relation(place, where) if place is not None and where is not None else None
+        if relation is None or (append and relation == "contains"):
+            continue
+        harm = "destroy the input" if relation != "is inside" else "mix the output into the input"
+        what = {"is": "is the input", "contains": "contains the input", "is inside": "lies inside the input"}[relation]
+        raise UserError(f"{flag} {output} {what} {source}: writing there would {harm}; give an {flag} outside it")
+    if place is not None and not (append or overwrite):
+        fs, dest = (_LocalFs(), place[1]) if spark is None else file_system(spark, output)
+        refusal = replace_refusal(fs, dest, command=command, path=output)
+        if refusal:
+            raise UserError(f"{refusal}: not replaced; give --overwrite to replace it, or another {flag}")
+    return place is not None and all(where is not None for where in sources.values())
 
 
 def _data_files(fs: Any, directory: str) -> tuple[int, int]:
@@ -32,10 +292,12 @@ def _data_files(fs: Any, directory: str) -> tuple[int, int]:
     return files, size
 
 
-def _mark_complete(fs: Any, directory: str) -> None:
-    """Write the commit marker: the number and total size of the data files now in ``directory``."""
+def _mark_complete(fs: Any, directory: str, command: str | None = None) -> None:
+    """Write the commit marker: the number and total size of the data files now in ``directory``, and the
+    command that wrote them (when known)."""
     files, size = _data_files(fs, directory)
-    fs.write_text(fs.join(directory, COMMIT_MARKER), f"files={files} bytes={size}\n")
+    by = f" command={command}" if command else ""
+    fs.write_text(fs.join(directory, COMMIT_MARKER), f"files={files} bytes={size}{by}\n")
 
 
 def _state(fs: Any, directory: str) -> str:
@@ -112,8 +374,14 @@ def write_output(
     table: str | None = None,
     rows_per_file: int | None = None,
     rows: int | None = None,
+    command: str | None = None,
+    overwrite: bool = False,
 ) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
+
+    ``path`` must be missing, an empty folder or a previous output of ``command`` (any command when
+    None), which the marker records: anything else (a file, a folder of other data, another command's
+    output) is refused with a UserError before anything is touched, unless ``overwrite``.
 
     The data is written to a hidden staging directory beside ``path``, marked complete
     (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
@@ -130,6 +398,10 @@ def write_output(
     """
     spark = df.sparkSession
     fs, dest = file_system(spark, path)
+    if not overwrite:
+        refusal = replace_refusal(fs, dest, command=command, path=path)
+        if refusal:
+            raise UserError(f"{refusal}: not replaced (overwrite replaces it)")
     token = uuid.uuid4().hex[:12]
     parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
     staging = fs.join(parent, f".{name}.staging-{token}")
@@ -145,7 +417,7 @@ def write_output(
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
         writer.parquet(staging)
-        _mark_complete(fs, staging)
+        _mark_complete(fs, staging, command)
     except BaseException:
         fs.delete(staging)
         raise

@@ -310,14 +310,18 @@ def prepare(
     extensions: Sequence[str] = ("jpg", "jpeg", "png"),
     limits: ImageLimits | None = None,
     rejected_file: str | None = None,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Read ``images_dir`` with ``binaryFile``, label, screen and split it, write it atomically to ``output``.
 
     The write is the only pass over the image bytes. ``rejected_file`` (a local or mounted path) gets a
-    CSV of every rejected file; the summary lists the first ``REJECTED_SAMPLE``.
+    CSV of every rejected file; the summary lists the first ``REJECTED_SAMPLE``. A folder with fewer
+    than two classes is refused before anything is written (training needs two). ``output`` may replace
+    only an earlier ``prepare`` output unless ``overwrite`` (``write_output``).
     """
     from pyspark.sql import functions as F
 
+    from image_transfer.imaging.files import describe_skipped, skipped_files
     from image_transfer.jobs.outputs import write_output
 
     if not 0.0 <= validation_fraction < 1.0:
@@ -327,20 +331,33 @@ def prepare(
         raise UserError("--extensions names no extension")
     images = read_image_files(spark, images_dir, extensions=exts)
     if images.isEmpty():
-        raise UserError(f"no files with extensions {', '.join(exts)} under {images_dir}")
+        skipped = describe_skipped(skipped_files(spark, images_dir, extensions=exts))
+        raise UserError(
+            f"no files with extensions {', '.join(exts)} under {images_dir}"
+            + (f" (skipped {skipped}; --extensions chooses what to read)" if skipped else "")
+        )
     label_df = read_labels(spark, labels) if labels else None
     root = _qualified_root(spark, images_dir)
     df, names = build_dataset(
         images, root=root, labels=label_df, validation_fraction=validation_fraction, limits=limits
     )
-    written = write_output(df, output, table=None)
+    if len(names) < 2:
+        where = f"the labels {labels} give" if labels else f"{images_dir} has"
+        how = "" if labels else " (one subfolder per class, named after it)"
+        raise UserError(f"{where} one class ({names[0]}): training needs at least two{how}; nothing written")
+    written = write_output(df, output, table=None, command="prepare", overwrite=overwrite)
     usable_names = _labels(written.where(F.col("error").isNull()))
     if not usable_names:
         raise UserError(f"no labelled, readable images found under {images_dir} (every file is listed in {output})")
+    if len(usable_names) < 2:
+        raise UserError(
+            f"only one class ({usable_names[0]}) under {images_dir} has a readable image: training needs at "
+            f"least two (the rejected files are listed in {output})"
+        )
     if usable_names != names:
         # Rare: a class whose every file was rejected. Renumber so label_index stays 0..n-1 (one more
         # pass over the written bytes, without screening again).
-        written = write_output(_renumber(written, usable_names), output)
+        written = write_output(_renumber(written, usable_names), output, command="prepare")
     if output_table:
         written.write.mode("overwrite").saveAsTable(output_table)
     return summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
