@@ -6,7 +6,7 @@
     python benchmarks/gpu.py --model /Volumes/.../m.keras             # in a Databricks notebook's %sh, or a job
 
 Three measurements per compute setting (precision x jit), each over the same synthetic JPEGs
-(``bench.py``'s generator, MobileNetV2 224 with random weights unless ``--model``):
+(``data.py``'s generator, as ``bench.py``, MobileNetV2 224 with random weights unless ``--model``):
 
 - model alone: the scoring function's model part (``Scorer``'s ``infer``) over batches already decoded
   and resident on the device, in this process: the ceiling of what the GPU can do with the model.
@@ -90,16 +90,15 @@ def gpu_count() -> int:
 
 
 def synthetic_images(n: int) -> list[bytes]:
-    from bench import make_jpeg
+    from data import make_jpeg
 
     return [make_jpeg(i) for i in range(n)]
 
 
 def default_model() -> str:
-    from bench import MODEL_PATH, make_model
+    from data import MODEL_PATH, make_model
 
     if not MODEL_PATH.exists():
-        MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
         make_model()
     return str(MODEL_PATH)
 

@@ -1,9 +1,9 @@
-"""The comparison variants of ``bench.py``: the ways people commonly score images with Spark.
+"""The comparison variants of Part 1 (``parts/scoring.py``): the ways people commonly score images with Spark.
 
-This module runs on the Spark workers (``bench.py`` ships it with ``SparkContext.addPyFile``), so the
+This module runs on the Spark workers (Part 1 ships it with ``SparkContext.addPyFile``), so the
 UDFs below are importable there rather than pickled from the script's ``__main__``. Every variant
 counts, per Python worker pid, the model loads it does and the traces Keras makes of its predict
-function, with the project's accumulator (``image_transfer.stats``), exactly as ``score`` counts its own.
+function, with the project's accumulator (``image_transfer.scoring.stats``), exactly as ``score`` counts its own.
 
 All variants decode with Pillow in Python, one image at a time (what the usual code does), resize to
 224x224 bilinearly, scale to -1..1 and report the top-1 class index and its probability.

@@ -1,0 +1,109 @@
+"""Part 2, training input: images/s of ``image_transfer.training.feed`` over Petastorm and over Arrow.
+
+Against the floor, the same ``feed.image_pipeline`` over the encoded bytes held in memory; input
+alone (the pipeline drained with no model), and one training epoch of the project's classifier
+(``image_transfer.training.train``: frozen MobileNetV2 + softmax head, ``train_on_batch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from data import CACHE, CLASSES, MODEL_PATH, SIZE
+from harness import FLOOR_THREADS, configure_tf, load_average, read_local, run_child, spark_session
+
+NAME = "training_input"
+
+
+def run(files: list[str], repeats: int) -> dict[str, Any]:
+    return run_child("training", {"files": files, "model": str(MODEL_PATH), "repeats": repeats, "train_repeats": 1})
+
+
+def child(cfg: dict[str, Any]) -> dict[str, Any]:
+    configure_tf(FLOOR_THREADS)
+    import tensorflow as tf
+
+    try:
+        from image_transfer.training import feed
+    except Exception as exc:  # noqa: BLE001
+        return {"skipped": f"image_transfer.training.feed does not import: {type(exc).__name__}: {exc}"}
+    from image_transfer.training.train import build_backbone, build_classifier
+
+    files = cfg["files"]
+    local = read_local(files, ["content", "label_index"])
+    n = len(local["content"])
+    spark = spark_session("bench training")
+    df = spark.read.parquet(*files).select("content", "label_index")
+    batch = 32  # TrainConfig's default
+    backbone, preprocess, size = build_backbone("mobilenet_v2", weights="none", image_size=SIZE)
+    model = build_classifier(backbone, preprocess, classes=CLASSES, size=size, dropout=0.2)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+    raw_memory = tf.data.Dataset.from_tensor_slices(
+        {"content": tf.constant(local["content"]), "label_index": tf.constant(local["label_index"], tf.int32)}
+    ).batch(64)
+
+    def memory_dataset(training: bool) -> Any:
+        return feed.image_pipeline(raw_memory, batch_size=batch, image_size=(size, size), training=training, seed=0)
+
+    for x, y in memory_dataset(True).take(1):  # trace the train step, not timed
+        model.train_on_batch(x, y)
+
+    def input_pass(ds: Any) -> tuple[float, int]:
+        iterator = iter(ds)
+        t0 = time.perf_counter()
+        count = 0
+        for x, _ in iterator:
+            count += int(x.shape[0])
+        seconds = time.perf_counter() - t0
+        del iterator
+        return seconds, count
+
+    def train_pass(ds: Any) -> tuple[float, int]:
+        iterator = iter(ds)
+        t0 = time.perf_counter()
+        count = 0
+        for x, y in iterator:
+            model.train_on_batch(x, y)  # returns the loss as a Python float: synchronous
+            count += int(x.shape[0])
+        seconds = time.perf_counter() - t0
+        del iterator
+        return seconds, count
+
+    feeds: dict[str, Any] = {}
+    stack = contextlib.ExitStack()
+    out: dict[str, Any] = {"images": n, "batch_size": batch, "paths": {}, "skipped_paths": {}}
+    for path in ("petastorm", "arrow"):
+        t0 = time.perf_counter()
+        try:
+            feeds[path] = stack.enter_context(
+                feed.open_feed(df, path=path, cache_dir=str(CACHE), columns=("content", "label_index"))
+            )
+        except Exception as exc:  # noqa: BLE001 - report, do not hide
+            out["skipped_paths"][path] = f"{type(exc).__name__}: {exc}"
+            print(f"[training] {path} skipped: {exc}", flush=True)
+            continue
+        out["paths"][path] = {"open_seconds": time.perf_counter() - t0, "rows": feeds[path].rows}
+    out["paths"]["floor"] = {"open_seconds": 0.0, "rows": n}
+
+    def dataset(path: str, training: bool) -> Any:
+        if path == "floor":
+            return contextlib.nullcontext(memory_dataset(training))
+        return feeds[path].make_tf_dataset(batch_size=batch, image_size=(size, size), training=training, num_epochs=1)
+
+    names = ["floor", *feeds]
+    with stack:
+        for kind, reps in (("input", cfg["repeats"]), ("train", cfg["train_repeats"])):
+            for r in range(reps):
+                for path in names[r % len(names) :] + names[: r % len(names)]:
+                    with dataset(path, True) as ds:
+                        seconds, count = (input_pass if kind == "input" else train_pass)(ds)
+                    out["paths"][path].setdefault(kind, []).append({"seconds": seconds, "images": count})
+                    print(
+                        f"[training] {kind:5s} {path:9s} {count} images {seconds:6.1f}s "
+                        f"{count / seconds:7.1f} img/s (load {load_average()})",
+                        flush=True,
+                    )
+    return out
