@@ -79,3 +79,21 @@ def test_no_module_shadows_the_standard_library():
 
     names = {p.stem for p in PACKAGE.rglob("*.py")} - {"__init__"}
     assert not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
+
+
+def test_the_public_api_imports_as_documented():
+    import image_transfer
+
+    for name in image_transfer.__all__:
+        assert hasattr(image_transfer, name), name
+    assert {
+        "read_images",
+        "score_images",
+        "featurize_images",
+        "scoring_run",
+        "score_new_images",
+        "featurize_new_images",
+        "UserError",
+        "RunFailed",
+        "TooManyFailures",
+    } <= set(image_transfer.__all__)

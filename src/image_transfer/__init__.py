@@ -8,8 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from image_transfer.api import featurize_images, read_images, score_images, scoring_run
-from image_transfer.errors import RunFailed, UserError  # noqa: E402
+# The version is importable without pyspark or TensorFlow: the imports come after it.
+from image_transfer.api import featurize_images, read_images, score_images, scoring_run  # noqa: E402
+from image_transfer.errors import RunFailed, TooManyFailures, UserError  # noqa: E402
 from image_transfer.scoring.incremental import IncrementalResult, featurize_new_images, score_new_images  # noqa: E402
 
 __all__ = [
