@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from image_transfer import featurize_new_images, score_new_images
+import pytest
+
+from image_transfer import UserError, featurize_new_images, score_new_images
 from image_transfer.jobs import cli
+from image_transfer.scoring.options import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFY_COLUMNS = ["path", "prediction", "probability", "top_k", "error", "model_version", "scored_at"]
@@ -88,3 +92,125 @@ def test_cli_on_an_empty_folder_exits_0_with_a_summary(spark, shapes_model, tmp_
     assert spark.read.parquet(str(output)).columns == CLASSIFY_COLUMNS
     assert cli.run(argv) == 0  # and again, still nothing new
     assert json.loads(summary.read_text())["files_new"] == 0
+
+
+# ---- 8: a headless backbone is not a classifier --------------------------------------------------------
+
+
+def test_a_backbone_is_refused_as_a_classifier_without_tensorflow(backbone_model, shapes_model):
+    code = f"""
+        import sys
+        from image_transfer.errors import UserError
+        from image_transfer.scoring.options import prepare_model
+        try:
+            prepare_model({str(backbone_model)!r}, mode="classify")
+        except UserError as exc:
+            print("REFUSED", exc)
+        assert prepare_model({str(shapes_model)!r}, mode="classify").info.probabilities is True
+        assert prepare_model({str(backbone_model)!r}, mode="embed", layer="embedding").width == 64
+        assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFlow was imported"
+    """
+    done = _python(code, cwd=ROOT, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "REFUSED" in done.stdout and "featurize" in done.stdout and "not a classifier" in done.stdout
+
+
+def test_cli_refuses_a_backbone_for_score(spark, backbone_model, tmp_path, capsys):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    argv = ["score", "--images", str(incoming), "--checkpoint", str(tmp_path / "c"), "--model", str(backbone_model)]
+    assert cli.run([*argv, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not a classifier" in err and "featurize" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def _keras_head(tmp_path: Path, name: str, head, *, class_names=("a", "b", "c")) -> Path:
+    import keras
+
+    from image_transfer.models.artifact import save_model
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    return save_model(keras.Model(inputs, head(x)), tmp_path / f"{name}.keras", class_names=class_names)
+
+
+def test_only_probabilities_are_classified(tmp_path):
+    import keras
+
+    layers = keras.layers
+    accepted = {
+        "softmax": lambda x: layers.Dense(3, activation="softmax")(x),
+        "sigmoid": lambda x: layers.Dense(3, activation="sigmoid")(x),
+        "softmax_layer": lambda x: layers.Softmax()(layers.Dense(3)(x)),
+        "then_dropout": lambda x: layers.Dropout(0.2)(layers.Activation("softmax")(layers.Dense(3)(x))),
+        "nested": lambda x: keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="softmax")])(x),
+    }
+    for name, head in accepted.items():
+        assert prepare_model(str(_keras_head(tmp_path, name, head)), mode="classify").info.probabilities, name
+    refused = {
+        "logits": lambda x: layers.Dense(3)(x),
+        "relu": lambda x: layers.Dense(3, activation="relu")(x),
+        "normalized": lambda x: layers.LayerNormalization()(layers.Dense(3, activation="softmax")(x)),
+    }
+    for name, head in refused.items():
+        path = _keras_head(tmp_path, name, head)
+        with pytest.raises(UserError, match="has class names but its outputs are not probabilities"):
+            prepare_model(str(path), mode="classify")
+        assert prepare_model(str(path), mode="embed").mode == "embed"  # featurize still works
+    headless = _keras_head(tmp_path, "headless", lambda x: layers.Dense(3)(x), class_names=None)
+    with pytest.raises(UserError, match="not a classifier.*featurize"):
+        prepare_model(str(headless), mode="classify")
+
+
+def _savedmodel(path: Path, output) -> Path:
+    import tensorflow as tf
+
+    class Module(tf.Module):
+        def __init__(self) -> None:
+            self.w = tf.Variable(tf.random.stateless_normal([3, 4], seed=[1, 2]) * 100.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def serve(self, x):
+            return {"scores": output(tf.reduce_mean(x, axis=[1, 2]) @ self.w)}
+
+    module = Module()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def _hand_softmax(y):
+    import tensorflow as tf
+
+    e = tf.exp(y - tf.reduce_max(y, axis=-1, keepdims=True))
+    return e / tf.reduce_sum(e, axis=-1, keepdims=True)
+
+
+def test_savedmodels_are_checked_from_their_graph_or_outputs(shapes_model, backbone_model, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from image_transfer.models.load import load_model
+
+    keras.models.load_model(shapes_model, compile=False).export(str(tmp_path / "shapes"))
+    keras.models.load_model(backbone_model, compile=False).export(str(tmp_path / "backbone"))
+    assert load_model(str(tmp_path / "shapes"), "savedmodel").output_op() == "Softmax"  # through the call ops
+    assert load_model(str(tmp_path / "backbone"), "savedmodel").output_op() == "Mean"  # global average pooling
+    assert prepare_model(str(tmp_path / "shapes"), mode="classify").info.probabilities is True
+    with pytest.raises(UserError, match="not a classifier.*featurize"):
+        prepare_model(str(tmp_path / "backbone"), mode="classify")
+    cases = {
+        "softmax": (tf.nn.softmax, True),  # from the graph
+        "linear": (lambda y: y, False),
+        "hand_softmax": (_hand_softmax, True),  # tried on random images
+        "clipped": (lambda y: tf.clip_by_value(y, -5.0, 5.0), False),  # tried: values outside 0..1
+    }
+    ops = {"softmax": "Softmax", "linear": "MatMul", "hand_softmax": "RealDiv", "clipped": "Maximum"}
+    for name, (output, ok) in cases.items():
+        path = _savedmodel(tmp_path / name, output)
+        assert load_model(str(path), "savedmodel").output_op() == ops[name]
+        if ok:
+            assert prepare_model(str(path), mode="classify").info.probabilities is True, name
+        else:
+            with pytest.raises(UserError, match="not a classifier"):
+                prepare_model(str(path), mode="classify")

@@ -33,6 +33,7 @@ class ModelInfo:
     preprocess: str = "none"
     size_bytes: int = 0
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    probabilities: bool | None = None  # the outputs are probabilities (softmax/sigmoid); None: not checked
 
     def label(self, index: int) -> str:
         """Class name of an output index (the index itself when the model has no class names)."""

@@ -10,25 +10,29 @@ from typing import Any
 
 from image_transfer.errors import UserError
 from image_transfer.models.artifact import ModelInfo, model_kind, read_metadata, size_on_disk
-from image_transfer.models.load import embedding_model, io_shapes, load_model, preprocess_fn
+from image_transfer.models.load import embedding_model, io_shapes, load_model, outputs_in_unit_range, preprocess_fn
 
 
-def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -> ModelInfo:
+def inspect_model(path: str, *, layer: str | None = None, embed: bool = False, classify: bool = False) -> ModelInfo:
     """Check the model on the driver is usable; raises UserError with the reason.
 
     A Keras 3 ``.keras`` file of standard layers is checked from its archive (every member's CRC) and
-    its config (input, output and embedding shapes), without importing TensorFlow: a scheduled job's
-    driver then spends no CPU on it while the workers start. Anything the config cannot settle (a
-    SavedModel, custom or Python-code layers, an unusual head) is loaded once here instead.
+    its config (input, output and embedding shapes, the last activation), without importing
+    TensorFlow: a scheduled job's driver then spends no CPU on it while the workers start. Anything
+    the config cannot settle (a SavedModel, custom or Python-code layers, an unusual head) is loaded
+    once here instead. With ``classify`` the outputs must be class probabilities (``check_classifier``).
     """
     kind = model_kind(path)
     metadata = read_metadata(path)
     shapes = _config_shapes(path, layer=layer, embed=embed) if kind == "keras" else None
-    if shapes is None:
+    probabilities = _config_probabilities(path) if kind == "keras" and not embed else None
+    model = None
+    if shapes is None or (classify and probabilities is None):
         model = load_model(path, kind)
-        if embed:
-            model = embedding_model(model, layer)
-        shapes = io_shapes(model)
+        if probabilities is None and not embed:
+            probabilities = _loaded_probabilities(model)
+        if shapes is None:
+            shapes = io_shapes(embedding_model(model, layer) if embed else model)
     in_shape, out_shape = shapes
     if len(in_shape) != 4 or in_shape[-1] != 3 or not all(isinstance(d, int) for d in in_shape[1:3]):
         raise UserError(
@@ -42,7 +46,9 @@ def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -
         raise UserError(f"the model has {out_shape[1]} outputs but its metadata names {len(names)} classes")
     preprocess = metadata.get("preprocess", "none")
     preprocess_fn(preprocess)  # validates the name
-    return ModelInfo(
+    if classify and probabilities is None and model is not None:  # the structure does not tell: try it
+        probabilities = outputs_in_unit_range(model, int(in_shape[1]), int(in_shape[2]), preprocess)
+    info = ModelInfo(
         path=str(path),
         kind=kind,
         height=int(in_shape[1]),
@@ -52,7 +58,136 @@ def inspect_model(path: str, *, layer: str | None = None, embed: bool = False) -
         preprocess=preprocess,
         size_bytes=size_on_disk(Path(path)),
         metadata=metadata,
+        probabilities=probabilities,
     )
+    if classify:
+        check_classifier(info)
+    return info
+
+
+def check_classifier(info: ModelInfo) -> None:
+    """UserError unless the model's outputs are class probabilities (it ends in a softmax or sigmoid).
+
+    A headless backbone (features, no class names) would otherwise be reported as classes with
+    "probabilities" above 1: it is for ``featurize``. A head without a softmax (logits) is refused
+    too, class names or not: scores reported as probabilities would mislead.
+    """
+    if info.probabilities is not False:
+        return
+    if info.class_names is None:
+        raise UserError(
+            f"{info.path} is not a classifier: its {info.output_width} outputs are not class probabilities "
+            "(no softmax or sigmoid at the end) and it has no class names. It looks like a feature extractor: "
+            "use featurize (image-transfer featurize, featurize_images) for its embeddings, "
+            "or train a classification head on it (image-transfer train --backbone)"
+        )
+    raise UserError(
+        f"{info.path} has class names but its outputs are not probabilities (no softmax or sigmoid at the "
+        "end: logits?): end the model with one, e.g. keras.Sequential([model, keras.layers.Softmax()]), "
+        "and save it again; or use featurize for the raw outputs"
+    )
+
+
+PROBABILITY_ACTIVATIONS = {"softmax", "sigmoid", "hard_sigmoid"}
+PROBABILITY_OPS = {"Softmax", "Sigmoid"}
+# Ops after which a SavedModel's outputs are surely not probabilities (other ops: tried on random images).
+_NOT_PROBABILITY_OPS = {
+    "MatMul", "BatchMatMulV2", "BiasAdd", "Add", "AddV2", "Mean", "Max", "Sum", "Relu", "Relu6", "Elu",
+    "Selu", "LeakyRelu", "Tanh", "LogSoftmax", "Conv2D", "Reshape", "Squeeze", "ConcatV2", "FusedBatchNormV3",
+}  # fmt: skip
+# Layers that pass their input's values through at inference: what decides is the layer before.
+_PASS_THROUGH = {"Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "ActivityRegularization"}
+
+
+def _activation_name(value: Any) -> str | None:
+    """``softmax`` of ``"softmax"`` or of a serialized activation (``{"config": "softmax", ...}``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        config = value.get("config")
+        if isinstance(config, str):
+            return config
+        if isinstance(config, dict) and isinstance(config.get("name"), str):
+            return config["name"]
+    return None
+
+
+def _spec_probabilities(spec: dict[str, Any]) -> bool | None | str:
+    """Whether a layer spec ends in probabilities: True, False, None (cannot tell) or ``"pass"`` (look before)."""
+    kind, config = spec.get("class_name"), spec.get("config") or {}
+    if not str(spec.get("module") or "keras").startswith("keras"):
+        return None  # a custom layer
+    if kind in _PASS_THROUGH:
+        return "pass"
+    if kind == "Softmax":
+        return True
+    if kind in ("Functional", "Sequential", "Model") and isinstance(config.get("layers"), list):
+        return _model_probabilities(spec)
+    if "activation" in config:
+        name = _activation_name(config["activation"])
+        return None if name is None else name in PROBABILITY_ACTIVATIONS
+    return False  # a standard layer without an activation: pooling, normalisation, reshaping, merging...
+
+
+def _model_probabilities(config: dict[str, Any]) -> bool | None:
+    """Whether a Keras model config (Functional or Sequential) ends in a softmax or sigmoid; None when unsure."""
+    body = config.get("config") or {}
+    layers = body.get("layers") or []
+    if not layers:
+        return None
+    if config.get("class_name") == "Sequential":
+        for spec in reversed(layers):
+            if spec.get("class_name") == "InputLayer":
+                return None
+            found = _spec_probabilities(spec)
+            if found != "pass":
+                return found  # type: ignore[return-value]
+        return None
+    outputs = body.get("output_layers") or []
+    if len(outputs) != 1 or not isinstance(outputs[0], list):
+        return None
+    by_name = {_layer_name(spec): spec for spec in layers}
+    name = outputs[0][0]
+    for _ in range(len(layers)):
+        spec = by_name.get(name)
+        if spec is None or spec.get("class_name") == "InputLayer":
+            return None
+        found = _spec_probabilities(spec)
+        if found != "pass":
+            return found  # type: ignore[return-value]
+        tensors = [t for node in spec.get("inbound_nodes") or [] for t in _tensors(node)]
+        history = tensors[0].get("keras_history") if len(tensors) == 1 else None
+        if not isinstance(history, list) or not history:
+            return None
+        name = history[0]
+    return None
+
+
+def _config_probabilities(path: str) -> bool | None:
+    """Whether a Keras 3 archive's model ends in a softmax or sigmoid, from its config; None when unsure."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
+        return None
+    return _model_probabilities(config) if isinstance(config, dict) else None
+
+
+def _loaded_probabilities(model: Any) -> bool | None:
+    """Whether a loaded model ends in a softmax or sigmoid: its Keras config, or a SavedModel's graph."""
+    output_op = getattr(model, "output_op", None)
+    if output_op is not None:  # a SavedModel signature
+        try:
+            op = output_op()
+        except Exception:  # noqa: BLE001 - an unusual graph: the outputs are tried instead
+            return None
+        if op in PROBABILITY_OPS:
+            return True
+        return False if op in _NOT_PROBABILITY_OPS else None
+    try:
+        return _model_probabilities({"class_name": type(model).__name__, "config": model.get_config()})
+    except Exception:  # noqa: BLE001 - a model whose config cannot be read: the outputs are tried instead
+        return None
 
 
 # Layers whose output shape the config settles: same shape as the input, or computed below.

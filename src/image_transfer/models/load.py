@@ -65,6 +65,59 @@ class _SavedModelCallable:
     def __call__(self, x: Any, training: bool = False) -> Any:
         return self._fn(**{self._input_name: x})[self._output_name]
 
+    def output_op(self) -> str | None:
+        """The type of the op computing the output (``Softmax``, ``MatMul``...), through identities and
+        function calls; None when the graph does not say (the output is an input, or an unknown call)."""
+        graph_def = self._fn.graph.as_graph_def()
+        functions = {f.signature.name: f for f in graph_def.library.function}
+        if len(self._fn.outputs) != 1:
+            return None
+        tensor = self._fn.outputs[0]
+        nodes = {n.name: n for n in graph_def.node}
+        return _producer(nodes, f"{tensor.op.name}:{tensor.value_index}", functions)
+
+
+_PASS_OPS = {"Identity", "IdentityN", "StopGradient", "Snapshot", "EnsureShape", "CheckNumerics", "PreventGradient"}
+_CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
+
+
+def _producer(nodes: dict[str, Any], ref: str, functions: dict[str, Any], depth: int = 0) -> str | None:
+    """The op type behind a tensor reference (``node``, ``node:1``, or in a function ``node:out:1``)."""
+    parts = ref.split(":")
+    node = nodes.get(parts[0])
+    if node is None or depth > 64 or ref.startswith("^"):
+        return None
+    index = int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 0
+    inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op in _PASS_OPS and inputs:
+        return _producer(
+            nodes, inputs[index if node.op == "IdentityN" and index < len(inputs) else 0], functions, depth + 1
+        )
+    if node.op in _CALL_OPS:
+        body = functions.get(node.attr["f"].func.name)
+        if body is None or index >= len(body.signature.output_arg):
+            return None
+        ret = body.ret.get(body.signature.output_arg[index].name)
+        return _producer({n.name: n for n in body.node_def}, ret, functions, depth + 1) if ret else None
+    return str(node.op)
+
+
+def outputs_in_unit_range(model: Any, height: int, width: int, preprocess: str) -> bool | None:
+    """Whether the model's outputs on a few random images all lie in [0, 1] (probabilities can).
+
+    The last resort when the model's structure does not tell whether it ends in a softmax or sigmoid;
+    None when the model raises on them (then the workers' first batch tells).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, height, width, 3)).astype("float32")
+    try:
+        outputs = np.asarray(model(preprocess_fn(preprocess)(tf.constant(pixels)), training=False), dtype="float64")
+    except Exception:  # noqa: BLE001 - a model that refuses random images: not decided here
+        return None
+    return bool(np.all(np.isfinite(outputs)) and outputs.min() >= -1e-6 and outputs.max() <= 1 + 1e-6)
+
 
 def load_model(path: str | os.PathLike[str], kind: str) -> Any:
     """Load a model for inference: a Keras model, or a callable over a SavedModel signature."""
