@@ -214,3 +214,27 @@ def test_savedmodels_are_checked_from_their_graph_or_outputs(shapes_model, backb
         else:
             with pytest.raises(UserError, match="not a classifier"):
                 prepare_model(str(path), mode="classify")
+
+
+# ---- 9a: a registry URI without a tracking server ------------------------------------------------------
+
+
+def test_a_models_uri_without_tracking_server_says_so_and_creates_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DATABRICKS_"))}
+    code = """
+        from image_transfer.errors import UserError
+        from image_transfer.lifecycle.uris import resolve_model
+        for uri in ("models:/shapes@champion", "models:/shapes/3", "runs:/0123abcd/model"):
+            try:
+                resolve_model(uri)
+            except UserError as exc:
+                print("USERERROR", exc)
+    """
+    done = _python(code, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("USERERROR")]
+    assert len(lines) == 3, done.stdout
+    for line in lines:
+        assert "no MLflow tracking server is configured" in line and "MLFLOW_TRACKING_URI" in line
+        assert "not found" not in line
+    assert list(tmp_path.iterdir()) == [], "created in the current folder: " + ", ".join(os.listdir(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -137,6 +138,14 @@ def resolve_model(model: str) -> ResolvedModel:
     model = str(model)
     if not is_model_uri(model):
         return ResolvedModel(path=model, uri=model)
+    import_mlflow(f"model {model}")
+    if not tracking_configured(registry=model.startswith("models:/")):
+        # MLflow would fall back to ./mlruns: create it, then say the model is not found there
+        raise UserError(
+            f"cannot resolve {model}: no MLflow tracking server is configured (MLFLOW_TRACKING_URI is not "
+            "set and this is not Databricks). Set MLFLOW_TRACKING_URI to the server that holds the model "
+            "(a local store: file:/path/to/mlruns), or pass the model's file path"
+        )
     if model.startswith("runs:/"):
         rest = model[len("runs:/") :].strip("/")
         run_id, _, path = rest.partition("/")
@@ -199,11 +208,26 @@ def mlflow_installed() -> bool:
         return False
 
 
-def tracking_configured() -> bool:
-    """MLflow is importable and a tracking server is set (always the case on Databricks)."""
+def tracking_configured(*, registry: bool = False) -> bool:
+    """MLflow is importable and a tracking server is set (always the case on Databricks).
+
+    Set means ``MLFLOW_TRACKING_URI``, or ``mlflow.set_tracking_uri`` in this process; with
+    ``registry`` a model registry set alike (``MLFLOW_REGISTRY_URI``, ``mlflow.set_registry_uri``)
+    counts too. Imports nothing.
+    """
     if not mlflow_installed():
         return False
-    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or "DATABRICKS_RUNTIME_VERSION" in os.environ
+    if "DATABRICKS_RUNTIME_VERSION" in os.environ or os.environ.get("MLFLOW_TRACKING_URI"):
+        return True
+    if registry and os.environ.get("MLFLOW_REGISTRY_URI"):
+        return True
+    # mlflow.set_tracking_uri / set_registry_uri keep the URI in a module global (and, in recent
+    # versions, in the environment too); only a process that imported MLflow can have set one.
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registries = sys.modules.get("mlflow.tracking._model_registry.utils")
+    return bool(getattr(tracking, "_tracking_uri", None)) or (
+        registry and bool(getattr(registries, "_registry_uri", None))
+    )
 
 
 def require_tracking(what: str) -> None:
