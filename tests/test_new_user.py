@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,54 @@ def test_a_models_uri_without_tracking_server_says_so_and_creates_nothing(tmp_pa
         assert "no MLflow tracking server is configured" in line and "MLFLOW_TRACKING_URI" in line
         assert "not found" not in line
     assert list(tmp_path.iterdir()) == [], "created in the current folder: " + ", ".join(os.listdir(tmp_path))
+
+
+# ---- 9b: no autograph files left behind ----------------------------------------------------------------
+
+
+def test_scoring_leaves_no_autograph_files(fixtures_dir, shapes_model, tmp_path):
+    """Spark's Python workers end without running atexit: TensorFlow's own clean-up never ran there."""
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in _images(fixtures_dir, 6):
+        shutil.copyfile(f, images / f.name)
+    code = f"""
+        from image_transfer import read_images, score_images
+        from image_transfer.session import get_spark
+        spark = get_spark("autograph leftovers", master="local[2]")
+        rows = score_images(read_images(spark, {str(images)!r}), {str(shapes_model)!r}, batch_size=4).collect()
+        assert len(rows) == 6 and all(r.error is None for r in rows), rows
+        spark.stop()
+    """
+    env = {**os.environ, "TMPDIR": str(private_tmp), "PYSPARK_PYTHON": sys.executable}
+    done = _python(code, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    time.sleep(1)  # the daemon's workers end on SIGHUP after the driver stops
+    assert (private_tmp / "image-transfer-models").is_dir(), "the workers did not use the private temp folder"
+    left = sorted(p.name for p in private_tmp.glob("__autograph_generated_file*"))
+    assert left == [], f"{len(left)} autograph files left"
+
+
+def test_autograph_files_go_once_loaded_and_their_source_stays_for_tracebacks():
+    import linecache
+
+    import tensorflow as tf
+
+    from image_transfer.models.load import tidy_autograph
+
+    tidy_autograph()
+    tidy_autograph()  # idempotent
+
+    @tf.function
+    def doubled_when_positive(x):
+        if tf.reduce_sum(x) > 0:  # Python control flow on a tensor: autograph converts the function
+            return x * 2.0
+        return x
+
+    assert doubled_when_positive(tf.constant([1.0])).numpy().tolist() == [2.0]
+    files = [m.__file__ for name, m in list(sys.modules.items()) if name.startswith("__autograph_generated_file")]
+    ours = [f for f in files if "def tf__doubled_when_positive" in "".join(linecache.getlines(f))]
+    assert ours  # the source is still there for tracebacks...
+    assert not [f for f in ours if os.path.exists(f)]  # ...but not the file

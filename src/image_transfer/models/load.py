@@ -26,9 +26,44 @@ def preprocess_fn(name: str) -> Callable[[Any], Any]:
     return lambda x: x[..., ::-1] - mean
 
 
+def tidy_autograph() -> None:
+    """Remove each file TensorFlow's autograph writes (``<tmp>/__autograph_generated_file*.py``) once loaded.
+
+    Autograph writes the converted source of every traced Python function to a temp file and
+    deletes it at exit, but Spark's Python workers end with ``os._exit`` or a signal, so their files
+    stayed in ``/tmp`` for good. Here each file goes as soon as its module is loaded; its source stays
+    in ``linecache``, so tracebacks still show the lines. Idempotent; does nothing if TensorFlow's
+    autograph loader is not where this expects it.
+    """
+    try:
+        from tensorflow.python.autograph.pyct import loader
+    except ImportError:
+        return
+    original = getattr(loader, "load_source", None)
+    if original is None or getattr(original, "_image_transfer_tidy", False):
+        return
+
+    def load_source(source: str, delete_on_exit: bool) -> tuple[Any, str]:
+        module, file_name = original(source, delete_on_exit)
+        if delete_on_exit:
+            import linecache
+
+            linecache.cache[file_name] = (len(source), None, source.splitlines(True), file_name)
+            try:
+                os.remove(file_name)
+            except OSError:
+                pass
+        return module, file_name
+
+    load_source._image_transfer_tidy = True  # type: ignore[attr-defined]
+    loader.load_source = load_source
+
+
 def load_keras(path: str | os.PathLike[str]) -> Any:
     """Load a ``.keras`` file in Keras safe mode: a model that would run Python code is refused."""
     import keras
+
+    tidy_autograph()
 
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
@@ -49,6 +84,7 @@ class _SavedModelCallable:
     def __init__(self, path: str) -> None:
         import tensorflow as tf
 
+        tidy_autograph()
         self._loaded = tf.saved_model.load(path)
         if "serving_default" not in self._loaded.signatures:
             raise UserError(f"SavedModel {path} has no serving_default signature")
@@ -169,6 +205,7 @@ def configure_threads(cores: int) -> bool:
     """
     import tensorflow as tf
 
+    tidy_autograph()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(cores)
         tf.config.threading.set_inter_op_parallelism_threads(cores)
