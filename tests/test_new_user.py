@@ -15,6 +15,7 @@ import pytest
 
 from image_transfer import UserError, featurize_new_images, score_new_images
 from image_transfer.jobs import cli
+from image_transfer.models import artifact
 from image_transfer.scoring.options import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +291,57 @@ def test_autograph_files_go_once_loaded_and_their_source_stays_for_tracebacks():
     ours = [f for f in files if "def tf__doubled_when_positive" in "".join(linecache.getlines(f))]
     assert ours  # the source is still there for tracebacks...
     assert not [f for f in ours if os.path.exists(f)]  # ...but not the file
+
+
+# ---- 9c: the shipped-model cache stays bounded ---------------------------------------------------------
+
+
+def _entry(root: Path, name: str, *, size: int, age: float) -> Path:
+    entry = root / name
+    entry.mkdir(parents=True)
+    (entry / "model.keras").write_bytes(b"x" * size)
+    stamp = time.time() - age
+    os.utime(entry, (stamp, stamp))
+    return entry
+
+
+def test_the_model_cache_keeps_the_recently_used_within_its_limits(tmp_path):
+    root = tmp_path / artifact.CACHE_DIR
+    hour = 3600.0
+    for i, age in enumerate([5 * hour, 4 * hour, 3 * hour, 2 * hour, 60.0]):
+        _entry(root, f"m{i}", size=100, age=age)
+    stale = root / ".0123456789abcdef-killed"
+    stale.mkdir()
+    os.utime(stale, (time.time() - hour, time.time() - hour))
+    removed = artifact.trim_cache(root, max_entries=2, max_bytes=10**9, min_age=600)
+    assert sorted(removed) == ["m0", "m1", "m2"]  # oldest first, down to the limit
+    assert sorted(p.name for p in root.iterdir()) == ["m3", "m4"]  # and the killed unpack's leftovers
+    # By size: entries used within min_age stay even over the limit (another job may be loading one).
+    _entry(root, "m5", size=100, age=30.0)
+    assert artifact.trim_cache(root, max_entries=10, max_bytes=150, min_age=600) == ["m3"]
+    assert sorted(p.name for p in root.iterdir()) == ["m4", "m5"]
+
+
+def test_unpack_touches_on_use_and_bounds_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    root = tmp_path / artifact.CACHE_DIR
+    first = Path(artifact.unpack(b"model 0", "keras"))
+    old = time.time() - 7200
+    os.utime(first.parent, (old, old))
+    assert Path(artifact.unpack(b"model 0", "keras")) == first  # reused, and marked as used
+    assert first.parent.stat().st_mtime > old + 3600
+    for i in range(1, 6):  # five more, each used two hours ago
+        path = Path(artifact.unpack(f"model {i}".encode(), "keras"))
+        os.utime(path.parent, (old + i, old + i))
+    os.utime(first.parent, (time.time() - 1000, time.time() - 1000))  # model 0: the most recently used
+    monkeypatch.setattr(artifact, "CACHE_MAX_ENTRIES", 3)
+    path = Path(artifact.unpack(b"model 6", "keras"))
+    assert path.read_bytes() == b"model 6"
+    assert {p.name for p in root.iterdir()} == {first.parent.name, path.parent.name, _digest(b"model 5")}
+    assert Path(artifact.unpack(b"model 1", "keras")).read_bytes() == b"model 1"  # evicted: unpacked again
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]

@@ -6,8 +6,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,8 +95,6 @@ def save_model(
     The file is assembled in a local temp dir and copied into place with one sequential write, then
     renamed: Volumes and DBFS FUSE mounts refuse a zip's random writes, and readers never see half a file.
     """
-    import shutil
-
     p = Path(path)
     if p.suffix != ".keras":
         raise ValueError(f"model path must end in .keras: {path}")
@@ -136,18 +136,28 @@ def content_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+# The shipped-model cache: one folder per model under <tmp>/image-transfer-models, least recently used
+# out past these limits. An entry used (unpacked or reused) in the last CACHE_MIN_AGE_SECONDS is never
+# removed: a worker of another job may be between unpacking it and loading it.
+CACHE_DIR = "image-transfer-models"
+CACHE_MAX_ENTRIES = 8
+CACHE_MAX_BYTES = 4 * 1024**3
+CACHE_MIN_AGE_SECONDS = 15 * 60
+
+
 def unpack(data: bytes, kind: str, digest: str | None = None) -> str:
     """Materialise shipped model bytes on the worker; returns the local model path.
 
     The model lands in ``<tmp>/image-transfer-models/<digest>`` and is reused by every worker process
     of the machine that ships the same model (written to a private dir, then renamed into place, so
-    readers never see half a model); nothing accumulates per process.
+    readers never see half a model). Each use marks the entry as recently used; unpacking a new one
+    trims the cache (``trim_cache``).
     """
     digest = digest or hashlib.sha256(data).hexdigest()
-    root = Path(tempfile.gettempdir()) / "image-transfer-models"
+    root = Path(tempfile.gettempdir()) / CACHE_DIR
     final = root / digest[:32]
     name = "model.keras" if kind == "keras" else "model"
-    if (final / name).exists():
+    if _touch(final) and (final / name).exists():
         return str(final / name)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
@@ -169,7 +179,75 @@ def unpack(data: bytes, kind: str, digest: str | None = None) -> str:
             pass
     finally:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
+    _touch(final)
+    trim_cache(root, keep=final)
     return str(final / name)
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cache entry as just used; False when it is not there."""
+    try:
+        os.utime(path)
+        return True
+    except OSError:
+        return False
+
+
+def trim_cache(
+    root: Path,
+    *,
+    keep: Path | None = None,
+    max_entries: int | None = None,
+    max_bytes: int | None = None,
+    min_age: float | None = None,
+) -> list[str]:
+    """Remove the least recently used models of the cache ``root`` beyond ``max_entries`` or ``max_bytes``.
+
+    Never removes ``keep`` nor an entry used in the last ``min_age`` seconds (so the cache may stay
+    over its limits for a while); leftovers of killed unpacks older than ``min_age`` go too. Returns
+    the names removed. Each entry is renamed away before it is deleted, and put back if it was used
+    meanwhile, so a process never sees half a model.
+    """
+    max_entries = CACHE_MAX_ENTRIES if max_entries is None else max_entries
+    max_bytes = CACHE_MAX_BYTES if max_bytes is None else max_bytes
+    min_age = CACHE_MIN_AGE_SECONDS if min_age is None else min_age
+    now = time.time()
+    entries: list[tuple[float, int, Path]] = []
+    removed: list[str] = []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        try:
+            mtime = child.stat().st_mtime
+        except OSError:
+            continue
+        if child.name.startswith("."):  # a staging or trash folder: a killed unpack's leftovers
+            if now - mtime > min_age:
+                shutil.rmtree(child, ignore_errors=True)
+            continue
+        entries.append((mtime, size_on_disk(child) if child.is_dir() else 0, child))
+    entries.sort(key=lambda e: e[0], reverse=True)  # most recently used first
+    count, total = len(entries), sum(size for _, size, _ in entries)
+    for mtime, size, entry in reversed(entries):  # least recently used first
+        if count <= max_entries and total <= max_bytes:
+            break
+        if (keep is not None and entry == keep) or now - mtime <= min_age:
+            continue
+        trash = root / f".trash-{entry.name}-{os.getpid()}"
+        try:
+            os.rename(entry, trash)
+        except OSError:
+            continue  # gone already
+        if time.time() - trash.stat().st_mtime <= min_age:  # used between the listing and the rename
+            try:
+                os.rename(trash, entry)
+                continue
+            except OSError:
+                pass  # unpacked again meanwhile: this copy is not needed
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(entry.name)
+        count, total = count - 1, total - size
+    return removed
