@@ -145,6 +145,7 @@ def test_ingest_writes_an_empty_folder_its_own_output_and_with_overwrite(images,
     assert plain.is_dir() and (plain / COMMIT_MARKER).exists()
 
 
+@pytest.mark.connect
 def test_another_commands_output_needs_overwrite_and_old_markers_are_ours(spark, tmp_path):
     out = str(tmp_path / "scored")
     df = spark.range(4)
@@ -169,6 +170,7 @@ def test_another_commands_output_needs_overwrite_and_old_markers_are_ours(spark,
     assert spark.read.parquet(str(unmarked)).count() == 3
 
 
+@pytest.mark.connect
 def test_an_interrupted_swap_belongs_to_the_command_that_wrote_it(spark, tmp_path):
     out = tmp_path / "out"
     write_output(spark.range(4), str(out), command="score")

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``image-transfer`` argument parser (also used by tests to check job parameters)."""
     parser = argparse.ArgumentParser(prog="image-transfer", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("score", help="classify images: prediction, probability, top_k, error")
     _add_common_scoring_options(p)
