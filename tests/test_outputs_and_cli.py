@@ -225,6 +225,10 @@ def test_an_input_that_is_not_parquet_is_one_line(spark, fixtures_dir, tmp_path,
         assert cli.run(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a Parquet dataset" in err and "is not a Parquet file" in err, err
+    argv = ["score", "--input", "main.ml.no_such_images", "--model", model, "--output", str(tmp_path / "o")]
+    assert cli.run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PATH_NOT_FOUND" in err and "give it with --input-table" in err, err
 
 
 # ---- 10: help, version, early checks -----------------------------------------------------------------------

@@ -268,7 +268,9 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     if args.output is None:
         raise UserError("--output is required")
     spark = _checked_session(args, command, [args.output], [args.input])
-    source = read_input(spark, path=args.input, table=args.input_table, images_hint=IMAGES_HINT)
+    source = read_input(
+        spark, path=args.input, table=args.input_table, images_hint=IMAGES_HINT, table_flag="--input-table"
+    )
     if mode == "classify":
         scored = api.score_images(source, args.model, top_k=args.top_k, options=options)
     else:
@@ -527,7 +529,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
     )
     spark = session(args, "train")
-    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT)
+    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     result = train(
         data, config, output_model=args.output_model, metrics_path=args.metrics, register_as=args.register_as
     )
@@ -549,7 +551,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--tolerance must be at least 0, got {args.tolerance}")
     options = ScoringOptions.from_args(args)
     spark = session(args, "evaluate")
-    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT)
+    data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     if args.promote_to is None:
         result = evaluate(
             spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics, options=options

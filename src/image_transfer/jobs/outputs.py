@@ -19,13 +19,21 @@ from image_transfer.fs import COMMIT_MARKER, file_system
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
 
 _IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
+_TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table
 
 
-def read_input(spark: Any, *, path: str | None = None, table: str | None = None, images_hint: str | None = None) -> Any:
+def read_input(
+    spark: Any,
+    *,
+    path: str | None = None,
+    table: str | None = None,
+    images_hint: str | None = None,
+    table_flag: str | None = None,
+) -> Any:
     """The input DataFrame from a Parquet path or a table name; UserError (one line) when it cannot be read.
 
     ``images_hint`` is said when ``path`` turns out to be a folder of image files, not Parquet (what
-    to run instead).
+    to run instead); ``table_flag`` when a missing ``path`` is spelled like a table name.
     """
     if (path is None) == (table is None):
         raise UserError("give exactly one of an input path or an input table")
@@ -43,7 +51,10 @@ def read_input(spark: Any, *, path: str | None = None, table: str | None = None,
     try:
         return spark.read.parquet(path) if path is not None else spark.table(table)
     except Exception as exc:  # AnalysisException: missing path or table; not Parquet
-        raise UserError(f"cannot read input {path or table}: {_read_error(exc, images_hint)}") from exc
+        reason = _read_error(exc, images_hint)
+        if table_flag and path and "PATH_NOT_FOUND" in str(exc) and _TABLE_NAME.match(path):
+            reason += f" (a table? give it with {table_flag})"
+        raise UserError(f"cannot read input {path or table}: {reason}") from exc
 
 
 def _read_error(exc: BaseException, images_hint: str | None) -> str:
