@@ -63,6 +63,14 @@ def test_flags_build_the_same_object_as_keywords():
         "overlap": "on",
     }
     assert expected.compute_summary() == {"batch_size": 8, "precision": "float16", "jit": True, "overlap": "on"}
+    zero = cli.build_parser().parse_args(
+        ["score", "--input", "x", "--model", "m", "--max-failed-fraction", "0", "--broadcast-max-mb", "0"]
+    )
+    assert ScoringOptions.from_args(zero).given() == {"max_failed_fraction": 0.0, "broadcast_max_mb": 0.0}
+    with pytest.raises(UserError, match="batch size"):
+        ScoringOptions.from_args(
+            cli.build_parser().parse_args(["score", "--input", "x", "--model", "m", "--batch-size", "0"])
+        )
 
 
 def test_an_unknown_or_bad_option_is_a_user_error_before_any_spark_work(spark, fixtures_dir, shapes_model):

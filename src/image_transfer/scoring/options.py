@@ -134,7 +134,8 @@ class ScoringOptions:
     @classmethod
     def from_args(cls, args: Any) -> ScoringOptions:
         """The options of parsed flags: those given, the rest at their defaults."""
-        given = {n: getattr(args, n) for n in cls.names() if getattr(args, n, None) not in (None, False)}
+        values = {n: getattr(args, n, None) for n in cls.names()}
+        given = {n: v for n, v in values.items() if v is not None and v is not False}  # 0 is a value
         return cls.build(**given)
 
     def given(self) -> dict[str, Any]:
