@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def main(images: str, model: str, output: str, markers: str) -> int:
-    from image_transfer.io import write_output
     from pyspark.sql import functions as F
 
     from image_transfer import score_images
+    from image_transfer.jobs.outputs import write_output
     from image_transfer.session import get_spark
 
     spark = get_spark("retry test", master="local[2,2]")
