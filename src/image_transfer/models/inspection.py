@@ -1,4 +1,4 @@
-"""Inspecting a model on the driver without TensorFlow where possible: input size, output width, layers."""
+"""Inspecting a model on the driver without TensorFlow where possible: input size, output width, probabilities."""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ _NOT_PROBABILITY_OPS = {
 }  # fmt: skip
 # Layers that pass their input's values through at inference: what decides is the layer before.
 _PASS_THROUGH = {"Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "ActivityRegularization"}
+_OPAQUE = {"Lambda", "TFSMLayer"}  # standard layers whose outputs their config does not describe
 
 
 def _activation_name(value: Any) -> str | None:
@@ -119,6 +120,8 @@ def _spec_probabilities(spec: dict[str, Any]) -> bool | None | str:
         return None  # a custom layer
     if kind in _PASS_THROUGH:
         return "pass"
+    if kind in _OPAQUE:
+        return None
     if kind == "Softmax":
         return True
     if kind in ("Functional", "Sequential", "Model") and isinstance(config.get("layers"), list):
