@@ -102,7 +102,8 @@ def test_compute_options_are_checked_and_keyed(shapes_model, tmp_path):
     args = cli.build_parser().parse_args(
         ["score", "--input", "i", "--model", "m", "--output", "o", "--precision", "bfloat16", "--jit"]
     )
-    assert (args.precision, args.jit, args.overlap) == ("bfloat16", True, "auto")
+    options = ScoringOptions.from_args(args)
+    assert (options.precision, options.jit, options.overlap) == ("bfloat16", True, "auto")
 
     import keras
 
