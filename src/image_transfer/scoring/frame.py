@@ -18,7 +18,7 @@ from image_transfer.scoring.options import (
     with_compute,
 )
 from image_transfer.scoring.run import ScoringRun
-from image_transfer.scoring.stats import STATS_FIELD, WorkerStats
+from image_transfer.scoring.stats import STATS_PREFIX, WorkerStats, struct_fields
 from image_transfer.scoring.worker import make_predict_fn_factory
 from image_transfer.session import is_connect
 
@@ -29,7 +29,7 @@ def return_type(prepared: PreparedModel) -> Any:
     """The UDF's struct type (top-k comes back as two parallel arrays, zipped in Spark)."""
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-    tail = [StructField("error", StringType()), StructField(STATS_FIELD, StringType())]
+    tail = [StructField("error", StringType()), *struct_fields()]  # statistics: the batch's first row
     if prepared.mode == "embed":
         return StructType([StructField("embedding", ArrayType(FloatType())), *tail])
     return StructType(
@@ -156,7 +156,7 @@ def scored_frame(
     stats = WorkerStats.create(spark)
     owned = shipment is None
     payload, shipped = ship(spark, prepared, options.broadcast_max_bytes) if owned else shipment
-    factory = make_predict_fn_factory(prepared, payload, stats.sink, options.limits)
+    factory = make_predict_fn_factory(prepared, payload, options.limits)
     udf = predict_batch_udf(factory, return_type=return_type(prepared), batch_size=options.batch_size)
 
     image = F.col(options.image_column)
@@ -170,7 +170,7 @@ def scored_frame(
     keys = [F.col(k) for k in options.key_columns]
     spread, shuffled = _spread(df, options)
     scored = spread.select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
-    scored = stats.attach(scored, F.col(f"_r.{STATS_FIELD}"))
+    scored = stats.attach(scored, lambda name: F.col(f"_r.{STATS_PREFIX}{name}"))
     error = F.coalesce(F.col("_oversize"), F.col("_r.error"))
     ok = error.isNull()
     if prepared.mode == "embed":

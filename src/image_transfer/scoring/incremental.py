@@ -314,7 +314,7 @@ def _run(
         while True:
             done = query.awaitTermination(2)
             for progress in query.recentProgress:
-                run.stats.add_progress(progress)  # Spark Connect: the batch's statistics ride in its progress
+                run.stats.add_progress(progress)  # each micro-batch's statistics ride in its progress
                 batch_id = int(progress_field(progress, "batchId"))
                 rows = int(progress_field(progress, "numInputRows") or 0)
                 if batch_id not in batches and rows and print_fn:

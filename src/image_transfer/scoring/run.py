@@ -15,9 +15,10 @@ from image_transfer.scoring.stats import WorkerStats
 class ScoringRun:
     """The handle of one scoring call: the model, how it was shipped, and worker statistics after an action.
 
-    ``stats`` is empty before an action has run. On a classic session it adds up every action on the
-    returned DataFrame; under Spark Connect it describes the first action (Spark's ``Observation``).
-    ``close`` releases the model's broadcast (also on ``with``).
+    ``stats`` is empty before an action has run. It describes one action on the returned DataFrame
+    (Spark's ``Observation``): the first on a classic session, the latest under Spark Connect; a
+    stream's statistics add up its micro-batches. ``close`` releases the model's broadcast (also on
+    ``with``).
     """
 
     model: PreparedModel

@@ -14,7 +14,7 @@ import numpy as np
 from image_transfer.errors import UserError, first_line
 from image_transfer.imaging.screen import ImageLimits, screen_batch
 from image_transfer.scoring.options import MODEL_ERROR, OVERLAP_CHUNKS, ModelFailure, PreparedModel
-from image_transfer.scoring.stats import STATS_FIELD, BatchReporter, count
+from image_transfer.scoring.stats import BatchReporter, count, stats_columns
 
 # ---- the worker side -------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
 
 
 def make_predict_fn_factory(
-    prepared: PreparedModel, shipped: Any, sink: Any, limits: ImageLimits
+    prepared: PreparedModel, shipped: Any, limits: ImageLimits
 ) -> Callable[[], Callable[[np.ndarray], dict[str, np.ndarray]]]:
     """The closure factory handed to ``predict_batch_udf`` (it runs once per Python worker and UDF)."""
     classes = prepared.info.output_width if prepared.mode == "classify" else 0
@@ -249,7 +249,7 @@ def make_predict_fn_factory(
     def make_predict_fn() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         from image_transfer.scoring.gpu import note_task
 
-        reporter = BatchReporter(sink)  # before loading: the load belongs to this UDF's first report
+        reporter = BatchReporter()  # before loading: the load belongs to this UDF's first report
         try:
             scorer = _scorer(prepared, shipped)
         except UserError as exc:  # the driver checked the config; the weights only load here
@@ -265,20 +265,20 @@ def make_predict_fn_factory(
             ok_rows = [row for j, row in enumerate(screened.kept) if j not in graph_errors]
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
-            stats_col = np.full(n, None, dtype=object)
             arrow_bytes = sum(len(v) for v in encoded if v is not None)  # what crossed from the JVM
-            stats_col[0] = reporter.report(
+            report = reporter.report(
                 rows=n,
                 rows_failed=n - len(ok_rows),
                 batch_bytes=sum(len(p) for p in screened.payloads),
                 peak_batch_bytes=arrow_bytes,
             )
+            stats = stats_columns(n, report)  # on the batch's first row
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
                 emb = np.zeros((n, prepared.width), np.float32)
                 if ok_rows:
                     emb[ok_rows] = outputs["embedding"]
-                return {"embedding": emb, "error": error_col, STATS_FIELD: stats_col}
+                return {"embedding": emb, "error": error_col, **stats}
             labels = np.full((n, k), None, dtype=object)
             probs = np.zeros((n, k), np.float32)
             prediction = np.full(n, None, dtype=object)
@@ -294,7 +294,7 @@ def make_predict_fn_factory(
                 "top_k_labels": labels,
                 "top_k_probabilities": probs,
                 "error": error_col,
-                STATS_FIELD: stats_col,
+                **stats,
             }
 
         return predict
