@@ -116,20 +116,24 @@ def test_the_statistics_use_no_private_pyspark_api():
 
 
 @pytest.mark.connect
-def test_a_filter_after_scoring_runs_the_model_once_per_row(spark, images, shapes_model, capsys):
+@pytest.mark.parametrize(
+    "mode, condition",
+    [
+        ("embed", "error IS NULL"),
+        ("classify", "probability > 0.5"),
+        ("classify", "path LIKE '%circle%'"),  # on the keys: still every row scored, once
+    ],
+)
+def test_a_filter_after_scoring_runs_the_model_once_per_row(spark, images, shapes_model, capsys, mode, condition):
     source = spark.read.parquet(images)
-    embedded = featurize_images(source, str(shapes_model), batch_size=16)
-    scored = score_images(source, str(shapes_model), batch_size=16)
-    for base, filtered in (
-        (embedded, embedded.where(F.col("error").isNull())),
-        (scored, scored.where(F.col("probability") > 0.5)),
-    ):
-        assert python_udf_nodes(filtered, capsys) == ["ArrowEvalPython"]
-        run = scoring_run(base)
-        kept = filtered.collect()
-        assert 0 < len(kept) <= 240
-        assert run.totals()["rows"] == 240, run.workers()  # every image scored once, not once more for the filter
-        assert all(w["model_loads"] <= 1 for w in run.workers().values()), run.workers()
+    make = featurize_images if mode == "embed" else score_images
+    scored = make(source, str(shapes_model), batch_size=16)
+    filtered = scored.where(F.expr(condition))
+    assert python_udf_nodes(filtered, capsys) == ["ArrowEvalPython"]
+    run = scoring_run(scored)
+    assert 0 < len(filtered.collect()) <= 240
+    assert run.totals()["rows"] == 240, run.workers()  # every image scored once, not once more for the filter
+    assert all(w["model_loads"] <= 1 for w in run.workers().values()), run.workers()
 
 
 @pytest.mark.connect

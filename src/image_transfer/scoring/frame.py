@@ -170,6 +170,9 @@ def scored_frame(
     keys = [F.col(k) for k in options.key_columns]
     spread, shuffled = _spread(df, options)
     scored = spread.select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
+    # The observed node also keeps whatever the caller chains after scoring above the model call: the
+    # optimizer pushes no filter through it, so no copy of the UDF lands in a filter and each row is
+    # scored once (a filter on the keys too: filter the input to score fewer rows).
     scored = stats.attach(scored, lambda name: F.col(f"_r.{STATS_PREFIX}{name}"))
     error = F.coalesce(F.col("_oversize"), F.col("_r.error"))
     ok = error.isNull()
