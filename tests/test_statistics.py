@@ -185,6 +185,13 @@ def test_a_partial_read_stops_the_python_workers_it_did_not_read_to_the_end(spar
     workers = scoring_run(after).workers()
     assert not set(workers) & set(stopped)
     assert sum(w["model_loads"] for w in workers.values()) >= 1, workers  # a new worker loads the model again
+    # A few rows of a limited input: every task is read to the end, no worker stops.
+    few = score_images(source.limit(20), str(shapes_model), batch_size=8, partitions=2)
+    few.show(20)
+    kept = scoring_run(few).workers()
+    assert sum(w["rows"] for w in kept.values()) == 20, kept
+    time.sleep(2)
+    assert all(_alive(int(w.rsplit(":", 1)[1])) for w in kept), kept
 
 
 @pytest.mark.connect
