@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -211,23 +210,14 @@ def mlflow_installed() -> bool:
 def tracking_configured(*, registry: bool = False) -> bool:
     """MLflow is importable and a tracking server is set (always the case on Databricks).
 
-    Set means ``MLFLOW_TRACKING_URI``, or ``mlflow.set_tracking_uri`` in this process; with
-    ``registry`` a model registry set alike (``MLFLOW_REGISTRY_URI``, ``mlflow.set_registry_uri``)
-    counts too. Imports nothing.
+    Set means ``MLFLOW_TRACKING_URI`` in the environment; with ``registry`` a model registry set in
+    ``MLFLOW_REGISTRY_URI`` counts too. Imports nothing.
     """
     if not mlflow_installed():
         return False
     if "DATABRICKS_RUNTIME_VERSION" in os.environ or os.environ.get("MLFLOW_TRACKING_URI"):
         return True
-    if registry and os.environ.get("MLFLOW_REGISTRY_URI"):
-        return True
-    # mlflow.set_tracking_uri / set_registry_uri keep the URI in a module global (and, in recent
-    # versions, in the environment too); only a process that imported MLflow can have set one.
-    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    registries = sys.modules.get("mlflow.tracking._model_registry.utils")
-    return bool(getattr(tracking, "_tracking_uri", None)) or (
-        registry and bool(getattr(registries, "_registry_uri", None))
-    )
+    return registry and bool(os.environ.get("MLFLOW_REGISTRY_URI"))
 
 
 def require_tracking(what: str) -> None:
