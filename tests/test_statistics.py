@@ -37,37 +37,52 @@ def python_udf_nodes(df, capsys) -> list[str]:
     return re.findall(r"^\(\d+\) ((?:Arrow|Batch)EvalPython)", plan, flags=re.M)
 
 
-def reports(spark, rows: list[dict]):
-    """A DataFrame whose ``_stats_*`` columns carry the given reports (one row each, then a null row)."""
-    from pyspark.sql.types import StructType
+def batches(monkeypatch, worker: str, sizes: list[int], rss: list[int], failed: int = 0, **facts: str) -> list[list]:
+    """Rows of 8-image batches as ``BatchReporter`` makes them, with an ``error`` column (``failed`` rows)."""
+    from image_transfer.scoring import stats
 
-    from image_transfer.scoring.stats import STATS_FIELDS, struct_fields
-
-    data = [row for r in rows for row in ([r.get(n) for n in STATS_FIELDS], [None] * len(STATS_FIELDS))]
-    return spark.createDataFrame(data, StructType(struct_fields())).repartition(3)
-
-
-def report(worker: str, batches: int, **facts: str) -> dict:
-    """A worker's report after ``batches`` batches of 8 rows."""
-    counts = {"batches": batches, "rows": 8 * batches, "rows_failed": batches // 2, "model_loads": 1, "traces": 1}
-    peaks = {"batch_bytes": 100 * batches, "peak_batch_bytes": 50 + batches, "peak_rss_mb": 300 + batches}
-    return {"worker": worker, **counts, **peaks, **facts}
+    reporter = stats.BatchReporter()
+    reporter.worker, reporter.code = worker, stats.worker_code(worker)
+    monkeypatch.setitem(stats._PROCESS, "model_loads", stats._PROCESS["model_loads"] + 1)  # loaded, traced
+    monkeypatch.setitem(stats._PROCESS, "traces", stats._PROCESS["traces"] + 1)
+    for name, value in facts.items():
+        monkeypatch.setitem(stats._WORKER_EXTRA, name, value)
+    rows = []
+    for size, mb in zip(sizes, rss, strict=True):
+        monkeypatch.setattr(stats, "peak_rss_mb", lambda mb=mb: mb)
+        if "gpu_assigned" in facts:  # grows from one GPU to both
+            monkeypatch.setitem(stats._WORKER_EXTRA, "gpu_assigned", facts["gpu_assigned"][: 1 + 2 * len(rows) // 8])
+        columns = stats.stats_columns(8, reporter.report(batch_bytes=size))
+        for i in range(8):
+            error = "bad" if failed and len(rows) < failed else None
+            values = [columns[f"{stats.STATS_PREFIX}{n}"][i] for n in stats.STATS_FIELDS]
+            rows.append([v.item() if hasattr(v, "item") else v for v in values] + [error])  # numpy to Python
+    for name in facts:
+        monkeypatch.delitem(stats._WORKER_EXTRA, name)
+    return rows
 
 
 @pytest.mark.connect
 @pytest.mark.parametrize("legacy", [False, True])
-def test_the_observed_metric_keeps_each_workers_latest_report(spark, legacy):
-    from image_transfer.scoring.stats import STATS_PREFIX, WorkerStats
+def test_the_observed_metric_counts_each_worker_exactly(spark, monkeypatch, legacy):
+    from pyspark.sql.types import StringType, StructField, StructType
 
-    interleaved = [report("host-b:7", n) for n in (1, 2, 3)] + [report("host-a:12", n) for n in (2, 1)]
-    interleaved += [report("host-a:9", 1, gpu="0,1", cuda_visible_devices="0, 1")]
+    from image_transfer.scoring.stats import STATS_PREFIX, WorkerStats, struct_fields
+
+    data = batches(monkeypatch, "host-b:7", [100, 300, 200], [500, 520, 540], failed=1)
+    data += batches(monkeypatch, "host-a:12", [50, 60], [500, 520])  # 520: within 1/16 of the reported 500
+    gpus = {"gpu": "0,1", "cuda_visible_devices": "0, 1", "gpu_assigned": "1,0"}
+    data += batches(monkeypatch, "host-a:9", [1000, 10], [630, 600], **gpus)
+    schema = StructType([*struct_fields(), StructField("error", StringType())])
+    frame = spark.createDataFrame([tuple(r) for r in data], schema).repartition(3)
     key = "spark.sql.legacy.castComplexTypesToString.enabled"
     before = spark.conf.get(key, "false")
     spark.conf.set(key, str(legacy).lower())
     try:
         stats = WorkerStats.create(spark)
-        observed = stats.attach(reports(spark, interleaved), lambda name: F.col(f"{STATS_PREFIX}{name}"))
-        assert observed.count() == 2 * len(interleaved)
+        field = lambda name: F.col(f"{STATS_PREFIX}{name}")  # noqa: E731
+        observed = stats.attach(frame, field, F.col("error").isNotNull())
+        assert observed.count() == 56
         workers = stats.by_worker()
     finally:
         spark.conf.set(key, before)
@@ -78,34 +93,49 @@ def test_the_observed_metric_keeps_each_workers_latest_report(spark, legacy):
         "batches": 3,
         "rows": 24,
         "rows_failed": 1,
-        "peak_rss_mb": 303,
-        "peak_batch_bytes": 53,
-        "batch_bytes": 300,
+        "peak_rss_mb": 540,
+        "peak_batch_bytes": 300,
         "gpu": None,
         "cuda_visible_devices": None,
     }
-    assert workers["host-a:12"]["batches"] == 2 and workers["host-a:12"]["rows"] == 16  # the latest, not the last seen
-    assert (workers["host-a:9"]["gpu"], workers["host-a:9"]["cuda_visible_devices"]) == (["0", "1"], "0, 1")
+    assert (workers["host-a:12"]["batches"], workers["host-a:12"]["rows"]) == (2, 16)
+    assert workers["host-a:12"]["peak_rss_mb"] == 500  # reported: raised by 1/16 or more
+    host_a9 = workers["host-a:9"]  # the largest batch and memory peak: exact
+    assert (host_a9["peak_batch_bytes"], host_a9["peak_rss_mb"]) == (1000, 630)
+    assert (host_a9["gpu"], host_a9["cuda_visible_devices"], host_a9["gpu_assigned"]) == (
+        ["0", "1"],
+        "0, 1",
+        ["0", "1"],
+    )
     assert stats.metrics().keys() == {"workers"}
-    assert len(stats.metrics()["workers"].splitlines()) == 3  # one line per worker
 
 
 @pytest.mark.connect
-def test_what_reaches_the_driver_is_one_line_per_worker(spark, images, shapes_model):
-    scored = score_images(spark.read.parquet(images), str(shapes_model), batch_size=8, partitions=2)
-    run = scoring_run(scored)
-    assert len(scored.collect()) == 240
-    metrics = run.stats.metrics()
-    workers = run.workers()
-    assert metrics.keys() == {"workers"}, metrics  # one string metric, whatever the session kind
-    lines = metrics["workers"].splitlines()
-    assert 1 <= len(lines) == len(workers) <= 2, lines  # per worker, not per batch (30 batches)
-    assert len(metrics["workers"]) < 400 * len(workers)
-    totals = run.totals()
-    assert (totals["rows"], totals["rows_failed"]) == (240, 0)
-    assert totals["batches"] >= 30
-    assert all(w["model_loads"] <= 1 and w["traces"] <= 1 for w in workers.values()), workers
-    assert all(w["peak_rss_mb"] > 0 and 0 < w["peak_batch_bytes"] <= w["batch_bytes"] for w in workers.values())
+def test_what_reaches_the_driver_is_bounded_by_the_workers_not_the_batches(spark, images, shapes_model):
+    texts = {}
+    for batch_size in (4, 60):  # 60 batches, or 4
+        scored = score_images(spark.read.parquet(images), str(shapes_model), batch_size=batch_size, partitions=2)
+        run = scoring_run(scored)
+        assert len(scored.collect()) == 240
+        metrics = run.stats.metrics()
+        assert metrics.keys() == {"workers"}, metrics  # one string metric, whatever the session kind
+        texts[batch_size] = metrics["workers"]
+        workers = run.workers()
+        totals = run.totals()
+        assert (totals["rows"], totals["rows_failed"]) == (240, 0), workers
+        assert 240 // batch_size <= totals["batches"] <= 240 // batch_size + 2, workers  # a short batch per task
+        assert 1 <= len(workers) <= 2, workers
+        assert all(w["model_loads"] <= 1 and w["traces"] <= 1 for w in workers.values()), workers
+        assert all(w["peak_rss_mb"] > 0 and w["peak_batch_bytes"] > 0 for w in workers.values()), workers
+    from image_transfer.scoring.stats import PEAK_RAISES
+
+    for batch_size, text in texts.items():
+        lines = dict(line.split(":", 1) for line in text.splitlines())
+        assert lines.keys() == {"rows", "failed", "batches", "peaks", "reports"}, text
+        for name in ("rows", "batches"):  # a bin per worker (and task, until Spark merges them)
+            assert 1 <= lines[name].count("}") <= 4, (batch_size, lines[name])
+        reports = lines["reports"].split("\t")  # a few per worker: loads, traces, raised peaks
+        assert len(reports) <= 2 * (2 * PEAK_RAISES + 4), (batch_size, reports)
 
 
 def test_the_statistics_use_no_private_pyspark_api():

@@ -173,7 +173,7 @@ def scored_frame(
     # The observed node also keeps whatever the caller chains after scoring above the model call: the
     # optimizer pushes no filter through it, so no copy of the UDF lands in a filter and each row is
     # scored once (a filter on the keys too: filter the input to score fewer rows).
-    scored = stats.attach(scored, lambda name: F.col(f"_r.{STATS_PREFIX}{name}"))
+    scored = stats.attach(scored, lambda name: F.col(f"_r.{STATS_PREFIX}{name}"), F.col("_r.error").isNotNull())
     error = F.coalesce(F.col("_oversize"), F.col("_r.error"))
     ok = error.isNull()
     if prepared.mode == "embed":

@@ -1,31 +1,35 @@
 """Per-worker counters (model loads, traces, batches, rows, failures, peak memory) gathered on the driver.
 
 Workers are keyed by ``host:pid`` (pids repeat across the nodes of a cluster). One path on every
-session kind (classic, Spark Connect, a stream's micro-batches), through public API only:
+session kind (classic, Spark Connect, a stream's micro-batches), through public API only: the
+statistics ride in flat ``_stats_*`` fields of the UDF's struct (``predict_batch_udf`` takes no
+nested struct) and an ``Observation`` (a streaming DataFrame: ``observe`` by name, read from each
+micro-batch's progress) aggregates them while the action runs, into one string metric whose size,
+and whose state inside the JVM, is bounded by the number of workers, not images:
 
-- worker side (``BatchReporter``): the first row of each scoring batch carries this worker's counters
-  so far in the running action (the action is Spark's SQL execution id, a task-local property), in
-  the flat ``_stats_*`` fields of the UDF's struct (``STATS_FIELDS``; ``predict_batch_udf`` takes no
-  nested struct); every other row has nulls there.
-- driver side (``WorkerStats``): an ``Observation`` (a streaming DataFrame: ``observe`` by name, read
-  from each micro-batch's progress) with one metric, ``workers_metric``, that keeps only the latest
-  report of each worker, one line per worker, so what reaches the driver's Python, or a Connect
-  client, is bounded by the number of workers, not images. The reduction runs inside the observed
-  expression with built-ins that hold no state (sort, zip, set difference, cast, join; no lambda and
-  no JSON): Spark Connect 4.0 evaluates observed metrics from two threads at once, and a lambda
-  variable or a JSON writer shared by both gives corrupt results. Inside the driver's JVM the
-  observation holds one small row per batch until the action ends.
+- every row carries its worker's code (``worker_code``, a number): histograms over the codes count
+  rows, failed rows and batches (their first rows) per worker, exactly for up to
+  ``HISTOGRAM_BINS`` workers in one action;
+- each batch's first row carries what changes rarely: ``host:pid``, model loads and traces so far
+  in the running action (Spark's SQL execution id, a task-local property), the peaks as reported
+  (raised when the peak grows by 1/16 or more, so a worker has a handful of distinct reports) and
+  the GPU facts; a set keeps the distinct reports;
+- the exact largest batch and memory peak, and the worker that had each, are plain maxima.
 
-An ``Observation`` describes one action: the first on a classic session, the latest under Spark
-Connect (each action replaces the values). Rows count when their batch reached the observed plan
-node: a partial read (``show``, ``first``, ``limit(n).collect()``) counts each worker up to the last
-batch Spark read from it. Model loads and traces are counted per process (``count``), so a model
-cached in a worker from an earlier run shows 0 loads and 0 traces in the next run.
+Spark evaluates observed metrics again at every task's end (for the UI), and Spark Connect 4.0 from
+two threads at once: the metric uses only built-ins that hold no state between evaluations (no
+lambda, no JSON) and whose work is bounded by the workers. An ``Observation`` describes one
+action: the first on a classic session, the latest under Spark Connect (each action replaces the
+values). Rows count when they reached the observed plan node: a partial read (``show``, ``first``,
+``limit(n).collect()``) counts the rows Spark read. Model loads and traces are counted per process
+(``count``), so a model cached in a worker from an earlier run shows 0 loads and 0 traces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 import threading
 import uuid
@@ -39,16 +43,18 @@ Counts = dict[str, dict[str, Any]]
 _PROCESS: dict[str, int] = {"model_loads": 0, "traces": 0}  # this worker process, all runs
 _WORKER_EXTRA: dict[str, Any] = {}  # per-process facts every report carries (e.g. the pinned GPU)
 
-STATS_PREFIX = "_stats_"  # the UDF struct's statistics fields: _stats_worker, _stats_rows, ...
-COUNTERS = ("batches", "rows", "rows_failed", "model_loads", "traces", "batch_bytes")  # add up
-PEAKS = ("peak_batch_bytes", "peak_rss_mb")  # the maximum
-FACTS = ("gpu", "gpu_assigned", "cuda_visible_devices")  # the latest (lists joined with ",")
-# ``batches`` right after ``worker``: the observed metric sorts reports by (worker, batches).
-STATS_FIELDS: tuple[str, ...] = ("worker", *COUNTERS, *PEAKS, *FACTS)
-METRIC = "workers"  # the observation's one metric: a line per worker
+STATS_PREFIX = "_stats_"  # the UDF struct's statistics fields: _stats_code, _stats_worker, ...
+EVENTS = ("model_loads", "traces")  # so far in the action
+PEAKS = ("peak_batch_bytes", "peak_rss_mb")  # as reported: raised by 1/16 or more
+EXACT = ("batch_bytes", "rss_mb")  # this batch's Arrow bytes, the process's peak memory now
+FACTS = ("gpu", "gpu_assigned", "cuda_visible_devices")  # text (lists joined with ",")
+REPORT = ("worker", *EVENTS, *PEAKS, *FACTS)  # the rarely changing report, in the metric's order
+STATS_FIELDS: tuple[str, ...] = ("code", *REPORT, *EXACT)  # code on every row, the others on the first
+METRIC = "workers"  # the observation's one metric
 NULL_TEXT = "\x00"  # a null fact inside the metric text
-# The counts of a worker as the summaries show them (then gpu, cuda_visible_devices, gpu_assigned).
-SUMMARY_ORDER = ("model_loads", "traces", "batches", "rows", "rows_failed", *PEAKS[::-1], "batch_bytes")
+HISTOGRAM_BINS = 1024  # exact per-worker counts up to this many workers in one action
+PEAK_STEP = 16  # a reported peak is raised when the peak grows by 1/PEAK_STEP or more
+PEAK_RAISES = 16  # ... at most this many times per action, then only when it doubles
 WAIT_SECONDS = 10.0  # how long ``by_worker`` waits on a classic session for the first action's metrics
 _ACTIONS_KEPT = 4  # actions a reporter keeps counters for (concurrent actions on one DataFrame)
 
@@ -105,11 +111,18 @@ def peak_rss_mb() -> int:
 # ---- the worker side -------------------------------------------------------------------------------
 
 
+def worker_code(worker: str) -> float:
+    """The number that stands for ``worker`` in the histograms: 52 bits of its hash, exact as a double."""
+    return float(int.from_bytes(hashlib.blake2b(worker.encode(), digest_size=8).digest(), "big") >> 12)
+
+
 def struct_fields() -> list[Any]:
-    """The statistics fields of the UDF's return struct (``_stats_worker``, ``_stats_rows``, ...)."""
-    from pyspark.sql.types import LongType, StringType, StructField
+    """The statistics fields of the UDF's return struct (``_stats_code``, ``_stats_worker``, ...)."""
+    from pyspark.sql.types import DoubleType, LongType, StringType, StructField
 
     def kind(name: str) -> Any:
+        if name == "code":
+            return DoubleType()
         return StringType() if name == "worker" or name in FACTS else LongType()
 
     return [StructField(f"{STATS_PREFIX}{name}", kind(name)) for name in STATS_FIELDS]
@@ -132,8 +145,15 @@ def _text(value: Any) -> str | None:
     return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def raised(reported: int, peak: int, raises: int) -> bool:
+    """Whether a reported peak is raised to ``peak``: by 1/PEAK_STEP or more, by 2x after PEAK_RAISES raises."""
+    if reported == 0:
+        return peak > 0
+    return peak >= 2 * reported if raises >= PEAK_RAISES else peak * PEAK_STEP >= reported * (PEAK_STEP + 1)
+
+
 class BatchReporter:
-    """Worker side: this worker's counters so far in each action, reported on every batch.
+    """Worker side: the report each batch's first row carries (see the module's docstring).
 
     One per Python worker and UDF (``predict_batch_udf`` caches the predict function, and the reporter
     with it). Create it before loading the model so the load belongs to the first report.
@@ -141,35 +161,36 @@ class BatchReporter:
 
     def __init__(self) -> None:
         self._seen = dict(_PROCESS)
-        self._worker = worker_id()
+        self.worker = worker_id()
+        self.code = worker_code(self.worker)
         self._actions: OrderedDict[str | None, dict[str, int]] = OrderedDict()
 
-    def report(self, *, rows: int, rows_failed: int, batch_bytes: int, peak_batch_bytes: int) -> dict[str, Any]:
-        """Record one batch; returns the report for its first row (``STATS_FIELDS``: totals in this action)."""
+    def report(self, *, batch_bytes: int) -> dict[str, Any]:
+        """Record one batch of ``batch_bytes`` Arrow bytes; returns its first row's statistics fields."""
         action = _action()
-        mine = self._actions.pop(action, None) or dict.fromkeys((*COUNTERS, *PEAKS), 0)
+        mine = self._actions.pop(action, None) or dict.fromkeys((*EVENTS, *PEAKS, *EXACT, "raises"), 0)
         self._actions[action] = mine  # the most recent last
         while len(self._actions) > _ACTIONS_KEPT:
             self._actions.popitem(last=False)
         for name, n in _PROCESS.items():  # loads and traces since the previous report go to this action
             mine[name] = mine.get(name, 0) + n - self._seen.get(name, 0)
         self._seen = dict(_PROCESS)
-        mine["batches"] += 1
-        mine["rows"] += rows
-        mine["rows_failed"] += rows_failed
-        mine["batch_bytes"] += batch_bytes
-        mine["peak_batch_bytes"] = max(mine["peak_batch_bytes"], peak_batch_bytes)
-        mine["peak_rss_mb"] = max(mine["peak_rss_mb"], peak_rss_mb())
+        now = {"batch_bytes": batch_bytes, "rss_mb": peak_rss_mb()}
+        for peak, exact in zip(PEAKS, EXACT, strict=True):
+            mine[exact] = max(mine[exact], now[exact])  # the peak so far in this action
+            if raised(mine[peak], mine[exact], mine["raises"]):
+                mine[peak] = mine[exact]
+                mine["raises"] += 1
         facts = {name: _text(_WORKER_EXTRA.get(name)) for name in FACTS}
-        return {"worker": self._worker, **mine, **facts}
+        return {"code": self.code, "worker": self.worker, **{n: mine[n] for n in (*EVENTS, *PEAKS)}, **facts, **now}
 
 
 def stats_columns(n: int, report: dict[str, Any]) -> dict[str, Any]:
-    """The ``_stats_*`` columns of a batch of ``n`` rows: ``report`` on the first row, nulls elsewhere."""
+    """The ``_stats_*`` columns of a batch of ``n`` rows: the code on every row, the rest on the first."""
     import numpy as np
 
-    columns: dict[str, Any] = {}
-    for name in STATS_FIELDS:
+    columns: dict[str, Any] = {f"{STATS_PREFIX}code": np.full(n, report["code"], dtype=np.float64)}
+    for name in STATS_FIELDS[1:]:
         column = np.full(n, None, dtype=object)
         if n:
             column[0] = report.get(name)
@@ -180,51 +201,92 @@ def stats_columns(n: int, report: dict[str, Any]) -> dict[str, Any]:
 # ---- the driver side -------------------------------------------------------------------------------
 
 
-def workers_metric(field: Callable[[str], Any]) -> Any:
-    """The observed metric: each worker's latest report (most batches), one line per worker.
+def workers_metric(field: Callable[[str], Any], failed: Any) -> Any:
+    """The observed metric: one string of ``name:value`` lines, each bounded by the number of workers.
 
-    ``field(name)`` is the column of the statistics field ``name``. Reports sorted by (worker, batches)
-    descending put each worker's latest first; zipped with the worker before each, that first one is
-    the only report whose pair does not also appear zipped with its own worker, so a set difference
-    of the two (as strings, which Spark compares by hash) keeps exactly one report per worker.
+    ``rows``, ``failed``, ``batches``: histograms of worker codes; ``peaks``: the largest batch and
+    memory peak, each with the code of the worker that had it; ``reports``: the distinct reports.
+
+    ``field(name)`` is the column of the statistics field ``name``; ``failed`` is true on a row the
+    model did not score.
     """
     from pyspark.sql import functions as F
 
-    worker = field("worker")
-    parts = [worker.alias("worker"), *(field(n).alias(n) for n in (*COUNTERS, *PEAKS))]
+    code, first = field("code"), field("worker").isNotNull()
+
+    def line(name: str, value: Any) -> Any:
+        return F.concat(F.lit(f"{name}:"), F.coalesce(value.cast("string"), F.lit("")))
+
+    def histogram(column: Any) -> Any:
+        return F.histogram_numeric(column, F.lit(HISTOGRAM_BINS))
+
+    peaks = [p for e in EXACT for p in (F.max(field(e)), F.max_by(code, field(e)))]  # value, whose
+    parts = [field("worker").alias("worker"), *(field(n).alias(n) for n in (*EVENTS, *PEAKS))]
     parts += [F.coalesce(field(n), F.lit(NULL_TEXT)).alias(n) for n in FACTS]  # no nulls: one text format
-    reports = F.sort_array(F.collect_list(F.when(worker.isNotNull(), F.struct(*parts))), asc=False)
-    workers = reports["worker"]
-    before = F.slice(F.concat(F.array(F.lit("")), workers), 1, F.size(workers))  # the worker of the report before
-    with_before = F.arrays_zip(reports, before).cast("array<string>")
-    with_own = F.arrays_zip(reports, workers).cast("array<string>")
-    return F.array_join(F.array_except(with_before, with_own), "\n").alias(METRIC)
+    reports = F.collect_set(F.when(first, F.struct(code.alias("code"), *parts)))
+    return F.concat_ws(
+        "\n",
+        line("rows", histogram(code)),
+        line("failed", histogram(F.when(failed, code))),
+        line("batches", histogram(F.when(first, code))),
+        line("peaks", F.concat_ws(",", *(F.coalesce(p.cast("string"), F.lit("")) for p in peaks))),
+        line("reports", F.array_join(reports.cast("array<string>"), "\t")),
+    ).alias(METRIC)
+
+
+_BIN = re.compile(r"[\[{]([^,\[\]{}]+), ([^,\[\]{}]+)[\]}]")  # one (x, y) of a histogram's text
+
+
+def _nearest(codes: dict[float, str], x: float) -> str | None:
+    """The worker whose code is nearest to ``x`` (a histogram moves a bin by a few units when it merges)."""
+    return min(codes.items(), key=lambda item: abs(item[0] - x))[1] if codes else None
 
 
 def parse_workers(text: str) -> Counts:
-    """The metric's lines as ``{host:pid: counts}``; a line is Spark's text of ``{{report}, worker before}``.
+    """The metric's text as ``{host:pid: counts}``, in the summaries' order of counts.
 
-    Counts come in the summaries' order; ``gpu`` and ``gpu_assigned`` are lists, ``gpu_assigned`` only
-    where Spark assigned GPUs. A line that does not parse is left out.
+    ``gpu`` and ``gpu_assigned`` are lists, ``gpu_assigned`` only where Spark assigned GPUs. Peaks are
+    the reported ones, except the exact largest for the worker that had it. What does not parse is
+    left out.
     """
+    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     workers: Counts = {}
-    for line in text.splitlines():
-        end = max(line.rfind("}, "), line.rfind("], "))  # ``[...]`` with the legacy cast format
-        values = line[2:end].split(", ", len(STATS_FIELDS) - 1)  # only the last fact may hold ", "
-        if end < 2 or len(values) != len(STATS_FIELDS):
+    codes: dict[float, str] = {}
+    for entry in (lines.get("reports") or "").split("\t"):
+        values = entry[1:-1].split(", ", len(REPORT))  # Spark's text of a struct: {a, b, ...} or [a, b, ...]
+        if len(values) != len(REPORT) + 1:
             continue
-        report = dict(zip(STATS_FIELDS, values, strict=True))
-        facts = {n: None if report[n] == NULL_TEXT else report[n] for n in FACTS}
         try:
-            counts: dict[str, Any] = {n: int(report[n]) for n in SUMMARY_ORDER}
+            code, report = float(values[0]), dict(zip(REPORT, values[1:], strict=True))
+            numbers = {n: int(report[n]) for n in (*EVENTS, *PEAKS)}
         except ValueError:
             continue
-        counts["gpu"] = facts["gpu"].split(",") if facts["gpu"] is not None else None
-        counts["cuda_visible_devices"] = facts["cuda_visible_devices"]
+        codes[code] = report["worker"]
+        mine = workers.setdefault(report["worker"], {"model_loads": 0, "traces": 0, "batches": 0, "rows": 0})
+        mine.setdefault("rows_failed", 0)
+        for name in (*EVENTS, *PEAKS):  # the latest report has the largest
+            mine[name] = max(mine.get(name, 0), numbers[name])
+        facts = {n: None if report[n] == NULL_TEXT else report[n] for n in FACTS}
+        mine["gpu"] = facts["gpu"].split(",") if facts["gpu"] is not None else mine.get("gpu")
+        mine["cuda_visible_devices"] = facts["cuda_visible_devices"]
         if facts["gpu_assigned"] is not None:
-            counts["gpu_assigned"] = facts["gpu_assigned"].split(",")
-        workers[report["worker"]] = counts
-    return workers
+            mine["gpu_assigned"] = sorted(set(mine.get("gpu_assigned", [])) | set(facts["gpu_assigned"].split(",")))
+    for line, name in (("rows", "rows"), ("failed", "rows_failed"), ("batches", "batches")):
+        for x, y in _BIN.findall(lines.get(line) or ""):
+            worker = _nearest(codes, float(x))
+            if worker is not None:
+                workers[worker][name] += int(float(y))
+    peaks = (lines.get("peaks") or "").split(",")
+    for i, name in enumerate(PEAKS):
+        try:
+            value, code = int(peaks[2 * i]), float(peaks[2 * i + 1])
+        except (IndexError, ValueError):
+            continue
+        worker = _nearest(codes, code)
+        if worker is not None:
+            workers[worker][name] = max(workers[worker][name], value)
+    order = ("model_loads", "traces", "batches", "rows", "rows_failed", "peak_rss_mb", "peak_batch_bytes")
+    return {w: {**{n: c.pop(n) for n in order}, **c} for w, c in workers.items()}
 
 
 def _metric_text(value: Any) -> str:
@@ -273,9 +335,9 @@ class WorkerStats:
 
         return cls(name=f"image_transfer_{uuid.uuid4().hex[:12]}", connect=is_connect(spark))
 
-    def attach(self, scored: Any, field: Callable[[str], Any]) -> Any:
-        """``scored`` observed: ``field(name)`` is the column of the statistics field ``name``."""
-        metric = workers_metric(field)
+    def attach(self, scored: Any, field: Callable[[str], Any], failed: Any) -> Any:
+        """``scored`` observed (see ``workers_metric`` for ``field`` and ``failed``)."""
+        metric = workers_metric(field, failed)
         if scored.isStreaming:  # an Observation does not take a stream: named metrics, in each progress
             self.streaming = True
             return scored.observe(self.name, metric)

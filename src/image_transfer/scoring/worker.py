@@ -266,13 +266,7 @@ def make_predict_fn_factory(
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
             arrow_bytes = sum(len(v) for v in encoded if v is not None)  # what crossed from the JVM
-            report = reporter.report(
-                rows=n,
-                rows_failed=n - len(ok_rows),
-                batch_bytes=sum(len(p) for p in screened.payloads),
-                peak_batch_bytes=arrow_bytes,
-            )
-            stats = stats_columns(n, report)  # on the batch's first row
+            stats = stats_columns(n, reporter.report(batch_bytes=arrow_bytes))  # rows are counted in Spark
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
                 emb = np.zeros((n, prepared.width), np.float32)
