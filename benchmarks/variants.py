@@ -3,7 +3,7 @@
 This module runs on the Spark workers (Part 1 ships it with ``SparkContext.addPyFile``), so the
 UDFs below are importable there rather than pickled from the script's ``__main__``. Every variant
 counts, per Python worker pid, the model loads it does and the traces Keras makes of its predict
-function, with the project's accumulator (``image_transfer.scoring.stats``), exactly as ``score`` counts its own.
+function, with a public accumulator of per-worker counts (``counters``).
 
 All variants decode with Pillow in Python, one image at a time (what the usual code does), resize to
 224x224 bilinearly, scale to -1..1 and report the top-1 class index and its probability.
@@ -32,13 +32,29 @@ SIZE = 224
 RESULT_DDL = "prediction int, probability float"
 
 
-def record(accumulator: Any, **counts: int) -> None:
-    """Add counters for this worker (``host:pid``) to the running task's copy of ``accumulator``."""
-    from pyspark.accumulators import _accumulatorRegistry
+def counters(sc: Any) -> Any:
+    """A public accumulator of ``{host:pid: {counter: n}}`` for the variants' own counts."""
+    from pyspark.accumulators import AccumulatorParam
 
+    from image_transfer.scoring.stats import merge
+
+    class Counts(AccumulatorParam):
+        def zero(self, value: Any) -> dict:
+            return {}
+
+        def addInPlace(self, a: dict, b: dict) -> dict:  # noqa: N802 - Spark's name
+            for worker, counts in b.items():
+                merge(a, worker, counts)
+            return a
+
+    return sc.accumulator({}, Counts())
+
+
+def record(accumulator: Any, **counts: int) -> None:
+    """Add counters for this worker (``host:pid``); each task deserializes the variants' closures afresh."""
     from image_transfer.scoring.stats import worker_id
 
-    _accumulatorRegistry.get(accumulator.aid, accumulator).add({worker_id(): counts})
+    accumulator.add({worker_id(): counts})
 
 
 def warm_worker(threads: int) -> tuple[int, bool]:

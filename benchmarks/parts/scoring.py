@@ -84,7 +84,6 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     from image_transfer import score_images, scoring_run
     from image_transfer.jobs.outputs import write_output
     from image_transfer.scoring.options import ARROW_BATCH_CONF
-    from image_transfer.scoring.stats import WorkerStats
 
     started = time.perf_counter()
     spark = spark_session("bench scoring")
@@ -116,8 +115,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
                 written = write_output(scored, out)
             seconds = time.perf_counter() - t0
             return seconds, run.workers(), written, written.where(F.col("error").isNotNull()).count()
-        stats = WorkerStats.create(spark)
-        acc = stats.accumulator
+        acc = variants.counters(sc)
         broadcast = None
         if name == "row_udf_closure":
             fn = variants.row_udf_closure(variants.ShippedModel(model_bytes), acc)
@@ -137,7 +135,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         failed = written.where(F.col("prediction").isNull()).count()
         if broadcast is not None:
             broadcast.destroy()
-        return seconds, stats.by_worker(), written, failed
+        return seconds, {w: dict(c) for w, c in sorted(acc.value.items())}, written, failed
 
     # Warm-up round, not timed: every variant once on 2 full batches (one per worker), so one-time process
     # costs (first TensorFlow execution, Keras and Pillow code paths) fall on no variant in particular.
