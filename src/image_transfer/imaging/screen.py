@@ -38,6 +38,17 @@ class ImageLimits:
             raise ValueError(f"image limits must be positive: {changes}")
         return replace(self, **changes)
 
+    @classmethod
+    def of(cls, *, max_bytes: int | None = None, max_pixels: int | None = None) -> ImageLimits:
+        """The default limits with those given (None: the default); UserError for a limit below 1."""
+        from image_transfer.errors import UserError
+
+        changes = {k: v for k, v in (("max_bytes", max_bytes), ("max_pixels", max_pixels)) if v is not None}
+        try:
+            return cls.default().replace(**changes)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+
 
 @dataclass(frozen=True)
 class Screened:

@@ -194,15 +194,7 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
 def _image_limits(args: argparse.Namespace) -> Any:
     from image_transfer.imaging.screen import ImageLimits
 
-    limits = ImageLimits.default()
-    try:
-        if args.max_image_bytes is not None:
-            limits = limits.replace(max_bytes=args.max_image_bytes)
-        if args.max_pixels is not None:
-            limits = limits.replace(max_pixels=args.max_pixels)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    return limits
+    return ImageLimits.of(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
 
 
 def session(args: argparse.Namespace, what: str) -> Any:

@@ -145,15 +145,7 @@ class ScoringOptions:
     @property
     def limits(self) -> ImageLimits:
         """The per-image limits (encoded size, declared pixels)."""
-        limits = ImageLimits.default()
-        try:
-            if self.max_image_bytes is not None:
-                limits = limits.replace(max_bytes=self.max_image_bytes)
-            if self.max_pixels is not None:
-                limits = limits.replace(max_pixels=self.max_pixels)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-        return limits
+        return ImageLimits.of(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels)
 
     @property
     def broadcast_max_bytes(self) -> int:
