@@ -62,7 +62,13 @@ def test_flags_build_the_same_object_as_keywords():
         "jit": True,
         "overlap": "on",
     }
-    assert expected.compute_summary() == {"batch_size": 8, "precision": "float16", "jit": True, "overlap": "on"}
+    assert expected.compute_summary() == {
+        "batch_size": 8,
+        "precision": "float16",
+        "jit": True,
+        "overlap": "on",
+        "engine": "auto",
+    }
     zero = cli.build_parser().parse_args(
         ["score", "--input", "x", "--model", "m", "--max-failed-fraction", "0", "--broadcast-max-mb", "0"]
     )

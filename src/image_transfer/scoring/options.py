@@ -18,6 +18,7 @@ OUTPUT_COLUMNS = {"classify": ("prediction", "probability", "top_k"), "embed": (
 RESERVED = {"prediction", "probability", "top_k", "error", "embedding", "model_version"}
 MODEL_ERROR = "image-transfer: the model failed"
 OVERLAP = ("auto", "on", "off")
+ENGINES = ("auto", "tensorflow", "litert")  # auto: LiteRT with XNNPACK on CPU workers, TensorFlow on GPU ones
 OVERLAP_CHUNKS = 4  # an overlapped batch is decoded and run in this many chunks, decode i+1 beside model i
 
 
@@ -69,6 +70,16 @@ class ScoringOptions:
         "decode the next chunk of a batch while the model runs the current one (auto: when a GPU is visible)",
         choices=OVERLAP,
     )
+    engine: str = _opt(
+        "auto",
+        "what runs the model: litert (XNNPACK, CPU), tensorflow, or auto (litert without a GPU, else tensorflow)",
+        choices=ENGINES,
+    )
+    trust_model_code: bool = _opt(
+        False,
+        "load a model whose config names code outside Keras (custom layers): a model is code, trust it first",
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         from image_transfer.scoring.gpu import check_precision
@@ -79,6 +90,8 @@ class ScoringOptions:
         check_precision(self.precision)
         if self.overlap not in OVERLAP:
             raise UserError(f"overlap must be one of {', '.join(OVERLAP)}, not {self.overlap!r}")
+        if self.engine not in ENGINES:
+            raise UserError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.partitions is not None and self.partitions < 1:
             raise UserError(f"partitions must be at least 1, got {self.partitions}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
@@ -159,7 +172,13 @@ class ScoringOptions:
 
     def compute_summary(self) -> dict[str, Any]:
         """The compute settings a run summary records."""
-        return {"batch_size": self.batch_size, "precision": self.precision, "jit": self.jit, "overlap": self.overlap}
+        return {
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "jit": self.jit,
+            "overlap": self.overlap,
+            "engine": self.engine,
+        }
 
 
 @dataclass(frozen=True)
