@@ -39,6 +39,7 @@ class RunSummary:
     max_failed_fraction: float = 1.0
     threshold_exceeded: bool = False
     compute: dict[str, Any] = field(default_factory=dict)  # batch size, precision, jit, overlap
+    rows_warned: int = 0  # rows whose decoding raised warnings (silenced: they never reach the console)
 
     @property
     def images_per_second(self) -> float:
@@ -62,6 +63,8 @@ class RunSummary:
             *worker_lines(self.workers),
         ]
         lines += [f"  failed: {e}" for e in self.errors_sample]
+        if self.rows_warned:
+            lines.append(f"  {self.rows_warned} rows decoded with decoder warnings (not shown)")
         if self.threshold_exceeded:
             lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
         return "\n".join(lines)
@@ -130,7 +133,7 @@ def write_scored(
             description=description,
             interval=progress_interval,
             input_stage=1 if run.spread else 0,
-        ):
+        ), run.settings():  # the frame's Arrow batches for the write only, the session's back after
             written = writer(scored)
     except Exception as exc:
         failure = _model_failure(exc)
@@ -159,8 +162,9 @@ def write_scored(
         shipped=run.shipped,
         errors_sample=sample,
         max_failed_fraction=run.max_failed_fraction,
-        compute=run.options.compute_summary(),
+        compute={**run.options.compute_summary(), "engine_used": run.engine},
     )
+    summary.rows_warned = int(sum(w.get("rows_warned", 0) for w in summary.workers.values()))
     try:
         run.check(rows=rows_out, failed=rows_failed, sample=sample)
     except TooManyFailures:

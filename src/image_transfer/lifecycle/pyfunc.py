@@ -2,8 +2,10 @@
 
 ``mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"content": [jpeg_bytes, ...]}))`` returns
 ``prediction, probability, error`` per image, decoded and resized exactly as ``score_images`` does
-(the same traced scoring function). Loading needs this package installed; ``score`` and ``evaluate``
-do not use the pyfunc, they download the ``.keras`` artifact and ship it as usual.
+(the same traced scoring function, and the same engine choice: ``ImageClassifier(engine=...)`` or
+``params={"engine": ...}``, auto by default). The package's source is logged with the model
+(``code_paths``): loading needs only its pip requirements, not image-transfer installed. ``score`` and
+``evaluate`` do not use the pyfunc, they download the ``.keras`` artifact and ship it as usual.
 Imported only where MLflow is installed.
 """
 
@@ -24,13 +26,31 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self._path = find_model_file(context.artifacts[KERAS_ARTIFACT])
         self._scorer = None
 
-    def _load(self) -> Any:
-        from image_transfer.scoring.options import prepare_model
-        from image_transfer.scoring.worker import Scorer
+    def __init__(self, engine: str = "auto") -> None:
+        """``engine``: what runs the model, as ``--engine`` (auto: LiteRT with XNNPACK without a GPU)."""
+        self.engine = engine
 
-        if getattr(self, "_scorer", None) is None:
-            self._prepared = prepare_model(self._path, mode="classify", top_k=1)
-            self._scorer = Scorer(self._prepared, self._path)
+    def _load(self, engine: str | None = None) -> Any:
+        import os
+        from dataclasses import replace
+
+        from image_transfer.scoring import gpu
+        from image_transfer.scoring.engine import choose_engine
+        from image_transfer.scoring.options import ScoringOptions, prepare_model, with_compute
+        from image_transfer.scoring.worker import LiteScorer, Scorer
+
+        wanted = engine or getattr(self, "engine", "auto")
+        if getattr(self, "_scorer", None) is None or getattr(self, "_engine", None) != wanted:
+            options = ScoringOptions(engine=wanted)  # checks the name
+            prepared = with_compute(prepare_model(self._path, mode="classify", top_k=1), options)
+            requested = "tensorflow" if wanted == "auto" and gpu.visible_gpus() > 0 else wanted
+            chosen, flatbuffer, _ = choose_engine(prepared, requested)
+            self._prepared = replace(prepared, compute=replace(prepared.compute, engine=chosen))
+            if chosen == "litert":
+                self._scorer = LiteScorer(self._prepared, flatbuffer, os.cpu_count() or 1)
+            else:
+                self._scorer = Scorer(self._prepared, self._path)
+            self._engine = wanted
         return self._scorer
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow reads these hints
@@ -42,7 +62,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         if not hasattr(self, "_path"):
             self.load_context(context)
-        scorer = self._load()
+        scorer = self._load((params or {}).get("engine"))  # params={"engine": "tensorflow"} picks one
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"content": list(model_input)})
         column = frame["content"] if "content" in frame.columns else frame.iloc[:, 0]
         values = [bytes(v) if isinstance(v, (bytearray, memoryview)) else v for v in column]

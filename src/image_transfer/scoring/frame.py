@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from image_transfer.errors import UserError
+from image_transfer.scoring.engine import choose_engine
 from image_transfer.scoring.options import (
     ARROW_BATCH_CONF,
     ARROW_BYTES_CONF,
@@ -81,25 +83,32 @@ def check_shared_path(path: str, master: str | None) -> None:
     )
 
 
-def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int) -> tuple[Any, str]:
+def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int, lite: bytes | None = None) -> tuple[Any, str]:
     """How the model reaches the workers: (payload, description); a None payload means the shared path.
 
     Classic sessions broadcast models up to ``broadcast_max_bytes``; Spark Connect has no broadcasts,
     so small models travel inside the UDF (Spark ships it with each task) and larger ones by path,
     which must then be one executors can read (``check_shared_path``: a UserError before any work).
+    ``lite``, the converted model of the LiteRT engine, is shipped instead of the model when given
+    (by path, a worker converts once per machine).
     """
     from image_transfer.models.artifact import pack
 
-    size = prepared.info.size_bytes
+    size = prepared.info.size_bytes if lite is None else len(lite)
+
+    def data() -> bytes:
+        return lite if lite is not None else pack(prepared.info.path, prepared.info.kind)
+
+    what = " (LiteRT)" if lite is not None else ""
     if is_connect(spark):
         if size <= min(broadcast_max_bytes, CLOSURE_MAX_BYTES):
-            return pack(prepared.info.path, prepared.info.kind), "in the UDF"
+            return data(), "in the UDF" + what
         check_shared_path(prepared.info.path, _master(spark))
         return None, "shared path"
     if size > broadcast_max_bytes:
         check_shared_path(prepared.info.path, _master(spark))
         return None, "shared path"
-    return spark.sparkContext.broadcast(pack(prepared.info.path, prepared.info.kind)), "broadcast"
+    return spark.sparkContext.broadcast(data()), "broadcast" + what
 
 
 SPREAD_BELOW = 4  # inputs with fewer read partitions per task slot than this are spread evenly
@@ -127,15 +136,23 @@ def _spread(df: Any, options: ScoringOptions) -> tuple[Any, bool]:
     return (df.repartition(wanted), True) if spread else (df, False)
 
 
-def _arrow_batches(spark: Any, options: ScoringOptions) -> None:
-    """One Arrow batch = one model call, and never more encoded bytes than ``max_batch_bytes``."""
+def _arrow_batches(spark: Any, options: ScoringOptions) -> dict[str, str]:
+    """The Arrow batch settings of one scored frame: one Arrow batch = one model call, and never more
+    encoded bytes than ``max_batch_bytes``.
+
+    Spark has no per-UDF or per-plan Arrow batch size (3.5 and 4.0 read the session's
+    ``maxRecordsPerBatch``, and 4.0's ``maxBytesPerBatch``, when an action plans and runs): these are
+    set only around an action, by ``ScoringRun.settings()``; building the frame changes no setting.
+    """
     records = options.batch_size
+    arrow: dict[str, str] = {}
     if int(str(spark.version).split(".")[0]) >= 4:
         # Spark closes a batch once it reaches the byte size: leave room for one more image.
-        spark.conf.set(ARROW_BYTES_CONF, str(max(1, options.max_batch_bytes - options.limits.max_bytes)))
+        arrow[ARROW_BYTES_CONF] = str(max(1, options.max_batch_bytes - options.limits.max_bytes))
     else:  # Spark 3.5 batches by records only: few enough that the largest images still fit
         records = max(1, min(records, options.max_batch_bytes // options.limits.max_bytes))
-    spark.conf.set(ARROW_BATCH_CONF, str(records))
+    arrow[ARROW_BATCH_CONF] = str(records)
+    return arrow
 
 
 def scored_frame(
@@ -152,10 +169,12 @@ def scored_frame(
     validate_columns(df, options)
     prepared = with_compute(prepared, options)
     spark = df.sparkSession
-    _arrow_batches(spark, options)
+    engine, lite, converted = choose_engine(prepared, options.engine, spark)  # before any Spark work
+    prepared = replace(prepared, compute=replace(prepared.compute, engine=engine))
+    arrow = _arrow_batches(spark, options)
     stats = WorkerStats.create(spark)
     owned = shipment is None
-    payload, shipped = ship(spark, prepared, options.broadcast_max_bytes) if owned else shipment
+    payload, shipped = ship(spark, prepared, options.broadcast_max_bytes, lite) if owned else shipment
     factory = make_predict_fn_factory(prepared, payload, options.limits)
     udf = predict_batch_udf(factory, return_type=return_type(prepared), batch_size=options.batch_size)
 
@@ -200,6 +219,9 @@ def scored_frame(
         stats=stats,
         _payload=payload if owned else None,
         spread=shuffled,
+        conversions=int(converted),
+        arrow=arrow,
+        session=spark,
     )
     return result, run
 

@@ -310,19 +310,20 @@ def _run(
     started = time.perf_counter()
     batches: dict[int, int] = {}
     try:
-        query = writer.toTable(output_table) if output_table else writer.format("parquet").start(output)
-        while True:
-            done = query.awaitTermination(2)
-            for progress in query.recentProgress:
-                run.stats.add_progress(progress)  # each micro-batch's statistics ride in its progress
-                batch_id = int(progress_field(progress, "batchId"))
-                rows = int(progress_field(progress, "numInputRows") or 0)
-                if batch_id not in batches and rows and print_fn:
-                    print_fn(f"micro-batch {batch_id}: {rows} rows")
-                if rows:
-                    batches[batch_id] = rows
-            if done:
-                break
+        with run.settings():  # a stream plans its micro-batches with the settings it started with
+            query = writer.toTable(output_table) if output_table else writer.format("parquet").start(output)
+            while True:
+                done = query.awaitTermination(2)
+                for progress in query.recentProgress:
+                    run.stats.add_progress(progress)  # each micro-batch's statistics ride in its progress
+                    batch_id = int(progress_field(progress, "batchId"))
+                    rows = int(progress_field(progress, "numInputRows") or 0)
+                    if batch_id not in batches and rows and print_fn:
+                        print_fn(f"micro-batch {batch_id}: {rows} rows")
+                    if rows:
+                        batches[batch_id] = rows
+                if done:
+                    break
     except Exception as exc:
         if MODEL_ERROR in str(exc):
             line = next(ln for ln in str(exc).splitlines() if MODEL_ERROR in ln)
@@ -382,7 +383,7 @@ def _run(
         workers=run.workers(),
         errors_sample=sample,
         max_failed_fraction=max_failed_fraction,
-        compute=run.options.compute_summary(),
+        compute={**run.options.compute_summary(), "engine_used": run.engine},
     )
     try:
         result.check()

@@ -132,9 +132,15 @@ class ScoringOptions:
         return spec.metadata.get("flag") or "--" + name.replace("_", "-")
 
     @classmethod
-    def add_arguments(cls, parser: Any) -> None:
-        """Add every option to an argparse parser as a flag (help texts show the defaults)."""
+    def add_arguments(cls, parser: Any, only: tuple[str, ...] | None = None) -> None:
+        """Add every option (or those named in ``only``) to an argparse parser as flags (help texts show the defaults).
+
+        ``only=("trust_model_code",)`` gives a command that loads a user's model without scoring
+        (``train``, ``inspect``) the same ``--trust-model-code`` flag as the scoring commands.
+        """
         for spec in fields(cls):
+            if only is not None and spec.name not in only:
+                continue
             meta = dict(spec.metadata)
             help_text, flag = meta.pop("help"), meta.pop("flag", None) or "--" + spec.name.replace("_", "-")
             if spec.name == "key_columns":
@@ -183,12 +189,13 @@ class ScoringOptions:
 
 @dataclass(frozen=True)
 class Compute:
-    """How a worker runs the model: precision, XLA on a fixed batch shape, decode/model overlap."""
+    """How a worker runs the model: precision, XLA on a fixed batch shape, decode/model overlap, engine."""
 
     precision: str = "float32"
     jit: bool = False
     overlap: str = "auto"
     batch_size: int = 0  # the fixed batch of the XLA path (0 without jit)
+    engine: str = "tensorflow"  # what the driver chose: tensorflow or litert (scoring/engine.py)
 
     @classmethod
     def of(cls, options: ScoringOptions) -> Compute:
@@ -208,10 +215,11 @@ class PreparedModel:
     width: int = 0  # classify: k actually reported; embed: embedding size
     version: str = ""  # what output rows carry as ``model_version``
     compute: Compute = field(default_factory=Compute)
+    trusted: bool = False  # the user trusts the model's code (``trust_model_code``): workers load it so too
 
     @property
     def cache_key(self) -> tuple[Any, ...]:
-        """What identifies the traced scoring function in a worker's cache (a new precision: a new one)."""
+        """What identifies the traced scoring function in a worker's cache (a new precision or engine: a new one)."""
         return (self.digest, self.mode, self.layer, self.width, self.info.preprocess, self.compute)
 
 
@@ -230,17 +238,19 @@ def prepare_model(
     top_k: int = 5,
     layer: str | None = None,
     version: str | None = None,
+    trust: bool = False,
 ) -> PreparedModel:
     """Check the model on the driver (``inspect_model``); raises UserError before any Spark work is scheduled.
 
     ``classify`` needs a model whose outputs are class probabilities (a softmax or sigmoid at the end):
-    a headless backbone is refused with a pointer to ``featurize``.
+    a headless backbone is refused with a pointer to ``featurize``. Unless ``trust``
+    (``trust_model_code``), a ``.keras`` config naming code outside Keras is refused unimported.
     """
     if mode not in OUTPUT_COLUMNS:
         raise ValueError(f"mode must be classify or embed, not {mode!r}")
     if mode == "classify" and top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
-    info = inspect_model(model_path, layer=layer, embed=mode == "embed", classify=mode == "classify")
+    info = inspect_model(model_path, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
     width = min(top_k, info.output_width) if mode == "classify" else info.output_width
     digest = content_digest(info.path)
     return PreparedModel(
@@ -251,6 +261,7 @@ def prepare_model(
         layer=layer,
         width=width,
         version=version or f"sha256:{digest[:12]}",
+        trusted=trust,
     )
 
 

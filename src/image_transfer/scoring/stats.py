@@ -8,8 +8,8 @@ micro-batch's progress) aggregates them while the action runs, into one string m
 and whose state inside the JVM, is bounded by the number of workers, not images:
 
 - every row carries its worker's code (``worker_code``, a number): histograms over the codes count
-  rows, failed rows and batches (their first rows) per worker, exactly for up to
-  ``HISTOGRAM_BINS`` workers in one action;
+  rows, failed rows, batches (their first rows) and rows with silenced decoder warnings per worker,
+  exactly for up to ``HISTOGRAM_BINS`` workers in one action;
 - each batch's first row carries what changes rarely: ``host:pid``, model loads and traces so far
   in the running action (Spark's SQL execution id, a task-local property), the peaks as reported
   (raised when the peak grows by 1/16 or more, so a worker has a handful of distinct reports) and
@@ -40,16 +40,17 @@ from typing import Any
 
 Counts = dict[str, dict[str, Any]]
 
-_PROCESS: dict[str, int] = {"model_loads": 0, "traces": 0}  # this worker process, all runs
+_PROCESS: dict[str, int] = {"model_loads": 0, "traces": 0, "conversions": 0}  # this worker process, all runs
 _WORKER_EXTRA: dict[str, Any] = {}  # per-process facts every report carries (e.g. the pinned GPU)
 
 STATS_PREFIX = "_stats_"  # the UDF struct's statistics fields: _stats_code, _stats_worker, ...
-EVENTS = ("model_loads", "traces")  # so far in the action
+EVENTS = ("model_loads", "traces", "conversions")  # so far in the action (conversions: LiteRT's)
 PEAKS = ("peak_batch_bytes", "peak_rss_mb")  # as reported: raised by 1/16 or more
 EXACT = ("batch_bytes", "rss_mb")  # this batch's Arrow bytes, the process's peak memory now
-FACTS = ("gpu", "gpu_assigned", "cuda_visible_devices")  # text (lists joined with ",")
+FACTS = ("gpu", "gpu_assigned", "cuda_visible_devices", "engine")  # text (lists joined with ",")
 REPORT = ("worker", *EVENTS, *PEAKS, *FACTS)  # the rarely changing report, in the metric's order
-STATS_FIELDS: tuple[str, ...] = ("code", *REPORT, *EXACT)  # code on every row, the others on the first
+ROW_FIELDS = ("code", "warnings")  # on every row (warnings: the decoder warnings silenced for the row)
+STATS_FIELDS: tuple[str, ...] = (*ROW_FIELDS, *REPORT, *EXACT)  # the row fields on every row, the others on the first
 METRIC = "workers"  # the observation's one metric
 NULL_TEXT = "\x00"  # a null fact inside the metric text
 HISTOGRAM_BINS = 1024  # exact per-worker counts up to this many workers in one action
@@ -185,12 +186,14 @@ class BatchReporter:
         return {"code": self.code, "worker": self.worker, **{n: mine[n] for n in (*EVENTS, *PEAKS)}, **facts, **now}
 
 
-def stats_columns(n: int, report: dict[str, Any]) -> dict[str, Any]:
-    """The ``_stats_*`` columns of a batch of ``n`` rows: the code on every row, the rest on the first."""
+def stats_columns(n: int, report: dict[str, Any], warnings: Any = None) -> dict[str, Any]:
+    """The ``_stats_*`` columns of a batch of ``n`` rows: the code and ``warnings`` (per row, default 0)
+    on every row, the rest on the first."""
     import numpy as np
 
     columns: dict[str, Any] = {f"{STATS_PREFIX}code": np.full(n, report["code"], dtype=np.float64)}
-    for name in STATS_FIELDS[1:]:
+    columns[f"{STATS_PREFIX}warnings"] = np.zeros(n, np.int64) if warnings is None else np.asarray(warnings, np.int64)
+    for name in STATS_FIELDS[len(ROW_FIELDS) :]:
         column = np.full(n, None, dtype=object)
         if n:
             column[0] = report.get(name)
@@ -204,7 +207,7 @@ def stats_columns(n: int, report: dict[str, Any]) -> dict[str, Any]:
 def workers_metric(field: Callable[[str], Any], failed: Any) -> Any:
     """The observed metric: one string of ``name:value`` lines, each bounded by the number of workers.
 
-    ``rows``, ``failed``, ``batches``: histograms of worker codes; ``peaks``: the largest batch and
+    ``rows``, ``failed``, ``batches``, ``warned``: histograms of worker codes; ``peaks``: the largest batch and
     memory peak, each with the code of the worker that had it; ``reports``: the distinct reports.
 
     ``field(name)`` is the column of the statistics field ``name``; ``failed`` is true on a row the
@@ -229,6 +232,7 @@ def workers_metric(field: Callable[[str], Any], failed: Any) -> Any:
         line("rows", histogram(code)),
         line("failed", histogram(F.when(failed, code))),
         line("batches", histogram(F.when(first, code))),
+        line("warned", histogram(F.when(field("warnings") > 0, code))),
         line("peaks", F.concat_ws(",", *(F.coalesce(p.cast("string"), F.lit("")) for p in peaks))),
         line("reports", F.array_join(reports.cast("array<string>"), "\t")),
     ).alias(METRIC)
@@ -264,14 +268,16 @@ def parse_workers(text: str) -> Counts:
         codes[code] = report["worker"]
         mine = workers.setdefault(report["worker"], {"model_loads": 0, "traces": 0, "batches": 0, "rows": 0})
         mine.setdefault("rows_failed", 0)
+        mine.setdefault("rows_warned", 0)
         for name in (*EVENTS, *PEAKS):  # the latest report has the largest
             mine[name] = max(mine.get(name, 0), numbers[name])
         facts = {n: None if report[n] == NULL_TEXT else report[n] for n in FACTS}
         mine["gpu"] = facts["gpu"].split(",") if facts["gpu"] is not None else mine.get("gpu")
         mine["cuda_visible_devices"] = facts["cuda_visible_devices"]
+        mine["engine"] = facts["engine"] or mine.get("engine")  # litert-xnnpack or tensorflow
         if facts["gpu_assigned"] is not None:
             mine["gpu_assigned"] = sorted(set(mine.get("gpu_assigned", [])) | set(facts["gpu_assigned"].split(",")))
-    for line, name in (("rows", "rows"), ("failed", "rows_failed"), ("batches", "batches")):
+    for line, name in (("rows", "rows"), ("failed", "rows_failed"), ("batches", "batches"), ("warned", "rows_warned")):
         for x, y in _BIN.findall(lines.get(line) or ""):
             worker = _nearest(codes, float(x))
             if worker is not None:
@@ -285,7 +291,7 @@ def parse_workers(text: str) -> Counts:
         worker = _nearest(codes, code)
         if worker is not None:
             workers[worker][name] = max(workers[worker][name], value)
-    order = ("model_loads", "traces", "batches", "rows", "rows_failed", "peak_rss_mb", "peak_batch_bytes")
+    order = (*EVENTS, "batches", "rows", "rows_failed", "peak_rss_mb", "peak_batch_bytes")
     return {w: {**{n: c.pop(n) for n in order}, **c} for w, c in workers.items()}
 
 
@@ -405,7 +411,8 @@ def worker_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
 
     lines = [
         f"workers: {len(workers)}; model loads per worker {column('model_loads')}; "
-        f"traces per worker {column('traces')}; rows per worker {column('rows')}"
+        f"traces per worker {column('traces')}; conversions per worker {column('conversions')}; "
+        f"rows per worker {column('rows')}; engine per worker {column('engine')}"
     ]
     gpus = [w.get("gpu") for w in workers.values()]
     if any(gpus):  # pinned to the GPU Spark assigned (null: no GPU scheduling)

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from image_transfer.errors import UserError, first_line
-from image_transfer.imaging.screen import ImageLimits, screen_batch
+from image_transfer.imaging.screen import ImageLimits, convert, screen_batch
 from image_transfer.scoring.options import MODEL_ERROR, OVERLAP_CHUNKS, ModelFailure, PreparedModel
-from image_transfer.scoring.stats import BatchReporter, count, stats_columns
+from image_transfer.scoring.stats import BatchReporter, count, set_worker_fact, stats_columns
 
 # ---- the worker side -------------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ class Scorer:
         from image_transfer.scoring import gpu
 
         info, compute = prepared.info, prepared.compute
-        model = load_model(path, info.kind)
+        model = load_model(path, info.kind, trust=prepared.trusted)
         if prepared.mode == "embed":
             model = embedding_model(model, prepared.layer)
         if compute.precision != "float32":
@@ -109,7 +109,8 @@ class Scorer:
         """Outputs for the payloads that decode (in order) and, by payload position, decode errors.
 
         A failing batch is bisected with the decode-only function to find the images that do not
-        decode; an error the model raises on decodable images is a ``ModelFailure`` (not a per-row one).
+        decode; those Pillow decodes are converted (``convert``) and scored, the others are per-row errors.
+        An error the model raises on decodable images is a ``ModelFailure`` (not a per-row one).
         """
         import tensorflow as tf
 
@@ -123,9 +124,15 @@ class Scorer:
             return outputs, {}
         errors: dict[int, str] = {}
         self._bisect(payloads, orientations, 0, len(payloads), errors)
-        good = [i for i in range(len(payloads)) if i not in errors]
         if not errors:
             raise ModelFailure(f"{MODEL_ERROR}: {first_line(first)}") from first
+        payloads, orientations = list(payloads), list(orientations)
+        for j in sorted(errors):  # what the graph refuses and Pillow decodes (a bad PNG checksum): converted
+            converted, _ = convert(payloads[j], orientations[j])
+            if converted is not None:
+                payloads[j], orientations[j] = converted, 1
+                del errors[j]
+        good = [i for i in range(len(payloads)) if i not in errors]
         if not good:
             return {}, errors
         try:
@@ -190,6 +197,78 @@ class Scorer:
         self._bisect(payloads, orientations, mid, hi, errors)
 
 
+class LiteScorer(Scorer):
+    """The LiteRT engine: decoding in TensorFlow (one traced function), the model in the XNNPACK interpreter.
+
+    The interpreter runs with ``threads`` threads (the task's cores); its input is resized once per
+    distinct batch size (a model with a fixed batch is run on padded chunks). Top-k as ``Scorer``'s.
+    """
+
+    def __init__(self, prepared: PreparedModel, flatbuffer: bytes, threads: int) -> None:
+        import tensorflow as tf
+
+        from image_transfer.imaging.graph import decode_batch
+        from image_transfer.models.load import preprocess_fn
+        from image_transfer.scoring.engine import interpreter_class
+
+        info = prepared.info
+        height, width = info.height, info.width
+        preprocess = preprocess_fn(info.preprocess)
+        signature = [tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)]
+
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def decode(encoded: Any, orientations: Any) -> Any:
+            count(traces=1)  # the one traced function of this engine
+            return preprocess(decode_batch(encoded, height, width, orientations))
+
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def decode_only(encoded: Any, orientations: Any) -> Any:  # traced only if a batch fails
+            return tf.shape(decode_batch(encoded, height, width, orientations))
+
+        self._decode, self._decode_only = decode, decode_only
+        self.interpreter = interpreter_class()(model_content=flatbuffer, num_threads=threads)
+        count(model_loads=1)
+        details = self.interpreter.get_input_details()[0]
+        self._input = details["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        signature_batch = int(details.get("shape_signature", details["shape"])[0])
+        self.fixed = int(details["shape"][0]) if signature_batch > 0 else 0  # a batch the model fixes
+        self._shape = [int(d) for d in details["shape"]]
+        self._allocated: int | None = None
+        self._lock = threading.Lock()  # one interpreter: one batch at a time
+        self.k, self.mode = prepared.width, prepared.mode
+        self.split = self.overlap = False
+        self._pool = None
+
+    def _invoke(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        size = self.fixed or n
+        if self._allocated != size:  # once per distinct batch size
+            self.interpreter.resize_tensor_input(self._input, [size, *self._shape[1:]])
+            self.interpreter.allocate_tensors()
+            self._allocated = size
+        outputs = []
+        for lo in range(0, n, size):
+            chunk = images[lo : lo + size]
+            if len(chunk) < size:
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            self.interpreter.set_tensor(self._input, np.ascontiguousarray(chunk, np.float32))
+            self.interpreter.invoke()
+            outputs.append(np.array(self.interpreter.get_tensor(self._output))[: n - lo])
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def _call(self, payloads: list[bytes], orientations: list[int]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        images = self._decode(tf.constant(payloads), tf.constant(orientations, tf.int32)).numpy()
+        with self._lock:
+            outputs = self._invoke(images)
+        if self.mode == "embed":
+            return {"embedding": outputs.reshape(len(outputs), -1)}
+        top = tf.math.top_k(outputs, k=self.k)  # as the TensorFlow engine's (ties: the lower index)
+        return {"probabilities": top.values.numpy(), "indices": top.indices.numpy()}
+
+
 _PREPARE_LOCK = threading.Lock()  # held while this worker is being readied
 
 
@@ -226,17 +305,33 @@ def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
 
     prepare_worker()
     info = prepared.info
+    if prepared.compute.engine == "litert":
+        return _cache(key, _lite_scorer(prepared, shipped))
     if shipped is None:
         path = info.path
     else:
         data = shipped.value if hasattr(shipped, "value") else shipped  # a broadcast, or bytes in the closure
         path = unpack(data, info.kind, prepared.digest)
-    scorer = Scorer(prepared, path)
+    return _cache(key, Scorer(prepared, path))
+
+
+def _cache(key: tuple[Any, ...], scorer: Scorer) -> Scorer:
     with _CACHE_LOCK:
         _CACHE[key] = scorer
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return scorer
+
+
+def _lite_scorer(prepared: PreparedModel, shipped: Any) -> LiteScorer:
+    """The LiteRT scorer from the shipped flatbuffer, or converted here (once per machine) from the shared path."""
+    from image_transfer.scoring.engine import converted
+
+    if shipped is None:
+        flatbuffer, _ = converted(prepared)
+    else:
+        flatbuffer = shipped.value if hasattr(shipped, "value") else shipped
+    return LiteScorer(prepared, flatbuffer, _task_cores())
 
 
 def make_predict_fn_factory(
@@ -254,6 +349,7 @@ def make_predict_fn_factory(
             scorer = _scorer(prepared, shipped)
         except UserError as exc:  # the driver checked the config; the weights only load here
             raise ModelFailure(f"{MODEL_ERROR} to load on a worker: {exc}") from exc
+        set_worker_fact("engine", "litert-xnnpack" if isinstance(scorer, LiteScorer) else "tensorflow")
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:
@@ -266,7 +362,8 @@ def make_predict_fn_factory(
             for j, message in graph_errors.items():
                 errors[screened.kept[j]] = message
             arrow_bytes = sum(len(v) for v in encoded if v is not None)  # what crossed from the JVM
-            stats = stats_columns(n, reporter.report(batch_bytes=arrow_bytes))  # rows are counted in Spark
+            report = reporter.report(batch_bytes=arrow_bytes)
+            stats = stats_columns(n, report, screened.warnings)  # rows are counted in Spark
             error_col = np.array(errors, dtype=object)
             if prepared.mode == "embed":
                 emb = np.zeros((n, prepared.width), np.float32)

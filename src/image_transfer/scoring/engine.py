@@ -1,0 +1,179 @@
+"""What runs the model: LiteRT with XNNPACK on CPU workers (converted once per model) or TensorFlow.
+
+The driver picks the engine (``choose_engine``): ``auto`` is LiteRT unless the cluster schedules GPUs,
+a setting only TensorFlow honours is given (``--precision`` other than float32, ``--jit``,
+``--overlap on``), no LiteRT interpreter is installed, or the converter cannot take the model; then
+TensorFlow, with one line on stderr saying why. ``litert`` where it cannot run is a UserError.
+
+The model (its embedding sub-model for ``featurize``) is converted once per model digest
+(``converted``): kept in this process and in ``<tmp>/image-transfer-litert`` next to the unpacked
+models, so a warm run converts nothing. The ``.tflite`` bytes are shipped instead of the model.
+Preprocessing and decoding stay in TensorFlow (one traced function); the interpreter runs each batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from image_transfer.errors import UserError, first_line
+
+LITERT = "litert-xnnpack"  # what the statistics call the LiteRT engine
+TENSORFLOW = "tensorflow"
+LITE_DIR = "image-transfer-litert"
+LITE_KEEP = 8  # converted models kept on disk per machine (least recently used go)
+_CONVERTED: dict[str, bytes] = {}
+_LOCK = threading.Lock()
+
+
+def interpreter_class() -> Any | None:
+    """LiteRT's ``Interpreter``: ``ai_edge_litert`` where installed, else ``tf.lite``; None without either."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter
+    except (ImportError, AttributeError):
+        return None
+
+
+def cluster_gpus(spark: Any) -> bool:
+    """Whether the session's executors (or tasks) are given GPUs (Spark's resource settings)."""
+    for name in ("spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount"):
+        try:
+            value = spark.conf.get(name, None) if spark is not None else None
+        except Exception:  # noqa: BLE001 - a conf the session does not expose
+            value = None
+        try:
+            if value is not None and float(value) > 0:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def tensorflow_only(precision: str, jit: bool, overlap: str) -> str | None:
+    """Why these settings need TensorFlow, or None."""
+    if precision != "float32":
+        return f"precision {precision} is a TensorFlow setting"
+    if jit:
+        return "--jit (XLA) is a TensorFlow setting"
+    if overlap == "on":
+        return "--overlap on is a TensorFlow setting"
+    return None
+
+
+def _key(prepared: Any) -> str:
+    return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}"
+
+
+def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
+    """The model's LiteRT flatbuffer and whether it was converted now (else from a cache).
+
+    ``path`` is where the model is on this machine (default: the path the driver checked). Raises
+    UserError when the converter cannot take the model.
+    """
+    from image_transfer.scoring.stats import count
+
+    key = _key(prepared)
+    with _LOCK:
+        if key in _CONVERTED:
+            return _CONVERTED[key], False
+        root = Path(tempfile.gettempdir()) / LITE_DIR
+        cached = root / f"{key}.tflite"
+        if cached.exists():
+            data = cached.read_bytes()
+            os.utime(cached)
+            _CONVERTED[key] = data
+            return data, False
+        data = _convert(prepared, path or prepared.info.path)
+        count(conversions=1)
+        root.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=f".{key}-", dir=root)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(staging, cached)  # readers never see half a file
+        for old in sorted(root.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-LITE_KEEP]:
+            old.unlink(missing_ok=True)
+        _CONVERTED.clear()  # one converted model kept in memory
+        _CONVERTED[key] = data
+        return data, True
+
+
+def _convert(prepared: Any, path: str) -> bytes:
+    import tensorflow as tf
+
+    from image_transfer.models.load import embedding_model, load_model
+
+    info = prepared.info
+    quiet = contextlib.redirect_stdout(io.StringIO())  # export prints the signature
+    try:
+        if info.kind != "keras":
+            data = tf.lite.TFLiteConverter.from_saved_model(path).convert()
+        else:
+            model = load_model(path, info.kind)
+            if prepared.mode == "embed":
+                model = embedding_model(model, prepared.layer)
+            with tempfile.TemporaryDirectory(prefix="image-transfer-export-") as folder, quiet:
+                model.export(folder)
+                data = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise UserError(f"the LiteRT converter cannot take the model: {first_line(exc)[:300]}") from exc
+    check_flatbuffer(bytes(data), info.height, info.width)
+    return bytes(data)
+
+
+def check_flatbuffer(data: bytes, height: int, width: int) -> None:
+    """UserError unless the flatbuffer loads and has one float image input and one output."""
+    cls = interpreter_class()
+    try:
+        interpreter = cls(model_content=data)
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    except Exception as exc:  # noqa: BLE001 - ops the interpreter does not have
+        raise UserError(f"LiteRT cannot load the converted model: {first_line(exc)[:300]}") from exc
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UserError(f"the converted model has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and 1")
+    shape = [int(s) for s in inputs[0]["shape"]]
+    if shape[1:] != [height, width, 3]:
+        raise UserError(f"the converted model takes {shape}, not images of {height}x{width}x3")
+
+
+def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str, bytes | None, bool]:
+    """(``litert`` or ``tensorflow``, the flatbuffer for LiteRT, whether it was converted now).
+
+    ``auto`` falls back to TensorFlow with one line on stderr saying why; ``litert`` where it
+    cannot run raises UserError (before any Spark work).
+    """
+    if requested == "tensorflow":
+        return "tensorflow", None, False
+    compute = prepared.compute
+    reason = tensorflow_only(compute.precision, compute.jit, compute.overlap)
+    if reason is None and interpreter_class() is None:
+        reason = "no LiteRT interpreter is installed (ai_edge_litert or tf.lite)"
+    if reason is None and requested == "auto" and cluster_gpus(spark):
+        return "tensorflow", None, False  # GPU workers run TensorFlow: nothing to say
+    data, now = None, False
+    if reason is None:
+        try:
+            data, now = converted(prepared)
+        except UserError as exc:
+            reason = str(exc)
+    if reason is None:
+        return "litert", data, now
+    if requested == "litert":
+        raise UserError(f"--engine litert cannot run this model here: {reason}")
+    print(f"image-transfer: engine auto runs TensorFlow: {reason}", file=sys.stderr)
+    return "tensorflow", None, False

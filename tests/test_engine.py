@@ -1,0 +1,293 @@
+"""The LiteRT (XNNPACK) engine: the same outputs as TensorFlow on real architectures, fallbacks, statistics."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_transfer import featurize_images, read_images, score_images, scoring_run
+from image_transfer.errors import UserError
+from image_transfer.jobs import cli
+from image_transfer.models.artifact import save_model
+from image_transfer.scoring.engine import choose_engine, converted
+from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model, with_compute
+from image_transfer.scoring.worker import LiteScorer, Scorer
+
+SIZE = 96  # small inputs keep CI time low; the layers are the architectures' own
+
+
+def _images(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` different JPEGs: gradients, shapes and noise, so each network's outputs differ per image."""
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    for i in range(n):
+        base = rng.uniform(0, 255, 3)
+        slope = rng.uniform(-2, 2, (2, 3))
+        img = base + xx[..., None] * slope[0] + yy[..., None] * slope[1] + rng.normal(0, 20 + i % 30, (SIZE, SIZE, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _batchnorm_from_data(model, images: np.ndarray) -> None:
+    """Set every BatchNorm's moving statistics from a batch of data (one training-mode pass, momentum 0)."""
+    import keras
+
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer in norms:
+        layer.momentum = 0.99
+
+
+ARCHITECTURES = {  # name: (keras.applications constructor, its preprocessing)
+    "MobileNetV2": ("MobileNetV2", "scale_-1_1"),
+    "ResNet50": ("ResNet50", "caffe"),
+    "EfficientNetB0": ("EfficientNetB0", "none"),
+}
+
+
+@pytest.fixture(scope="session")
+def architectures(tmp_path_factory) -> dict[str, Path]:
+    """Each architecture once per session, random weights and BatchNorm statistics from data, saved as .keras."""
+    import keras
+    import tensorflow as tf
+
+    from image_transfer.imaging.graph import decode_batch
+    from image_transfer.models.load import preprocess_fn
+
+    folder = tmp_path_factory.mktemp("architectures")
+    encoded = _images(32, seed=1)
+    pixels = decode_batch(tf.constant(encoded), SIZE, SIZE, tf.zeros([len(encoded)], tf.int32))
+    paths = {}
+    for name, (builder, preprocess) in ARCHITECTURES.items():
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, builder)(input_shape=(SIZE, SIZE, 3), weights=None, classes=10)
+        _batchnorm_from_data(model, preprocess_fn(preprocess)(pixels))
+        paths[name] = save_model(
+            model, folder / f"{name}.keras", class_names=[f"c{i}" for i in range(10)], preprocess=preprocess
+        )
+    return paths
+
+
+def _both(prepared, images: list[bytes]) -> tuple[dict, dict]:
+    tf_out, _ = Scorer(prepared, prepared.info.path).run(images, [1] * len(images))
+    flatbuffer, _ = converted(prepared)
+    lite_out, _ = LiteScorer(replace_engine(prepared), flatbuffer, 2).run(images, [1] * len(images))
+    return tf_out, lite_out
+
+
+def replace_engine(prepared):
+    from dataclasses import replace
+
+    return replace(prepared, compute=Compute(engine="litert"))
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_litert_matches_tensorflow_on_real_architectures(architectures, name):
+    prepared = prepare_model(str(architectures[name]), mode="classify", top_k=10)
+    images = _images(96, seed=2)
+    tf_out, lite_out = _both(prepared, images)
+    tf_probs = np.take_along_axis(np.zeros((96, 10)), tf_out["indices"], 1)  # shape check only
+    assert tf_probs.shape == lite_out["probabilities"].shape
+    # Full probability vectors (k = all classes), put back in class order, compared per image.
+    dense_tf = np.zeros((96, 10), np.float32)
+    dense_lite = np.zeros((96, 10), np.float32)
+    np.put_along_axis(dense_tf, tf_out["indices"], tf_out["probabilities"], 1)
+    np.put_along_axis(dense_lite, lite_out["indices"], lite_out["probabilities"], 1)
+    assert np.abs(dense_tf - dense_lite).max() < 1e-4
+    assert dense_tf.std(axis=0).max() > 1e-3  # outputs differ per image: the comparison means something
+    same_top1 = np.mean(tf_out["indices"][:, 0] == lite_out["indices"][:, 0])
+    assert same_top1 >= 0.999
+
+
+def test_litert_embeddings_match_tensorflow(architectures):
+    prepared = prepare_model(str(architectures["MobileNetV2"]), mode="embed")
+    tf_out, lite_out = _both(prepared, _images(40, seed=3))
+    assert tf_out["embedding"].shape == lite_out["embedding"].shape == (40, prepared.width)
+    assert np.abs(tf_out["embedding"] - lite_out["embedding"]).max() < 1e-4
+    assert tf_out["embedding"].std(axis=0).max() > 1e-3
+
+
+def _fresh(model: Path, folder: Path) -> Path:
+    import keras
+
+    from image_transfer.models.artifact import read_metadata
+
+    meta = read_metadata(model)
+    return save_model(
+        keras.models.load_model(model, compile=False),
+        folder / f"model-{uuid.uuid4().hex[:8]}.keras",
+        class_names=meta.get("class_names"),
+        preprocess=meta.get("preprocess", "none"),
+        extra={"copy": uuid.uuid4().hex},
+    )
+
+
+@pytest.fixture(scope="module")
+def images_df(spark, fixtures_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine-data") / "images.parquet"
+    read_images(spark, str(fixtures_dir / "images")).write.parquet(str(out))
+    return spark.read.parquet(str(out))
+
+
+def _rows(scored, key="path"):
+    return {r[key]: r for r in scored.collect()}
+
+
+def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark, images_df, shapes_model, tmp_path):
+    model = str(_fresh(shapes_model, tmp_path))
+    out = tmp_path / "tf.parquet"
+    tf_scored = score_images(images_df, model, top_k=3, engine="tensorflow")
+    with scoring_run(tf_scored) as tf_run:
+        tf_scored.write.parquet(str(out))
+    assert {w["engine"] for w in tf_run.workers().values()} == {"tensorflow"}
+    assert tf_run.totals()["conversions"] == 0
+    runs = []
+    for i in range(2):
+        scored = score_images(images_df, model, top_k=3)  # auto: LiteRT on these CPU workers
+        with scoring_run(scored) as run:
+            scored.write.parquet(str(tmp_path / f"lite{i}.parquet"))
+        runs.append(run)
+    first, warm = runs
+    assert first.engine == "litert-xnnpack" and "LiteRT" in first.shipped
+    assert {w["engine"] for w in first.workers().values()} == {"litert-xnnpack"}
+    assert first.totals()["conversions"] == 1  # on the driver, once for the model
+    assert sum(w["conversions"] for w in first.workers().values()) == 0  # workers convert nothing
+    totals = warm.totals()
+    assert (totals["conversions"], totals["model_loads"], totals["traces"]) == (0, 0, 0)
+    assert totals["rows"] == images_df.count()
+    tf_rows = _rows(spark.read.parquet(str(out)))
+    lite_rows = _rows(spark.read.parquet(str(tmp_path / "lite1.parquet")))
+    assert tf_rows.keys() == lite_rows.keys()
+    for path, row in tf_rows.items():
+        other = lite_rows[path]
+        assert other["error"] is None and row["error"] is None
+        assert other["prediction"] == row["prediction"]
+        assert abs(other["probability"] - row["probability"]) < 1e-4
+
+
+@pytest.mark.parametrize("layer", [None, "shapes_backbone"])
+def test_featurize_litert_matches_tensorflow(spark, images_df, shapes_model, layer):
+    results = {}
+    for engine in ("tensorflow", "litert"):
+        scored = featurize_images(images_df, str(shapes_model), layer=layer, engine=engine)
+        run = scoring_run(scored)
+        results[engine] = {r["path"]: np.array(r["embedding"]) for r in scored.collect()}
+        assert run.engine == ("litert-xnnpack" if engine == "litert" else "tensorflow")
+    for path, embedding in results["tensorflow"].items():
+        assert np.abs(embedding - results["litert"][path]).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [({"precision": "float16"}, "precision float16"), ({"jit": True}, "--jit"), ({"overlap": "on"}, "--overlap on")],
+)
+def test_tensorflow_only_settings_fall_back_with_one_line_or_refuse_litert(shapes_model, capsys, settings, said):
+    prepared = with_compute(prepare_model(str(shapes_model), mode="classify"), ScoringOptions(**settings))
+    engine, flatbuffer, _ = choose_engine(prepared, "auto")
+    assert (engine, flatbuffer) == ("tensorflow", None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "engine auto" in line]
+    assert len(lines) == 1 and said in lines[0]
+    with pytest.raises(UserError, match="--engine litert cannot run"):
+        choose_engine(prepared, "litert")
+
+
+@pytest.fixture(scope="module")
+def unconvertible_model(tmp_path_factory) -> Path:
+    """A SavedModel whose graph uses string ops, which LiteRT's builtin ops do not have."""
+    import tensorflow as tf
+
+    class Odd(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            rounded = tf.strings.to_number(tf.strings.as_string(tf.reduce_mean(x, axis=[1, 2]), precision=3))
+            return {"probabilities": tf.nn.softmax(rounded)}
+
+    path = tmp_path_factory.mktemp("odd") / "odd"
+    module = Odd()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def test_unconvertible_model_falls_back_and_scores(spark, images_df, unconvertible_model, capsys):
+    scored = score_images(images_df, str(unconvertible_model), top_k=1)
+    err = capsys.readouterr().err
+    assert "engine auto runs TensorFlow: the LiteRT converter cannot take the model" in err
+    rows = scored.collect()
+    assert rows and all(r["error"] is None for r in rows)
+    assert scoring_run(scored).engine == "tensorflow"
+    with pytest.raises(UserError, match="--engine litert cannot run"):
+        score_images(images_df, str(unconvertible_model), engine="litert")
+
+
+def test_cli_refuses_litert_where_it_cannot_run_and_summary_names_the_engine(
+    spark, images_df, shapes_model, tmp_path, capsys
+):
+    source = tmp_path / "in.parquet"
+    images_df.write.parquet(str(source))
+    args = ["score", "--input", str(source), "--model", str(shapes_model), "--output", str(tmp_path / "o.parquet")]
+    assert cli.run([*args, "--engine", "litert", "--precision", "float16"]) == 2
+    assert "--engine litert cannot run" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists()
+    summary = tmp_path / "summary.json"
+    assert cli.run([*args, "--engine", "litert", "--summary", str(summary)]) == 0
+    assert "engine per worker ['litert-xnnpack'" in capsys.readouterr().out
+    data = json.loads(summary.read_text())
+    assert (data["compute"]["engine"], data["compute"]["engine_used"]) == ("litert", "litert-xnnpack")
+    assert {w["engine"] for w in data["workers"].values()} == {"litert-xnnpack"}
+
+
+def test_pyfunc_takes_the_engine_choice(shapes_model, fixtures_dir):
+    import types
+
+    import pandas as pd
+
+    pytest.importorskip("mlflow")
+    from image_transfer.lifecycle.pyfunc import ImageClassifier
+    from image_transfer.lifecycle.uris import KERAS_ARTIFACT
+
+    images = [p.read_bytes() for p in sorted((fixtures_dir / "images").rglob("*.png"))[:12]]
+    assert images
+    context = types.SimpleNamespace(artifacts={KERAS_ARTIFACT: str(shapes_model)})
+    outputs = {}
+    for engine in ("tensorflow", "litert"):
+        model = ImageClassifier(engine=engine)
+        model.load_context(context)
+        outputs[engine] = model.predict(context, pd.DataFrame({"content": images}))
+        assert model._prepared.compute.engine == engine
+    assert list(outputs["tensorflow"]["prediction"]) == list(outputs["litert"]["prediction"])
+    assert np.abs(outputs["tensorflow"]["probability"] - outputs["litert"]["probability"]).max() < 1e-4
+    auto = ImageClassifier()  # auto, on this CPU machine: LiteRT; params pick another per call
+    auto.load_context(context)
+    auto.predict(context, pd.DataFrame({"content": images}), params={"engine": "tensorflow"})
+    assert auto._prepared.compute.engine == "tensorflow"
+
+
+def test_bundle_cpu_target_scores_on_cpu_nodes_with_engine_auto():
+    import yaml
+
+    bundle = yaml.safe_load((Path(__file__).resolve().parents[1] / "databricks.yml").read_text())
+    job = bundle["targets"]["cpu"]["resources"]["jobs"]["batch_inference_cpu"]
+    (cluster,) = job["job_clusters"]
+    spec = cluster["new_cluster"]
+    assert spec["spark_version"] == "${var.cpu_spark_version}"
+    assert "-cpu-ml-" in bundle["variables"]["cpu_spark_version"]["default"]
+    assert "gpu" not in json.dumps(spec).lower()  # no GPU resource settings, no GPU allocator
+    (task,) = job["tasks"]
+    params = [str(p) for p in task["python_wheel_task"]["parameters"]]
+    assert params[params.index("--engine") + 1] == "auto"
+    assert task["job_cluster_key"] == cluster["job_cluster_key"]
+    assert spec["spark_conf"]["spark.sql.execution.arrow.maxRecordsPerBatch"] == "${var.scoring_batch_size}"
+    assert params[params.index("--batch-size") + 1] == "${var.scoring_batch_size}"
+    parsed = cli.build_parser().parse_args([p.replace("${var.scoring_batch_size}", "64") for p in params])
+    assert parsed.engine == "auto" and parsed.batch_size == 64
