@@ -265,7 +265,8 @@ def test_scoring_leaves_no_autograph_files(fixtures_dir, shapes_model, tmp_path)
     done = _python(code, cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     time.sleep(1)  # the daemon's workers end on SIGHUP after the driver stops
-    assert (private_tmp / "image-transfer-models").is_dir(), "the workers did not use the private temp folder"
+    cache = private_tmp / f"image-transfer-models-{os.getuid()}"
+    assert cache.is_dir(), "the workers did not use the private temp folder"
     left = sorted(p.name for p in private_tmp.glob("__autograph_generated_file*"))
     assert left == [], f"{len(left)} autograph files left"
 
@@ -324,7 +325,7 @@ def test_the_model_cache_keeps_the_recently_used_within_its_limits(tmp_path):
 
 def test_unpack_touches_on_use_and_bounds_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    root = tmp_path / artifact.CACHE_DIR
+    root = artifact.cache_root()
     first = Path(artifact.unpack(b"model 0", "keras"))
     old = time.time() - 7200
     os.utime(first.parent, (old, old))

@@ -133,7 +133,7 @@ def _scored(
     df: Any, model: str, *, mode: str, top_k: int, layer: str | None, version: str | None, options: ScoringOptions
 ) -> Any:
     path, version, broadcast_max_mb = _model(df, model, version, options.broadcast_max_mb)
-    prepared = prepare_model(path, mode=mode, top_k=top_k, layer=layer, version=version)
+    prepared = prepare_model(path, mode=mode, top_k=top_k, layer=layer, version=version, trust=options.trust_model_code)
     options = replace(options, broadcast_max_mb=broadcast_max_mb)
     result, run = scored_frame(df, prepared, options)
     return _attach(result, run, options.max_failed_fraction, model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output-table", help="also save the output as this table (with --images: append to it)")
     _add_overwrite_option(p)
+    _add_wait_option(p)
     _add_incremental_options(p)
     ScoringOptions.add_arguments(p)
     p.add_argument(
@@ -100,6 +102,27 @@ def _add_overwrite_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=math.inf,
+        default=None,
+        metavar="SECONDS",
+        help="when another run is writing --output (it holds the output's lease), wait for it to finish: "
+        "SECONDS at most, or as long as it takes (default: fail at once, exit 2, naming that run)",
+    )
+
+
+def _wait(args: argparse.Namespace) -> float | None:
+    """The ``--wait`` seconds (None: do not wait); UserError when negative."""
+    wait = getattr(args, "wait", None)
+    if wait is not None and not wait >= 0:
+        raise UserError(f"--wait must be at least 0 seconds, got {wait}")
+    return wait
+
+
 def _add_spark_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", help="Spark master for a local run (default local[*])")
     p.add_argument(
@@ -137,11 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="Parquet output path: a new path, an empty folder or an earlier ingest output (replaced atomically)",
     )
+    p.add_argument(
+        "--extensions",
+        default=",".join(IMAGE_EXTENSIONS),
+        help="comma-separated file extensions to read, or * for every file (the content decides; "
+        "default: %(default)s)",
+    )
     _add_overwrite_option(p)
+    _add_wait_option(p)
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_ingest)
 
     _add_training_parsers(sub)
+
+    p = sub.add_parser("inspect", help="check a model as scoring would, without Spark: input size, outputs, classes")
+    p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory, or an MLflow URI")
+    p.add_argument("--layer", help="with --embed: the embedding layer (default: before the classifier)")
+    p.add_argument("--embed", action="store_true", help="check it for featurize (default: for score, a classifier)")
+    ScoringOptions.add_arguments(p, only=("trust_model_code",))
+    p.set_defaults(handler=_cmd_inspect)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
     p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
@@ -247,9 +284,7 @@ def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
 
 
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
-    from image_transfer import api
-    from image_transfer.jobs import runs
-    from image_transfer.jobs.outputs import read_input, write_output
+    from image_transfer.jobs.outputs import output_lease
 
     options = _scoring_options(args, mode)
     command = "score" if mode == "classify" else "featurize"
@@ -259,7 +294,21 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         raise UserError("--checkpoint goes with --images (incremental scoring)")
     if args.output is None:
         raise UserError("--output is required")
+    wait = _wait(args)
     spark = _checked_session(args, command, [args.output], [args.input])
+    with output_lease(spark, args.output, command=command, wait=wait):
+        _score_leased(spark, args, mode, command, options, wait)
+    return 0
+
+
+def _score_leased(
+    spark: Any, args: argparse.Namespace, mode: str, command: str, options: ScoringOptions, wait: float | None
+) -> None:
+    """Batch scoring, holding the output's lease."""
+    from image_transfer import api
+    from image_transfer.jobs import runs
+    from image_transfer.jobs.outputs import read_input, write_output
+
     source = read_input(
         spark, path=args.input, table=args.input_table, images_hint=IMAGES_HINT, table_flag="--input-table"
     )
@@ -282,13 +331,13 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
             rows=rows_in,
             command=command,
             overwrite=args.overwrite,
+            wait=wait,
         ),
         output=args.output_table or args.output,
         mode=mode,
         progress_interval=args.progress_interval,
         summary_path=args.summary,
     )
-    return 0
 
 
 def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOptions) -> int:
@@ -304,6 +353,8 @@ def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOption
             raise UserError(f"{flag} does not apply to incremental scoring (--images): each micro-batch is reported")
     if args.overwrite:
         raise UserError("--overwrite does not apply to incremental scoring (--images): the output is appended to")
+    if args.wait is not None:
+        raise UserError("--wait does not apply to incremental scoring (--images): its checkpoint orders the runs")
     command = "score" if mode == "classify" else "featurize"
     spark = _checked_session(args, command, [args.output], [args.images], append=True)
     common = dict(
@@ -336,20 +387,25 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from image_transfer.imaging.files import describe_skipped, read_image_files, skipped_files
-    from image_transfer.jobs.outputs import write_output
+    from image_transfer.jobs.outputs import output_lease, write_output
 
+    wait = _wait(args)
+    extensions = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip().lstrip(".")]
+    if not extensions:
+        raise UserError("--extensions names no extension (* reads every file)")
+    reads = ", ".join(extensions)
     spark = _checked_session(args, "ingest", [args.output], [args.images])
-    images = read_image_files(spark, args.images)
-    skipped = describe_skipped(skipped_files(spark, args.images))
-    if images.isEmpty():
-        found = f"skipped {skipped}" if skipped else "the folder has no files"
-        raise UserError(
-            f"no image files under {args.images} ({found}); ingest reads {', '.join(IMAGE_EXTENSIONS)}; nothing written"
-        )
-    rows = write_output(images, args.output, command="ingest", overwrite=args.overwrite).count()
+    with output_lease(spark, args.output, command="ingest", wait=wait):
+        images = read_image_files(spark, args.images, extensions=extensions)
+        skipped = describe_skipped(skipped_files(spark, args.images, extensions=extensions))
+        listed = images.count()
+        if not listed:
+            found = f"skipped {skipped}" if skipped else "the folder has no files"
+            raise UserError(f"no image files under {args.images} ({found}); ingest reads {reads}; nothing written")
+        rows = write_output(images, args.output, rows=listed, command="ingest", overwrite=args.overwrite).count()
     print(f"ingested {rows} files from {args.images} into {args.output}")
     if skipped:
-        print(f"skipped {skipped}: ingest reads {', '.join(IMAGE_EXTENSIONS)}")
+        print(f"skipped {skipped}: ingest reads {reads} (--extensions '*' reads every file)")
     return 0
 
 
@@ -370,6 +426,7 @@ def _add_training_parsers(sub: Any) -> None:
     )
     p.add_argument("--output-table", help="also save the dataset as this table")
     _add_overwrite_option(p)
+    _add_wait_option(p)
     p.add_argument("--labels", help="CSV (header path,label) or table giving labels by path, instead of folders")
     p.add_argument(
         "--validation-fraction", type=float, default=0.2, help="share of images for validation (default: %(default)s)"
@@ -427,6 +484,7 @@ def _add_training_parsers(sub: Any) -> None:
         "--register-as",
         help="register the model as a new version of this MLflow model (catalog.schema.model on Unity Catalog)",
     )
+    ScoringOptions.add_arguments(p, only=("trust_model_code",))  # for a --backbone file
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -472,6 +530,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError("--extensions names no extension")
     limits = _image_limits(args)
     inputs = [args.images, args.labels if args.labels and args.labels.lower().endswith(".csv") else None]
+    wait = _wait(args)
     spark = _checked_session(args, "prepare", [args.output], inputs)
     rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
     result = prepare(
@@ -485,6 +544,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         limits=limits,
         rejected_file=rejected,
         overwrite=args.overwrite,
+        wait=wait,
     )
     print(result.describe())
     if args.summary:
@@ -519,6 +579,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_path=args.data_path,
         cache_dir=args.cache_dir,
         mixed_precision=args.mixed_precision,
+        trust_model_code=bool(args.trust_model_code),
     )
     spark = session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
@@ -528,6 +589,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(result.describe())
     _publish_task_value("model_path", result.model_path)
     _publish_task_value("model_uri", result.model_uri)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from image_transfer.lifecycle.uris import resolve_model
+    from image_transfer.scoring.options import prepare_model
+
+    resolved = resolve_model(args.model)
+    mode = "embed" if args.embed else "classify"
+    prepared = prepare_model(resolved.path, mode=mode, layer=args.layer, trust=bool(args.trust_model_code))
+    info = prepared.info
+    report = {
+        "model": args.model,
+        "kind": info.kind,
+        "input": [info.height, info.width, 3],
+        "outputs": info.output_width,
+        "class_names": list(info.class_names) if info.class_names else None,
+        "probabilities": info.probabilities,
+        "preprocess": info.preprocess,
+        "digest": f"sha256:{prepared.digest}",
+    }
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -136,43 +137,113 @@ def content_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-# The shipped-model cache: one folder per model under <tmp>/image-transfer-models, least recently used
-# out past these limits. An entry used (unpacked or reused) in the last CACHE_MIN_AGE_SECONDS is never
-# removed: a worker of another job may be between unpacking it and loading it.
+# The shipped-model cache: one folder per model under <tmp>/image-transfer-models-<uid> (mode 0700: no
+# other user can plant or swap a model there), least recently used out past these limits. An entry
+# used (unpacked or reused) in the last CACHE_MIN_AGE_SECONDS is never removed: a worker of another
+# job may be between unpacking it and loading it.
 CACHE_DIR = "image-transfer-models"
 CACHE_MAX_ENTRIES = 8
 CACHE_MAX_BYTES = 4 * 1024**3
 CACHE_MIN_AGE_SECONDS = 15 * 60
 
 
+def cache_root() -> Path:
+    """This user's model cache folder, ``<tmp>/image-transfer-models-<uid>``, created mode 0700.
+
+    UserError when it exists but belongs to another user, or is not a real folder; a folder of ours
+    others can read is closed to 0700.
+    """
+    root = Path(tempfile.gettempdir()) / f"{CACHE_DIR}-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+    except OSError as exc:
+        raise UserError(f"cannot create the model cache {root}: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"the model cache {root} is not a folder of this user's: remove it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
+def check_zip_members(path: str | os.PathLike[str]) -> None:
+    """UserError when a ``.keras`` archive has a member that is a link or would leave its folder."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path} is not a valid .keras file: {exc}") from exc
+    for member in members:
+        if stat.S_ISLNK(member.external_attr >> 16):
+            raise UserError(f"unsafe member in model archive {path}: {member.filename} is a link")
+        _check_member_name(member.filename, str(path))
+
+
+def _check_member_name(name: str, where: str) -> None:
+    parts = Path(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise UserError(f"unsafe member in model archive {where}: {name} leaves its folder")
+
+
+def _check_tar_members(tar: tarfile.TarFile) -> None:
+    """UserError for a member that is a link, a device or FIFO, or would leave the folder."""
+    for member in tar.getmembers():
+        _check_member_name(member.name, "shipped model")
+        if member.issym() or member.islnk():
+            raise UserError(f"unsafe member in shipped model: {member.name} is a link")
+        if not (member.isfile() or member.isdir()):
+            raise UserError(f"unsafe member in shipped model: {member.name} is not a file or folder")
+
+
+def _verified(entry: Path, name: str, digest: str) -> bool:
+    """Whether a cache entry holds the model of ``digest`` (its bytes hashed again: nothing swapped it)."""
+    model = entry / name
+    try:
+        return not model.is_symlink() and model.exists() and content_digest(model) == digest
+    except OSError:
+        return False
+
+
 def unpack(data: bytes, kind: str, digest: str | None = None) -> str:
     """Materialise shipped model bytes on the worker; returns the local model path.
 
-    The model lands in ``<tmp>/image-transfer-models/<digest>`` and is reused by every worker process
-    of the machine that ships the same model (written to a private dir, then renamed into place, so
-    readers never see half a model). Each use marks the entry as recently used; unpacking a new one
-    trims the cache (``trim_cache``).
+    The model lands in ``cache_root()/<digest>`` (``digest``: ``content_digest`` of the model, by
+    default computed from what was shipped) and is reused by every worker process of the user on the
+    machine that ships the same model, after its bytes are hashed again against the digest (a
+    changed entry is unpacked anew). It is written to a private dir, then renamed into place, so
+    readers never see half a model. A packed SavedModel with a link, or a member leaving its folder,
+    is refused. Each use marks the entry as recently used; unpacking a new one trims the cache.
     """
-    digest = digest or hashlib.sha256(data).hexdigest()
-    root = Path(tempfile.gettempdir()) / CACHE_DIR
-    final = root / digest[:32]
+    if digest is None and kind == "keras":
+        digest = hashlib.sha256(data).hexdigest()
+    root = cache_root()
     name = "model.keras" if kind == "keras" else "model"
-    if _touch(final) and (final / name).exists():
-        return str(final / name)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    if digest is not None:
+        final = root / digest[:32]
+        if _verified(final, name, digest) and _touch(final):
+            return str(final / name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{(digest or 'unpack')[:16]}-", dir=root))
     try:
         if kind == "keras":
             (staging / name).write_bytes(data)
         else:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+                _check_tar_members(tar)
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(staging, filter="data")
-                else:  # Python < 3.11.4: refuse members that would escape the target directory
-                    for member in tar.getmembers():
-                        if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
-                            raise UserError(f"unsafe path in packed model: {member.name}")
+                else:  # Python < 3.11.4: the members were checked above
                     tar.extractall(staging)
+        actual = content_digest(staging / name)
+        if digest is not None and actual != digest:
+            raise UserError(f"the shipped model does not match its digest sha256:{digest[:12]}")
+        final = root / actual[:32]
+        if final.exists() and not _verified(final, name, actual):  # changed since: put aside, unpack anew
+            trash = root / f".trash-{final.name}-{os.getpid()}"
+            try:
+                os.rename(final, trash)
+            except OSError:
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
         try:
             os.rename(staging, final)
         except OSError:  # another worker put the same model in place first

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.models.artifact import ModelInfo, model_kind, read_metadata, size_on_disk
+from image_transfer.models.artifact import ModelInfo, check_zip_members, model_kind, read_metadata, size_on_disk
 from image_transfer.models.load import embedding_model, io_shapes, load_model, outputs_in_unit_range, preprocess_fn
+from image_transfer.models.trust import check_keras_trust
 
 
-def inspect_model(path: str, *, layer: str | None = None, embed: bool = False, classify: bool = False) -> ModelInfo:
+def inspect_model(
+    path: str, *, layer: str | None = None, embed: bool = False, classify: bool = False, trust: bool = False
+) -> ModelInfo:
     """Check the model on the driver is usable; raises UserError with the reason.
 
     A Keras 3 ``.keras`` file of standard layers is checked from its archive (every member's CRC) and
@@ -21,14 +24,19 @@ def inspect_model(path: str, *, layer: str | None = None, embed: bool = False, c
     TensorFlow: a scheduled job's driver then spends no CPU on it while the workers start. Anything
     the config cannot settle (a SavedModel, custom or Python-code layers, an unusual head) is loaded
     once here instead. With ``classify`` the outputs must be class probabilities (``check_classifier``).
+    Unless ``trust``, a config naming code outside Keras is refused first, nothing it names imported
+    (``check_keras_trust``).
     """
     kind = model_kind(path)
+    if kind == "keras":
+        check_zip_members(path)
+        check_keras_trust(path, trust)
     metadata = read_metadata(path)
     shapes = _config_shapes(path, layer=layer, embed=embed) if kind == "keras" else None
     probabilities = _config_probabilities(path) if kind == "keras" and not embed else None
     model = None
     if shapes is None or (classify and probabilities is None):
-        model = load_model(path, kind)
+        model = load_model(path, kind, trust=trust)
         if probabilities is None and not embed:
             probabilities = _loaded_probabilities(model)
         if shapes is None:

@@ -59,10 +59,19 @@ def tidy_autograph() -> None:
     loader.load_source = load_source
 
 
-def load_keras(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.keras`` file in Keras safe mode: a model that would run Python code is refused."""
+def load_keras(path: str | os.PathLike[str], *, trust: bool = False) -> Any:
+    """Load a ``.keras`` file in Keras safe mode: a model that would run Python code is refused.
+
+    Untrusted (the default), a config naming code outside Keras is refused before Keras reads it
+    (``check_keras_trust``), whatever the Keras version; with ``trust`` its modules are imported.
+    """
+    from image_transfer.models.trust import check_keras_trust, warn_unfixed_keras
+
+    check_keras_trust(path, trust)
     import keras
 
+    if not trust:
+        warn_unfixed_keras()
     tidy_autograph()
 
     try:
@@ -155,10 +164,14 @@ def outputs_in_unit_range(model: Any, height: int, width: int, preprocess: str) 
     return bool(np.all(np.isfinite(outputs)) and outputs.min() >= -1e-6 and outputs.max() <= 1 + 1e-6)
 
 
-def load_model(path: str | os.PathLike[str], kind: str) -> Any:
-    """Load a model for inference: a Keras model, or a callable over a SavedModel signature."""
+def load_model(path: str | os.PathLike[str], kind: str, *, trust: bool = False) -> Any:
+    """Load a model for inference: a Keras model, or a callable over a SavedModel signature.
+
+    ``trust``: a ``.keras`` config may name code outside Keras (``load_keras``). A SavedModel has no
+    safe mode: its graph runs as saved, trusted or not.
+    """
     if kind == "keras":
-        return load_keras(path)
+        return load_keras(path, trust=trust)
     try:
         return _SavedModelCallable(str(path))
     except UserError:

@@ -122,7 +122,7 @@ def _convert(prepared: Any, path: str) -> bytes:
         if info.kind != "keras":
             data = tf.lite.TFLiteConverter.from_saved_model(path).convert()
         else:
-            model = load_model(path, info.kind)
+            model = load_model(path, info.kind, trust=prepared.trusted)
             if prepared.mode == "embed":
                 model = embedding_model(model, prepared.layer)
             with tempfile.TemporaryDirectory(prefix="image-transfer-export-") as folder, quiet:

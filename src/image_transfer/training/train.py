@@ -28,6 +28,7 @@ from typing import Any
 from image_transfer.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 224
+HEAD_INPUTS = ("features", "images")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ class TrainConfig:
     cache_dir: str | None = None
     checkpoint_dir: str | None = None  # default: a temp dir, deleted at the end
     mixed_precision: bool = False  # mixed_float16 on GPUs (ignored without one)
+    head_input: str = "features"  # features: the frozen phase trains on embeddings computed once; images
+    trust_model_code: bool = False  # a backbone file may name code outside Keras (custom layers)
 
     def __post_init__(self) -> None:
+        if self.head_input not in HEAD_INPUTS:
+            raise UserError(f"head-input must be one of {', '.join(HEAD_INPUTS)}, not {self.head_input!r}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -107,6 +112,8 @@ class TrainResult:
     replicas: int = 1  # devices the model trained on (MirroredStrategy: GPUs)
     global_batch_size: int = 0  # batch_size x replicas
     precision: str = "float32"  # the Keras policy training ran under
+    head_input: str = "images"  # what the frozen phase trained on
+    features: dict[str, Any] | None = None  # with head_input features: rows embedded, failed, seconds
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metrics."""
@@ -149,8 +156,13 @@ def _preprocess_layers(kind: str) -> list[Any]:
     raise ValueError(kind)
 
 
-def build_backbone(name: str, *, weights: str, image_size: int | None) -> tuple[Any, list[Any], int]:
-    """(backbone, preprocessing layers, input size); a file backbone keeps its own preprocessing."""
+def build_backbone(
+    name: str, *, weights: str, image_size: int | None, trust: bool = False
+) -> tuple[Any, list[Any], int]:
+    """(backbone, preprocessing layers, input size); a file backbone keeps its own preprocessing.
+
+    A backbone file naming code outside Keras is refused unless ``trust`` (``--trust-model-code``).
+    """
     import keras
 
     from image_transfer.models.artifact import read_metadata
@@ -182,7 +194,7 @@ def build_backbone(name: str, *, weights: str, image_size: int | None) -> tuple[
             raise
         return net, _preprocess_layers(spec.preprocess), size
     # A Keras file: a feature extractor, or a classifier cut before its last layer.
-    net = load_keras(name)
+    net = load_keras(name, trust=trust)
     if read_metadata(name).get("class_names"):
         net = embedding_model(net, None)
     if weights not in ("imagenet", "none"):
@@ -307,6 +319,43 @@ def _fit_phase(
     return rows, best
 
 
+def _head_model(model: Any) -> Any:
+    """The classifier's head alone (its own dropout and softmax layers, shared): embeddings -> probabilities."""
+    import keras
+
+    dense = model.get_layer("classifier")
+    dropout = model.get_layer("head_dropout")
+    inputs = keras.Input((int(dense.kernel.shape[0]),), name="features")
+    return keras.Model(inputs, dense(dropout(inputs)), name="image_transfer_head")
+
+
+def _feature_datasets(features: Any, *, batch: int, seed: int) -> tuple[Any, Any, int, int]:
+    """(train, validation or None, steps, validation steps) over cached embeddings, repeating forever."""
+    import tensorflow as tf
+
+    x, y = features.splits["train"]
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch)
+        .prefetch(2)
+    )
+    vx, vy = features.splits["validation"]
+    val_ds = tf.data.Dataset.from_tensor_slices((vx, vy)).batch(batch).repeat() if len(vy) else None
+    return train_ds, val_ds, math.ceil(len(y) / batch), math.ceil(len(vy) / batch)
+
+
+def _feature_accuracy(head: Any, x: Any, y: Any, *, batch: int) -> float:
+    """Exact accuracy of ``head`` on embeddings ``x`` with labels ``y``."""
+    import numpy as np
+
+    predicted = np.concatenate(
+        [np.argmax(head(x[i : i + batch], training=False).numpy(), -1) for i in range(0, len(y), batch)]
+    )
+    return float((predicted == y).mean())
+
+
 def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) -> float:
     """Exact accuracy over one pass of ``feed``."""
     import numpy as np
@@ -343,7 +392,7 @@ def train(
 
     from image_transfer.models.artifact import save_model
     from image_transfer.scoring import gpu
-    from image_transfer.training.feed import open_feed
+    from image_transfer.training.feed import open_features, open_feed
     from image_transfer.training.prepare import class_names, usable
 
     if not output_model.endswith(".keras"):
@@ -377,7 +426,7 @@ def train(
     try:
         with strategy.scope():
             backbone, preprocess, size = build_backbone(
-                config.backbone, weights=config.weights, image_size=config.image_size
+                config.backbone, weights=config.weights, image_size=config.image_size, trust=config.trust_model_code
             )
             if policy != "float32":  # a backbone file keeps its saved float32 layers unless retyped
                 backbone = gpu.with_policy(backbone, policy)
@@ -385,53 +434,81 @@ def train(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     shape = (size, size)
+    from_features = config.head_input == "features"
+    if from_features and config.augment:
+        print(
+            "train: augmentation does not apply to cached features: the head trains on un-augmented "
+            + ("embeddings; fine-tuning augments" if config.fine_tune_layers else "embeddings")
+        )
+    needs_images = not from_features or bool(config.fine_tune_layers)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="image-transfer-train-")))
         ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else tmp / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        train_feed = stack.enter_context(open_feed(train_df, path=config.data_path, cache_dir=config.cache_dir))
-        val_feed = (
-            stack.enter_context(open_feed(val_df, path=train_feed.path, cache_dir=config.cache_dir))
-            if has_val
-            else None
-        )
-        steps = math.ceil(train_feed.rows / batch)
-        val_steps = math.ceil(val_feed.rows / batch) if val_feed else 0
+        features = head = None
+        if from_features:
+            features = stack.enter_context(
+                open_features(
+                    usable(df).where("split IN ('train', 'validation')"),
+                    gpu.with_policy(model, "float32") if policy != "float32" else model,
+                    class_names=names,
+                    cache_dir=config.cache_dir,
+                )
+            )
+            if features.rows_failed:
+                print(f"train: {features.rows_failed} of {features.rows} images could not be embedded; left out")
+            with strategy.scope():
+                head = _head_model(model)
+        train_feed = val_feed = None
+        if needs_images:
+            train_feed = stack.enter_context(open_feed(train_df, path=config.data_path, cache_dir=config.cache_dir))
+            val_feed = (
+                stack.enter_context(open_feed(val_df, path=train_feed.path, cache_dir=config.cache_dir))
+                if has_val
+                else None
+            )
         epochs: list[dict[str, Any]] = []
         best: float | None = None
         phases = [("head", config.epochs, config.learning_rate)]
         if config.fine_tune_layers:
             phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
         for phase, n_epochs, lr in phases:
+            on_features = features is not None and phase == "head"
+            fitted = head if on_features else model
             if phase == "fine_tune":
                 unfreeze_top(backbone, config.fine_tune_layers)
             with strategy.scope():
                 optimizer = keras.optimizers.Adam(lr)
                 if policy == "mixed_float16":
                     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-                model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                fitted.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
             with contextlib.ExitStack() as datasets:
-                train_ds = datasets.enter_context(
-                    train_feed.make_tf_dataset(
-                        batch_size=batch,
-                        image_size=shape,
-                        training=config.augment,
-                        num_epochs=None,
-                        seed=config.seed + len(epochs),
+                if on_features:
+                    train_ds, val_ds, steps, val_steps = _feature_datasets(features, batch=batch, seed=config.seed)
+                else:
+                    steps = math.ceil(train_feed.rows / batch)
+                    val_steps = math.ceil(val_feed.rows / batch) if val_feed else 0
+                    train_ds = datasets.enter_context(
+                        train_feed.make_tf_dataset(
+                            batch_size=batch,
+                            image_size=shape,
+                            training=config.augment,
+                            num_epochs=None,
+                            seed=config.seed + len(epochs),
+                        )
                     )
-                )
-                val_ds = (
-                    datasets.enter_context(
-                        val_feed.make_tf_dataset(batch_size=batch, image_size=shape, num_epochs=None)
+                    val_ds = (
+                        datasets.enter_context(
+                            val_feed.make_tf_dataset(batch_size=batch, image_size=shape, num_epochs=None)
+                        )
+                        if val_feed
+                        else None
                     )
-                    if val_feed
-                    else None
-                )
                 checkpoint = ckpt_dir / f"best-{phase}.weights.h5"
                 checkpoint.unlink(missing_ok=True)  # never restore a previous run's weights
                 rows, best = _fit_phase(
-                    model,
+                    fitted,
                     train_ds,
                     val_ds,
                     phase=phase,
@@ -445,13 +522,24 @@ def train(
                     callbacks=callbacks,
                     batch_size=batch,
                 )
+            for row in rows:
+                row["input"] = "features" if on_features else "images"
             epochs += rows
             if phase == "fine_tune" and not checkpoint.exists():  # fine-tuning never beat the head phase
                 with strategy.scope():
-                    model.load_weights(str(ckpt_dir / "best-head.weights.h5"))
-        final = _evaluate_split(model, val_feed, batch_size=batch, image_size=size) if val_feed else None
-        data_path, train_rows = train_feed.path, train_feed.rows
-        val_rows = val_feed.rows if val_feed else 0
+                    (head or model).load_weights(str(ckpt_dir / "best-head.weights.h5"))
+        if val_feed is not None:
+            final = _evaluate_split(model, val_feed, batch_size=batch, image_size=size)
+        elif features is not None and len(features.splits["validation"][1]):
+            final = _feature_accuracy(head, *features.splits["validation"], batch=batch)
+        else:
+            final = None
+        if train_feed is not None:
+            data_path, train_rows = train_feed.path, train_feed.rows
+            val_rows = val_feed.rows if val_feed else 0
+        else:
+            data_path = "features"
+            train_rows, val_rows = (len(features.splits[k][1]) for k in ("train", "validation"))
         seconds = time.perf_counter() - started
         save_model(
             gpu.with_policy(model, "float32") if policy != "float32" else model,  # scoring picks its precision
@@ -476,6 +564,8 @@ def train(
         replicas=replicas,
         global_batch_size=batch,
         precision=policy,
+        head_input=config.head_input,
+        features=features.to_dict() if features is not None else None,
     )
     metrics = Path(metrics_path) if metrics_path else Path(output_model).with_suffix(".metrics.json")
     write_metrics(result, metrics)
