@@ -479,6 +479,13 @@ def _add_training_parsers(sub: Any) -> None:
         help="how data reaches TensorFlow; auto: Petastorm where installed, else Arrow (default: %(default)s)",
     )
     p.add_argument("--mixed-precision", action="store_true", help="compute in float16 on GPUs (ignored without a GPU)")
+    p.add_argument(
+        "--head-input",
+        default="features",
+        choices=["features", "images"],
+        help="what the frozen phase trains on: features (embedded once by the executors; no augmentation) "
+        "or images (default: %(default)s)",
+    )
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
     p.add_argument(
         "--register-as",
@@ -580,6 +587,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         mixed_precision=args.mixed_precision,
         trust_model_code=bool(args.trust_model_code),
+        head_input=args.head_input,
     )
     spark = session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")

@@ -15,6 +15,10 @@ same input they yield the same rows. ``Feed.make_tf_dataset`` then runs the same
 pipeline on either: shuffle (training), decode and resize, augmentation (training), batching, all
 in parallel inside TensorFlow, never in Spark. Images come out as float RGB 0..255; the model's
 own layers do any further preprocessing.
+
+``open_features(df, model, ...)`` is the frozen phase's cache: the executors embed every image once
+through ``featurize_images`` and the embeddings are cached as Parquet in the same kind of private
+directory (same cleanup), then read into memory for the head.
 """
 
 from __future__ import annotations
@@ -362,3 +366,111 @@ def _delete(location: CacheLocation, *, feed: Feed | None) -> None:
     shutil.rmtree(location.local, ignore_errors=True)
     if Path(location.local).exists():  # pragma: no cover - e.g. a FUSE mount refusing the delete
         raise OSError(f"could not delete the feed cache {location.local}")
+
+
+# ---- features: the frozen backbone's embeddings, computed once per image ----------------------
+
+
+@dataclass
+class FeatureCache:
+    """Embeddings of a prepared dataset's rows, per split, read from the Parquet cache into memory.
+
+    ``splits[name]`` is ``(features float32 [n, d], labels int32 [n])``, rows in ``path`` order when
+    the input has paths. ``rows`` and ``rows_failed`` are what featurize saw (unreadable rows are kept
+    out of the splits and counted); ``embedded`` is the model calls' row count from the workers'
+    statistics (each image once); ``seconds`` is the featurization's wall time.
+    """
+
+    location: CacheLocation
+    splits: dict[str, tuple[Any, Any]]
+    rows: int
+    rows_failed: int
+    embedded: int
+    seconds: float
+    failures: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready counts (no arrays)."""
+        return {
+            "rows": self.rows,
+            "rows_failed": self.rows_failed,
+            "embedded": self.embedded,
+            "seconds": self.seconds,
+            "splits": {k: int(len(v[1])) for k, v in self.splits.items()},
+        }
+
+
+@contextlib.contextmanager
+def open_features(
+    df: Any,
+    model: Any,
+    *,
+    class_names: Sequence[str],
+    cache_dir: str | None = None,
+    options: Any = None,
+) -> Iterator[FeatureCache]:
+    """Embed ``df``'s images once through the public featurize path and cache them as Parquet.
+
+    ``df`` is a prepared dataset's usable rows (``content``, ``label_index``, ``split``); ``model`` is
+    the Keras classifier whose last layer's input is the embedding (saved into the cache directory, so
+    executors on a cluster read it from shared storage when it is too large to broadcast). The
+    executors run it as ``featurize_images`` does (traced once per worker, GPU pinning, the scoring
+    engine of ``options``, a ``ScoringOptions``); rows that fail are left out and counted, and more
+    than ``options.max_failed_fraction`` failing raises ``TooManyFailures``. The cache directory is
+    deleted on leaving the block, whether it ended normally or not.
+    """
+    import time
+
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from image_transfer.api import featurize_images, scoring_run
+    from image_transfer.models.artifact import save_model
+    from image_transfer.scoring.options import ScoringOptions
+
+    keys = ["split", "label_index"] + (["path"] if "path" in df.columns else [])
+    options = ScoringOptions.build(options, image_column="content", key_columns=tuple(keys))
+    location = cache_location(cache_dir, df.sparkSession)
+    try:
+        os.makedirs(location.local, exist_ok=True)
+        model_file = os.path.join(location.local, "embedder.keras")
+        save_model(model, model_file, class_names=list(class_names))
+        started = time.perf_counter()
+        embedded_df = featurize_images(df.select("content", *keys), model_file, options=options)
+        run = scoring_run(embedded_df)
+        out = location.url + "/features"
+        embedded_df.write.option("compression", "uncompressed").parquet(out)
+        seconds = time.perf_counter() - started
+        table = pads.dataset(os.path.join(location.local, "features"), format="parquet").to_table()
+        if "path" in keys:
+            table = table.sort_by("path")
+        errors = table.column("error").to_pylist()
+        failed = [i for i, e in enumerate(errors) if e is not None]
+        sample = tuple(f"{table.column('path')[i].as_py() if 'path' in keys else i}: {errors[i]}" for i in failed[:5])
+        run.check(rows=table.num_rows, failed=len(failed), sample=sample)
+        good = table.filter(pc.is_null(table.column("error")))
+        splits: dict[str, tuple[Any, Any]] = {}
+        split_values = np.asarray(good.column("split").to_pylist(), dtype=object)
+        labels = np.asarray(good.column("label_index").to_numpy(zero_copy_only=False), dtype="int32")
+        embeddings = good.column("embedding").to_pylist()
+        width = len(embeddings[0]) if embeddings else 0
+        matrix = np.asarray(embeddings, dtype="float32").reshape(len(embeddings), width)
+        for name in ("train", "validation"):
+            mask = split_values == name
+            splits[name] = (matrix[mask], labels[mask])
+        embedded = int(run.totals()["rows"])
+        cache = FeatureCache(
+            location=location,
+            splits=splits,
+            rows=table.num_rows,
+            rows_failed=len(failed),
+            embedded=embedded,
+            seconds=seconds,
+            failures=sample,
+        )
+        if not len(splits["train"][1]):
+            raise UserError("nothing to train on: no train image could be embedded")
+        yield cache
+    finally:
+        _delete(location, feed=None)

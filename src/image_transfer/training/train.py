@@ -7,6 +7,13 @@ its preprocessing, and is saved with ``model.save_model`` so ``score`` reports c
 best weights by validation accuracy are checkpointed and restored; a metrics JSON and a PNG of the
 training curves are written beside it, and MLflow gets the run when a tracking server is set.
 
+With ``head_input="features"`` (the default) the frozen phase does not run the backbone per epoch:
+the executors embed every train and validation image once through the featurize path (the scoring
+engine, GPU pinning, per-row errors: unreadable rows are left out and counted), the embeddings are
+cached as Parquet beside the feeds, and the head (the same dropout and softmax layers) trains on them
+on the driver. Augmentation cannot apply to cached features: it applies to fine-tuning only.
+``head_input="images"`` trains the head on decoded (augmented) images each epoch, as fine-tuning does.
+
 On a node with several GPUs, training runs under ``tf.distribute.MirroredStrategy`` over all of them
 (``gpu.training_strategy``): ``batch_size`` is per GPU, so the global batch is ``batch_size`` x GPUs
 and an epoch has proportionally fewer steps; the learning rate is not scaled. ``mixed_precision``
@@ -392,6 +399,7 @@ def train(
 
     from image_transfer.models.artifact import save_model
     from image_transfer.scoring import gpu
+    from image_transfer.scoring.options import ScoringOptions
     from image_transfer.training.feed import open_features, open_feed
     from image_transfer.training.prepare import class_names, usable
 
@@ -454,6 +462,7 @@ def train(
                     gpu.with_policy(model, "float32") if policy != "float32" else model,
                     class_names=names,
                     cache_dir=config.cache_dir,
+                    options=ScoringOptions(trust_model_code=config.trust_model_code),
                 )
             )
             if features.rows_failed:
