@@ -343,7 +343,12 @@ def test_prod_requires_an_address_for_failure_notifications():
     assert "notification_email" not in (BUNDLE["targets"]["prod"].get("variables") or {})
     with pytest.raises(KeyError, match="no value assigned to required variable notification_email"):
         variables("prod", given={})  # databricks bundle validate -t prod, without --var
-    expected = {"dev": "someone@example.com", "dbr18": "someone@example.com", "prod": "ml-oncall@example.com"}
+    expected = {
+        "dev": "someone@example.com",
+        "dbr18": "someone@example.com",
+        "cpu": "someone@example.com",
+        "prod": "ml-oncall@example.com",
+    }
     assert set(expected) == set(TARGETS)
     for target, address in expected.items():
         for path in JOB_FILES:
