@@ -324,3 +324,116 @@ def test_a_champion_that_cannot_be_compared_keeps_the_alias(versions, dataset_pa
     assert code == 2
     assert f"cannot evaluate the current @other version {NAME}/{number}" in capsys.readouterr().err
     assert client.get_model_version_by_alias(NAME, "other").version == number
+
+
+@needs_server
+def test_an_alias_moved_during_the_evaluation_is_not_overwritten(spark, tracking_uri, dataset_path, shapes_model):
+    """Compare and set: another promotion lands while the candidate is scored; the alias keeps its move."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    from image_transfer.lifecycle.tracking import log_model, register
+    from image_transfer.training.promotion import promote
+
+    name, classes = "shapes_moving", ["circle", "cross", "ring", "square", "star", "triangle"]
+    with mlflow.start_run():
+        first, candidate, moved_to = (register(log_model(str(shapes_model), class_names=classes), name) for _ in "123")
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "champion", first)
+
+    @F.udf("binary")
+    def moving(content: bytes) -> bytes:  # runs on a worker, between promote's read and its set
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+            name, "champion", moved_to
+        )
+        return content
+
+    data = spark.read.parquet(dataset_path).withColumn("content", moving("content"))
+    _, decision = promote(spark, data, model=f"models:/{name}/{candidate}", alias="champion")
+    assert not decision.promoted  # the same model as the champion: only the move refuses it
+    assert f"@champion moved from {name}/{first} to {name}/{moved_to} while {name}/{candidate}" in decision.reason
+    assert client.get_model_version_by_alias(name, "champion").version == moved_to
+
+    client.set_registered_model_alias(name, "champion", first)  # no move meanwhile: the same call promotes
+    _, decision = promote(
+        spark, spark.read.parquet(dataset_path), model=f"models:/{name}/{candidate}", alias="champion"
+    )
+    assert decision.promoted and client.get_model_version_by_alias(name, "champion").version == candidate
+
+
+BLOCK_INSTALLED = """
+import importlib.machinery, os, sys
+
+PACKAGE = {package!r}  # the installed image_transfer (editable or not): not importable from here on
+
+
+def _outside(entry):
+    return os.path.realpath(os.path.join(entry or os.getcwd(), "image_transfer")) != PACKAGE
+
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name != "image_transfer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if _outside(p)])
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'image_transfer' (the installed one is blocked)", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, Blocked())
+try:
+    import image_transfer
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("image_transfer is importable: " + image_transfer.__file__)
+"""
+
+
+@needs_server
+def test_the_logged_model_loads_and_predicts_where_image_transfer_is_not_installed(
+    tracking_uri, shapes_model, fixtures_dir, tmp_path
+):
+    """The pyfunc carries the package's source (``code_paths``): MLflow's loader needs nothing installed."""
+    import mlflow
+    import pandas as pd
+
+    import image_transfer
+    from image_transfer.lifecycle.tracking import log_model
+
+    with mlflow.start_run():
+        uri = log_model(str(shapes_model), class_names=None)
+    images = [str(p) for p in sorted((fixtures_dir / "images").rglob("*.jpg"))[:3]]
+    frame = pd.DataFrame({"content": [Path(p).read_bytes() for p in images] + [b"not an image"]})
+    expected = mlflow.pyfunc.load_model(uri).predict(frame)
+    package = os.path.realpath(Path(image_transfer.__file__).parent)
+    script = (
+        BLOCK_INSTALLED.format(package=package)
+        + f"""
+import json
+import mlflow
+import pandas as pd
+
+model = mlflow.pyfunc.load_model({uri!r})
+import image_transfer
+
+assert _outside(os.path.dirname(os.path.dirname(image_transfer.__file__))), image_transfer.__file__
+images = {images!r}
+frame = pd.DataFrame({{"content": [open(p, "rb").read() for p in images] + [b"not an image"]}})
+predicted = model.predict(frame)
+print(json.dumps({{"from": image_transfer.__file__, **{{c: predicted[c].tolist() for c in predicted.columns}}}}))
+"""
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "/code/image_transfer/" in got["from"]  # the copy logged with the model
+    assert got["prediction"][:-1] == list(expected["prediction"][:-1]) and got["prediction"][-1] is None
+    assert got["probability"][:-1] == pytest.approx(list(expected["probability"][:-1]), abs=1e-5)
+    assert got["error"][-1] and not any(got["error"][:-1])

@@ -47,8 +47,20 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+def package_source() -> str:
+    """The folder of this package's source (``.../image_transfer``), for ``code_paths``."""
+    import image_transfer
+
+    return str(Path(image_transfer.__file__).resolve().parent)
+
+
 def log_model(model_path: str, *, class_names: list[str] | None) -> str:
-    """Log our ``.keras`` file as an MLflow pyfunc model (``MODEL_ARTIFACT``) in the active run; returns its URI."""
+    """Log our ``.keras`` file as an MLflow pyfunc model (``MODEL_ARTIFACT``) in the active run; returns its URI.
+
+    The model is self-contained: this package's source goes with it (``code_paths``; MLflow puts it
+    on ``sys.path`` when loading), so an environment built from its pip requirements alone (Model
+    Serving, ``spark_udf(env_manager="virtualenv")``) loads and predicts without image-transfer installed.
+    """
     mlflow = import_mlflow("logging the model")
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -67,6 +79,7 @@ def log_model(model_path: str, *, class_names: list[str] | None) -> str:
         artifacts={KERAS_ARTIFACT: model_path},
         signature=signature,
         pip_requirements=_pip_requirements(),  # explicit: inferring them would load the model in a subprocess
+        code_paths=[package_source()],  # the pyfunc imports image_transfer: it travels with the model
         metadata={"class_names": class_names, "format": "image-transfer keras"},
     )
     return info.model_uri
