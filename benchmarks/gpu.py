@@ -172,12 +172,12 @@ def end_to_end(args: argparse.Namespace, model: str, contents: list[bytes], prec
         source = spark.read.parquet(str(data))
         options = dict(batch_size=args.batch_size, precision=precision, jit=jit, overlap=args.overlap)
         # Warm-up: starts the Python workers, imports TensorFlow, loads and traces (not timed).
-        api.score_images(source.limit(args.batch_size), model, **options).write.mode("overwrite").parquet(
-            str(Path(tmp) / "warm")
-        )
+        warm = api.score_images(source.limit(args.batch_size), model, **options)
+        with api.scoring_run(warm).settings():
+            warm.write.mode("overwrite").parquet(str(Path(tmp) / "warm"))
         scored = api.score_images(source, model, **options)
         started = time.perf_counter()
-        with Utilisation() as util:
+        with Utilisation() as util, api.scoring_run(scored).settings():
             scored.write.mode("overwrite").parquet(str(Path(tmp) / "out"))
         seconds = time.perf_counter() - started
         workers = api.scoring_run(scored).workers()

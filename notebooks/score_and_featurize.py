@@ -68,8 +68,9 @@ from image_transfer import featurize_images, read_images, score_images, scoring_
 images = read_images(spark, images_dir)
 scored = score_images(images, model_path, top_k=3)
 run = scoring_run(scored)  # the handle: statistics after an action
-scored = scored.cache()  # several looks below, one scoring pass
-display(scored.orderBy(F.col("probability").asc_nulls_first()).limit(10))
+with run.settings():  # the scoring pass with the call's Arrow batches (the session's own afterwards)
+    scored = scored.cache()  # several looks below, one scoring pass
+    display(scored.orderBy(F.col("probability").asc_nulls_first()).limit(10))
 
 # COMMAND ----------
 
@@ -93,16 +94,18 @@ from pyspark.ml.classification import LogisticRegression  # noqa: E402
 from pyspark.ml.feature import BucketedRandomProjectionLSH, StringIndexer  # noqa: E402
 from pyspark.ml.functions import array_to_vector  # noqa: E402
 
-features = (
-    featurize_images(images, model_path)
-    .where(F.col("error").isNull())
-    .select(
-        "path",
-        F.element_at(F.split("path", "/"), -2).alias("label"),
-        array_to_vector("embedding").alias("features"),
+embedded = featurize_images(images, model_path)
+with scoring_run(embedded).settings():  # the scoring pass, cached, with the call's Arrow batches
+    features = (
+        embedded.where(F.col("error").isNull())
+        .select(
+            "path",
+            F.element_at(F.split("path", "/"), -2).alias("label"),
+            array_to_vector("embedding").alias("features"),
+        )
+        .cache()
     )
-    .cache()
-)
+    features.count()
 indexed = StringIndexer(inputCol="label", outputCol="label_index").fit(features).transform(features)
 train, test = indexed.randomSplit([0.8, 0.2], seed=7)
 classifier = LogisticRegression(featuresCol="features", labelCol="label_index", maxIter=50).fit(train)

@@ -60,7 +60,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     out_root = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=CACHE))
     t0 = time.perf_counter()
     warm = score_images(spark.read.parquet(cfg["files"][0]).limit(8).repartition(2), cfg["model"], batch_size=BATCH)
-    with scoring_run(warm) as warm_run:
+    with scoring_run(warm) as warm_run, warm_run.settings():
         write_output(warm, str(out_root / "warm")).count()
     warm_seconds = time.perf_counter() - t0
     after_warm = warm_run.workers()
@@ -70,7 +70,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     load = load_average()
     scored = score_images(df, cfg["model"], batch_size=BATCH)  # the workers' cached model: no load, no trace
     t0 = time.perf_counter()
-    with scoring_run(scored) as run:
+    with scoring_run(scored) as run, run.settings():
         written = write_output(scored, str(out_root / "scored"))
     seconds = time.perf_counter() - t0
     rows = written.count()

@@ -111,7 +111,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         if name == "score":
             scored = score_images(frame, cfg["model"], batch_size=BATCH, top_k=5)
             t0 = time.perf_counter()
-            with scoring_run(scored) as run:
+            with scoring_run(scored) as run, run.settings():
                 written = write_output(scored, out)
             seconds = time.perf_counter() - t0
             return seconds, run.workers(), written, written.where(F.col("error").isNotNull()).count()

@@ -78,7 +78,7 @@ def evaluate(
     truth = F.col("label") if names is not None else F.col("label_index").cast("string")
     ok = F.col("error").isNull()
     started = time.perf_counter()
-    with run:  # one pass: per-class counts, hits and failures
+    with run, run.settings():  # one pass: per-class counts, hits and failures
         by_class = (
             scored.groupBy("label")
             .agg(
