@@ -16,6 +16,9 @@ from typing import Any, TextIO
 
 from image_transfer.session import is_connect
 
+# What ``setJobGroup`` sets on this thread: saved on entry, put back on exit (None clears a property).
+CALLER_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -28,8 +31,9 @@ class Progress:
 
     The jobs are tagged with a job group (and ``description`` as the Spark UI's job description);
     images done are estimated from the share of tasks done in the stage that scores (the group's
-    ``input_stage``-th: 1 when the input is first spread by a shuffle) times ``total_rows``. Under
-    Spark Connect (no status tracker) only the description is set.
+    ``input_stage``-th: 1 when the input is first spread by a shuffle) times ``total_rows``. The
+    caller's own job group and description come back on exit. Under Spark Connect (no status tracker,
+    no job groups) the operations get a tag of their own instead, removed on exit (the caller's stay).
     """
 
     def __init__(
@@ -56,12 +60,18 @@ class Progress:
         self._started = 0.0
         self.lines: list[str] = []
         self.input_stage = input_stage
+        self._caller: dict[str, str | None] = {}
+        self._tagged = False
 
     def __enter__(self) -> Progress:
         self._started = time.monotonic()
-        if is_connect(self.spark):
+        if is_connect(self.spark):  # no job groups: a tag of our own on this thread's operations
+            if hasattr(self.spark, "addTag"):
+                self.spark.addTag(self.group)
+                self._tagged = True
             return self
         sc = self.spark.sparkContext
+        self._caller = {key: sc.getLocalProperty(key) for key in CALLER_PROPERTIES}
         sc.setJobGroup(self.group, self.description)
         self._thread = threading.Thread(target=self._loop, name="image-transfer-progress", daemon=True)
         self._thread.start()
@@ -69,11 +79,15 @@ class Progress:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
+        if self._tagged:
+            self.spark.removeTag(self.group)  # the caller's own tags stay
+            self._tagged = False
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._emit(final=True, succeeded=exc_type is None)
-            self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
-            self.spark.sparkContext.setLocalProperty("spark.job.description", None)
+            sc = self.spark.sparkContext
+            for key, value in self._caller.items():  # the caller's job group and description, as they were
+                sc.setLocalProperty(key, value)
 
     def tasks(self) -> tuple[int, int, float]:
         """(tasks done, tasks known) over the group's jobs so far, and the share done of the input stage.

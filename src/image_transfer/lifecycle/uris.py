@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -106,6 +107,21 @@ def find_model_file(local: str | os.PathLike[str]) -> str:
     return str(found[0])
 
 
+# A URL's query string (a presigned URL's is its credential: ``sig=``, ``X-Amz-Signature=``, tokens),
+# and signature-like parameters outside a URL.
+_URL_QUERY = re.compile(r"((?:https?|s3|gs|abfss?|wasbs?)://[^\s?#'\"<>]+)\?[^\s#'\"<>]*", re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"\b((?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+    r"x-goog-credential|token|se|sv|sp)=)[^&\s'\"<>]+",
+    re.IGNORECASE,
+)
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` without URL query strings or signature parameters (a presigned URL is a credential)."""
+    return _SECRET_PARAM.sub(r"\1<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
+
+
 def _download(uri: str, *, registry_uri: str | None) -> str:
     mlflow = import_mlflow(f"model {uri}")
     key = (mlflow.get_tracking_uri(), registry_uri or mlflow.get_registry_uri(), uri)  # versions never change
@@ -119,7 +135,8 @@ def _download(uri: str, *, registry_uri: str | None) -> str:
                 mlflow.set_registry_uri(registry_uri)
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
         except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException, OSError, HTTP errors
-            raise UserError(f"cannot download model {uri}: {type(exc).__name__}: {exc}") from exc
+            # MLflow's HTTP errors quote the presigned URL they fetched (``Forbidden for url: ...?sig=``)
+            raise UserError(scrub_urls(f"cannot download model {uri}: {type(exc).__name__}: {exc}")) from None
         finally:
             if previous:
                 mlflow.set_registry_uri(previous)
@@ -165,7 +182,7 @@ def resolve_model(model: str) -> ResolvedModel:
             else mlflow_client.get_model_version(name, number)
         )
     except Exception as exc:  # noqa: BLE001 - MlflowException (not found, no permission) or a connection error
-        raise UserError(f"cannot resolve {model}: {first_line(exc)}") from exc
+        raise UserError(f"cannot resolve {model}: {scrub_urls(first_line(exc))}") from exc
     concrete = f"models:/{name}/{mv.version}"
     return ResolvedModel(
         path=_download(concrete, registry_uri=registry_uri(name)),
