@@ -144,6 +144,7 @@ def _rows(scored, key="path"):
     return {r[key]: r for r in scored.collect()}
 
 
+@pytest.mark.connect
 def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark, images_df, shapes_model, tmp_path):
     model = str(_fresh(shapes_model, tmp_path))
     out = tmp_path / "tf.parquet"
@@ -219,6 +220,7 @@ def unconvertible_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.connect
 def test_unconvertible_model_falls_back_and_scores(spark, images_df, unconvertible_model, capsys):
     scored = score_images(images_df, str(unconvertible_model), top_k=1)
     err = capsys.readouterr().err

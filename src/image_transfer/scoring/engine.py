@@ -29,6 +29,7 @@ TENSORFLOW = "tensorflow"
 LITE_DIR = "image-transfer-litert"
 LITE_KEEP = 8  # converted models kept on disk per machine (least recently used go)
 _CONVERTED: dict[str, bytes] = {}
+_SAID: set[tuple[str, str]] = set()  # fallback lines already printed
 _LOCK = threading.Lock()
 
 
@@ -175,5 +176,8 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
         return "litert", data, now
     if requested == "litert":
         raise UserError(f"--engine litert cannot run this model here: {reason}")
-    print(f"image-transfer: engine auto runs TensorFlow: {reason}", file=sys.stderr)
+    line = f"image-transfer: engine auto runs TensorFlow: {reason}"
+    if (prepared.digest, line) not in _SAID:  # once per model and reason (a stream scores many micro-batches)
+        _SAID.add((prepared.digest, line))
+        print(line, file=sys.stderr)
     return "tensorflow", None, False
