@@ -70,6 +70,7 @@ def test_score_featurize_inspect_refuse_a_custom_layer_without_importing_it(
 ):
     from image_transfer.models.load import load_model
     from image_transfer.scoring.options import prepare_model
+    from image_transfer.training.train import build_backbone
 
     path, code = custom_model
     monkeypatch.syspath_prepend(str(code))  # importable: if anything imported it, the marker would show
@@ -91,6 +92,7 @@ def test_score_featurize_inspect_refuse_a_custom_layer_without_importing_it(
         lambda: prepare_model(str(path), mode="classify"),
         lambda: prepare_model(str(path), mode="embed"),
         lambda: load_model(str(path), "keras"),
+        lambda: build_backbone(str(path), weights="none", image_size=None),  # train --backbone FILE
     ):
         with pytest.raises(UserError) as refused:
             call()
