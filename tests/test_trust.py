@@ -195,6 +195,12 @@ def test_our_own_models_pass_untrusted(shapes_model, backbone_model, tmp_path):
     relu = {"module": "keras.layers", "class_name": "Activation", "config": {"name": "a"}, "registered_name": None}
     relu["config"]["activation"] = _function("keras.src.activations.activations", "relu")
     assert untrusted_code(_keras_file(tmp_path / "relu.keras", _functional(relu))) is None
+    relu["config"]["name"] = "target_file.get_files"  # names that merely contain a forbidden one
+    assert untrusted_code(_keras_file(tmp_path / "named.keras", _functional(relu))) is None
+    relu["config"]["note"] = "keras.utils.get_file"
+    assert untrusted_code(_keras_file(tmp_path / "dotted.keras", _functional(relu))) == (
+        "layer target_file.get_files (Activation): names 'keras.utils.get_file'"
+    )
     assert keras_fixed("3.11.3") and keras_fixed("3.12.0") and not keras_fixed("3.10.0") and not keras_fixed("3.3.3")
 
 

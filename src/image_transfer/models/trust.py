@@ -53,8 +53,8 @@ def _find(value: Any, layer: str) -> tuple[str, str] | None:
                 return found
         return None
     if not isinstance(value, dict):
-        if isinstance(value, str) and any(name in value for name in _FORBIDDEN) and "." in value:
-            return layer, f"names {value!r}"
+        if isinstance(value, str) and "." in value and value.rsplit(".", 1)[1] in _FORBIDDEN:
+            return layer, f"names {value!r}"  # a dotted name, e.g. keras.config.enable_unsafe_deserialization
         return None
     class_name, module, registered = value.get("class_name"), value.get("module"), value.get("registered_name")
     config = value.get("config")
