@@ -85,6 +85,10 @@ def promote(
     Writes the evaluation JSON (with ``promotion``) and logs the decision to the version's training run
     (or a new run). Returns (the candidate's ``EvaluationResult``, the ``Promotion``); when
     ``promotion.promoted`` is False the alias did not move (the CLI then exits 1 with the reason).
+    The move is a compare-and-set: the alias is read again just before it is set, and if it moved while
+    the versions were evaluated (another promotion, a hand move) it is not overwritten: the refusal
+    names where it was and where it is now. (MLflow has no conditional alias update: what is left is
+    the moment between that read and the set.)
     """
     from image_transfer.training.evaluate import evaluate
 
@@ -96,15 +100,12 @@ def promote(
     if resolved.name is None:
         raise UserError(f"--promote-to needs a registered model (models:/NAME/VERSION or @ALIAS), got {model}")
     mlflow_client = client(resolved.name)
-    try:
-        current = mlflow_client.get_model_version_by_alias(resolved.name, alias)
-    except Exception:  # noqa: BLE001 - the alias is not set (RESOURCE_DOES_NOT_EXIST / NOT_FOUND)
-        current = None
+    current = _alias_version(mlflow_client, resolved.name, alias)
     candidate_uri = f"models:/{resolved.name}/{resolved.number}"
     result = evaluate(spark, df, model_path=candidate_uri, split=split, options=options)
     champion_version = champion_accuracy = None
-    if current is not None and str(current.version) != resolved.number:
-        champion_version = str(current.version)
+    if current is not None and current != resolved.number:
+        champion_version = current
         try:
             champion = evaluate(
                 spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, options=options
@@ -122,8 +123,17 @@ def promote(
         tolerance=tolerance,
         champion_version=f"{resolved.name}/{champion_version}",
     )
-    if current is not None and str(current.version) == resolved.number and promoted:
+    if current is not None and current == resolved.number and promoted:
         reason = f"already @{alias}; {reason}"
+    if promoted:  # compare and set: the alias must still be where it was read, minutes of evaluation ago
+        now = _alias_version(mlflow_client, resolved.name, alias)
+        if now != current and now != resolved.number:
+            promoted = False
+            reason = (
+                f"@{alias} moved from {_named(resolved.name, current)} to {_named(resolved.name, now)} while "
+                f"{resolved.name}/{resolved.number} was evaluated: not overwritten; evaluate again to compare "
+                f"with {_named(resolved.name, now)}"
+            )
     decision = Promotion(
         alias=alias,
         name=resolved.name,
@@ -144,6 +154,18 @@ def promote(
         Path(metrics_path).write_text(record)
     _log_decision(resolved, result, decision, split=split, record=record)
     return result, decision
+
+
+def _alias_version(mlflow_client: Any, name: str, alias: str) -> str | None:
+    """The version number ``alias`` points to now, None when it is not set."""
+    try:
+        return str(mlflow_client.get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - the alias is not set (RESOURCE_DOES_NOT_EXIST / NOT_FOUND)
+        return None
+
+
+def _named(name: str, version: str | None) -> str:
+    return f"{name}/{version}" if version is not None else "nowhere (unset)"
 
 
 def _log_decision(resolved: ResolvedModel, result: Any, decision: Promotion, *, split: str, record: str) -> None:
