@@ -37,8 +37,11 @@ def python_udf_nodes(df, capsys) -> list[str]:
     return re.findall(r"^\(\d+\) ((?:Arrow|Batch)EvalPython)", plan, flags=re.M)
 
 
-def batches(monkeypatch, worker: str, sizes: list[int], rss: list[int], failed: int = 0, **facts: str) -> list[list]:
-    """Rows of 8-image batches as ``BatchReporter`` makes them, with an ``error`` column (``failed`` rows)."""
+def batches(
+    monkeypatch, worker: str, sizes: list[int], rss: list[int], failed: int = 0, warned: int = 0, **facts: str
+) -> list[list]:
+    """Rows of 8-image batches as ``BatchReporter`` makes them, with an ``error`` column (``failed`` rows)
+    and the first ``warned`` rows with a silenced decoder warning."""
     from image_transfer.scoring import stats
 
     reporter = stats.BatchReporter()
@@ -52,7 +55,8 @@ def batches(monkeypatch, worker: str, sizes: list[int], rss: list[int], failed: 
         monkeypatch.setattr(stats, "peak_rss_mb", lambda mb=mb: mb)
         if "gpu_assigned" in facts:  # grows from one GPU to both
             monkeypatch.setitem(stats._WORKER_EXTRA, "gpu_assigned", facts["gpu_assigned"][: 1 + 2 * len(rows) // 8])
-        columns = stats.stats_columns(8, reporter.report(batch_bytes=size))
+        warnings = [int(len(rows) + i < warned) for i in range(8)]
+        columns = stats.stats_columns(8, reporter.report(batch_bytes=size), warnings)
         for i in range(8):
             error = "bad" if failed and len(rows) < failed else None
             values = [columns[f"{stats.STATS_PREFIX}{n}"][i] for n in stats.STATS_FIELDS]
@@ -69,7 +73,7 @@ def test_the_observed_metric_counts_each_worker_exactly(spark, monkeypatch, lega
 
     from image_transfer.scoring.stats import STATS_PREFIX, WorkerStats, struct_fields
 
-    data = batches(monkeypatch, "host-b:7", [100, 300, 200], [500, 520, 540], failed=1)
+    data = batches(monkeypatch, "host-b:7", [100, 300, 200], [500, 520, 540], failed=1, warned=3)
     data += batches(monkeypatch, "host-a:12", [50, 60], [500, 520])  # 520: within 1/16 of the reported 500
     gpus = {"gpu": "0,1", "cuda_visible_devices": "0, 1", "gpu_assigned": "1,0"}
     data += batches(monkeypatch, "host-a:9", [1000, 10], [630, 600], **gpus)
@@ -94,6 +98,7 @@ def test_the_observed_metric_counts_each_worker_exactly(spark, monkeypatch, lega
         "rows": 24,
         "rows_failed": 1,
         "peak_rss_mb": 540,
+        "rows_warned": 3,
         "peak_batch_bytes": 300,
         "gpu": None,
         "cuda_visible_devices": None,

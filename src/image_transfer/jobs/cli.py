@@ -163,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--extensions",
         default=",".join(IMAGE_EXTENSIONS),
-        help="comma-separated file extensions to read, or * for every file (the content decides; "
-        "default: %(default)s)",
+        help="comma-separated file extensions to read, or * for every file (default: %(default)s)",
     )
     _add_overwrite_option(p)
     _add_wait_option(p)
@@ -486,6 +485,13 @@ def _add_training_parsers(sub: Any) -> None:
         help="what the frozen phase trains on: features (embedded once by the executors; no augmentation) "
         "or images (default: %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="train the image phases across this many nodes (a barrier stage of MultiWorkerMirroredStrategy "
+        "workers; classic clusters, --cache-dir on a Volume); 1: this node's GPUs (default: %(default)s)",
+    )
     p.add_argument("--metrics", help="metrics JSON path (default beside the model); a PNG of the curves goes beside")
     p.add_argument(
         "--register-as",
@@ -588,6 +594,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         trust_model_code=bool(args.trust_model_code),
         head_input=args.head_input,
+        workers=args.workers,
     )
     spark = session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
