@@ -43,7 +43,8 @@ from typing import Any
 
 _PNG_IEND = b"IEND\xaeB`\x82"
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes
-_JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # the first marker ending entropy-coded data
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker ending entropy-coded data (no
+# repeat: ``\xff+`` would backtrack at every stuffed FF00, 20x slower; fill bytes are matched after it)
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0..7: no length
 _JPEG_NATIVE_MODES = {"L", "RGB"}  # CMYK/YCCK JPEGs go through Pillow (Adobe inversion)
 _LIBTIFF_LINE = re.compile(rb"^[^\s:]+: .*$")  # libtiff's default handlers: "module: message."
