@@ -148,12 +148,17 @@ CACHE_MIN_AGE_SECONDS = 15 * 60
 
 
 def cache_root() -> Path:
-    """This user's model cache folder, ``<tmp>/image-transfer-models-<uid>``, created mode 0700.
+    """This user's model cache folder, ``<tmp>/image-transfer-models-<uid>``, created mode 0700."""
+    return private_dir(CACHE_DIR)
 
-    UserError when it exists but belongs to another user, or is not a real folder; a folder of ours
-    others can read is closed to 0700.
+
+def private_dir(name: str) -> Path:
+    """``<tmp>/<name>-<uid>``, a folder only this user can enter (created mode 0700).
+
+    UserError when it exists but belongs to another user, or is not a real folder (a link); a folder
+    of ours others can read is closed to 0700.
     """
-    root = Path(tempfile.gettempdir()) / f"{CACHE_DIR}-{os.getuid()}"
+    root = Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(root)

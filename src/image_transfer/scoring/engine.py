@@ -19,10 +19,10 @@ import os
 import sys
 import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError, first_line
+from image_transfer.models.artifact import private_dir
 
 LITERT = "litert-xnnpack"  # what the statistics call the LiteRT engine
 TENSORFLOW = "tensorflow"
@@ -91,7 +91,7 @@ def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
     with _LOCK:
         if key in _CONVERTED:
             return _CONVERTED[key], False
-        root = Path(tempfile.gettempdir()) / LITE_DIR
+        root = private_dir(LITE_DIR)  # per user, 0700: no other user can plant a flatbuffer
         cached = root / f"{key}.tflite"
         if cached.exists():
             data = cached.read_bytes()

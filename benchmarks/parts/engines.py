@@ -1,0 +1,232 @@
+"""Engines: ``score`` on TensorFlow and on LiteRT (XNNPACK), against plain ``predict_batch_udf`` and a floor.
+
+Standalone (``uv run python benchmarks/parts/engines.py --images 512``), one local[2] session, warm
+figures (each variant run once untimed first, then timed rounds interleaved), per model:
+
+- ``floor``: no Spark, 2 plain processes, each half of the images: the TF decode graph then the
+  XNNPACK interpreter with 1 thread (the fastest engine), timed after their warm-up;
+- ``predict_batch_udf``: plain ``predict_batch_udf`` with a simple ``make_predict_fn`` (Keras model,
+  ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on;
+- ``score (tensorflow)`` and ``score (litert)``: ``score_images(..., engine=...)``, written to Parquet.
+
+Ratios are from one run on a shared machine. Writes ``benchmarks/results/engines.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from data import CACHE, MODEL_PATH, data_files, make_jpeg, make_model  # noqa: E402
+
+BATCH = 64
+RESNET_PATH = CACHE / "resnet50-224.keras"
+
+
+def make_resnet(path: Path = RESNET_PATH) -> None:
+    """ResNet50 224, random weights, BatchNorm statistics from calibration images (one pass, momentum 0)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from image_transfer.imaging.graph import decode_resize
+    from image_transfer.models.artifact import save_model
+    from image_transfer.models.load import preprocess_fn
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3), classes=1000)
+    pixels = np.stack([decode_resize(tf.constant(make_jpeg(10_000_000 + i)), 224, 224).numpy() for i in range(32)])
+    norms = [lyr for lyr in model.layers if isinstance(lyr, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(preprocess_fn("caffe")(tf.constant(pixels)), training=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, path, class_names=None, preprocess="caffe")
+
+
+def _floor_worker(args: tuple[str, list[bytes], str, Any]) -> None:
+    model_path, images, flat_path, queue = args
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from image_transfer.imaging.graph import decode_batch
+    from image_transfer.models.artifact import read_metadata
+    from image_transfer.models.load import preprocess_fn
+
+    preprocess = preprocess_fn(read_metadata(model_path).get("preprocess", "none"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode(encoded: Any) -> Any:
+        return preprocess(decode_batch(encoded, 224, 224, tf.ones_like(tf.strings.length(encoded))))
+
+    interpreter = tf.lite.Interpreter(model_path=flat_path, num_threads=1)
+    index = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    sizes: set[int] = set()
+
+    def run(batch: list[bytes]) -> None:
+        x = decode(tf.constant(batch)).numpy()
+        if len(x) not in sizes:
+            interpreter.resize_tensor_input(index, [len(x), 224, 224, 3])
+            interpreter.allocate_tensors()
+            sizes.clear()
+            sizes.add(len(x))
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        np.argmax(interpreter.get_tensor(out), axis=1)
+
+    run(images[:BATCH])  # warm-up
+    queue.put("ready")
+    start = time.perf_counter()
+    for lo in range(0, len(images), BATCH):
+        run(images[lo : lo + BATCH])
+    queue.put(time.perf_counter() - start)
+
+
+def floor(model_path: str, images: list[bytes], flat_path: str) -> float:
+    """Images per second of 2 plain processes (TF decode, XNNPACK model, 1 thread each)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    halves = [images[: len(images) // 2], images[len(images) // 2 :]]
+    procs = [ctx.Process(target=_floor_worker, args=((model_path, h, flat_path, queue),)) for h in halves]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in range(4)]
+    for p in procs:
+        p.join()
+    return len(images) / max(r for r in results if r != "ready")
+
+
+def plain_udf(df: Any, model_path: str) -> Any:
+    """Plain ``predict_batch_udf`` with a simple ``make_predict_fn``."""
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql.types import IntegerType
+
+    def make_predict_fn() -> Any:
+        import keras
+        import numpy as np
+        import tensorflow as tf
+
+        from image_transfer.models.artifact import read_metadata
+        from image_transfer.models.load import preprocess_fn
+
+        model = keras.models.load_model(model_path, compile=False)
+        preprocess = preprocess_fn(read_metadata(model_path).get("preprocess", "none"))
+
+        def predict(contents: np.ndarray) -> np.ndarray:
+            images = [tf.image.resize(tf.io.decode_jpeg(c, channels=3), (224, 224)) for c in contents]
+            return np.argmax(model(preprocess(tf.stack(images)), training=False).numpy(), axis=1).astype(np.int32)
+
+        return predict
+
+    udf = predict_batch_udf(make_predict_fn, return_type=IntegerType(), batch_size=BATCH)
+    return df.select("path", udf("content").alias("prediction"))
+
+
+def bench_model(spark: Any, label: str, model_path: Path, count: int, rounds: int, out_dir: Path) -> dict[str, Any]:
+    """One model's warm figures: the floor, plain predict_batch_udf, score on both engines."""
+    import pyarrow.parquet as pq
+
+    from image_transfer import score_images, scoring_run
+    from image_transfer.models.artifact import private_dir
+    from image_transfer.scoring.engine import LITE_DIR, converted
+    from image_transfer.scoring.options import prepare_model
+
+    files = data_files(count, 1)  # one file of `count` images
+    images = list(pq.read_table(files[0], columns=["content"]).column("content").to_pylist())
+    df = spark.read.parquet(files[0]).repartition(2).cache()
+    df.count()
+    prepared = prepare_model(str(model_path), mode="classify", top_k=5)
+    flat, _ = converted(prepared)
+    flat_path = str(private_dir(LITE_DIR) / f"bench-{prepared.digest[:16]}.tflite")
+    Path(flat_path).write_bytes(flat)
+
+    def score(engine: str) -> tuple[float, dict[str, Any]]:
+        scored = score_images(df, str(model_path), top_k=5, engine=engine)
+        start = time.perf_counter()
+        with scoring_run(scored) as run:
+            scored.write.mode("overwrite").parquet(str(out_dir / f"score-{engine}"))
+        return count / (time.perf_counter() - start), run.workers()
+
+    def udf() -> float:
+        start = time.perf_counter()
+        plain_udf(df, str(model_path)).write.mode("overwrite").parquet(str(out_dir / "udf"))
+        return count / (time.perf_counter() - start)
+
+    variants = {
+        "floor": lambda: floor(str(model_path), images, flat_path),
+        "predict_batch_udf": udf,
+        "score (tensorflow)": lambda: score("tensorflow")[0],
+        "score (litert)": lambda: score("litert")[0],
+    }
+    for fn in variants.values():  # warm-up: load, trace, convert
+        fn()
+    timed: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        names = list(variants)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            timed[name].append(variants[name]())
+    rates = {name: statistics.median(v) for name, v in timed.items()}
+    _, tf_workers = score("tensorflow")
+    _, lite_workers = score("litert")
+    result = {
+        "images": count,
+        "img_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "litert_vs_tensorflow": round(rates["score (litert)"] / rates["score (tensorflow)"], 2),
+        "litert_vs_floor": round(rates["score (litert)"] / rates["floor"], 2),
+        "litert_vs_predict_batch_udf": round(rates["score (litert)"] / rates["predict_batch_udf"], 2),
+        "peak_rss_mb": {
+            "tensorflow": max(w["peak_rss_mb"] for w in tf_workers.values()),
+            "litert": max(w["peak_rss_mb"] for w in lite_workers.values()),
+        },
+        "tflite_mb": round(len(flat) / 2**20, 1),
+        "engines": sorted({w["engine"] for w in lite_workers.values()}),
+    }
+    df.unpersist()
+    print(label, json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512, help="MobileNetV2 images (ResNet50: half)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not MODEL_PATH.exists():
+        make_model()
+    if not RESNET_PATH.exists():
+        make_resnet()
+
+    from image_transfer.session import get_spark
+
+    spark = get_spark("engines benchmark", master="local[2]")
+    out_dir = Path(tempfile.mkdtemp(prefix="engines-bench-"))
+    results: dict[str, Any] = {"load_before": os.getloadavg()}
+    for label, model_path, count in (
+        ("MobileNetV2", MODEL_PATH, args.images),
+        ("ResNet50", RESNET_PATH, args.images // 2),
+    ):
+        results[label] = bench_model(spark, label, model_path, count, args.rounds, out_dir)
+    results["load_after"] = os.getloadavg()
+    target = HERE / "results" / "engines.json"
+    target.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
