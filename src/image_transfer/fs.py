@@ -85,6 +85,49 @@ class _HadoopFs:
         finally:
             stream.close()
 
+    def _local(self, path: str) -> str | None:
+        """The local path of a ``file:`` path (Hadoop's local create is not atomic: these go through Python)."""
+        qualified = self.qualify(path)
+        return _driver_path(qualified) if qualified.startswith("file:") else None
+
+    def create_new(self, path: str, text: str) -> bool:
+        """Create ``path`` holding ``text`` if nothing is there, atomically; False when something is."""
+        local = self._local(path)
+        if local is not None:
+            return _LocalFs().create_new(local, text)
+        try:
+            out = self._fs.create(self._path(path), False)  # overwrite=false: atomic on HDFS and ABFS
+        except Exception as exc:  # noqa: BLE001 - Py4JJavaError: FileAlreadyExistsException, or a real fault
+            if self.exists(path):
+                return False
+            raise OSError(f"cannot create {path}: {str(exc).splitlines()[0][:300]}") from exc
+        try:
+            out.write(bytearray(text.encode()))
+        finally:
+            out.close()
+        return True
+
+    def replace_text(self, path: str, text: str) -> None:
+        """Replace ``path``'s text (readers see the old text or the new, where the file system allows)."""
+        local = self._local(path)
+        if local is not None:
+            _LocalFs().replace_text(local, text)
+        else:
+            self.write_text(path, text)
+
+    def read_small(self, path: str) -> str:
+        """``read_text`` for files ``create_new``/``replace_text`` wrote."""
+        local = self._local(path)
+        return _LocalFs().read_text(local) if local is not None else self.read_text(path)
+
+    def remove(self, path: str) -> None:
+        """Delete a file ``create_new``/``replace_text`` wrote."""
+        local = self._local(path)
+        if local is not None:
+            _LocalFs().delete(local)
+        else:
+            self.delete(path)
+
 
 class _LocalFs:
     """The output's file system from this process (Spark Connect: no JVM gateway; a path the driver sees)."""
@@ -145,6 +188,28 @@ class _LocalFs:
     def read_text(self, path: str) -> str:
         with open(path) as fh:
             return fh.read()
+
+    def create_new(self, path: str, text: str) -> bool:
+        """Create ``path`` holding ``text`` if nothing is there, atomically (``O_EXCL``); False when something is."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return True
+
+    def replace_text(self, path: str, text: str) -> None:
+        """Replace ``path``'s text atomically (a temporary file renamed over it)."""
+        import uuid
+
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+    read_small = read_text
+    remove = delete
 
 
 def _driver_path(path: str) -> str:

@@ -10,13 +10,15 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from image_transfer.errors import UserError
+from image_transfer.errors import RunFailed, UserError
 from image_transfer.fs import COMMIT_MARKER, file_system
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
+from image_transfer.jobs.lease import OutputLease, hold
 
 _IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 _TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}$")  # schema.table or catalog.schema.table
@@ -303,11 +305,11 @@ def _data_files(fs: Any, directory: str) -> tuple[int, int]:
     return files, size
 
 
-def _mark_complete(fs: Any, directory: str, command: str | None = None) -> None:
-    """Write the commit marker: the number and total size of the data files now in ``directory``, and the
-    command that wrote them (when known)."""
+def _mark_complete(fs: Any, directory: str, command: str | None = None, rows: int | None = None) -> None:
+    """Write the commit marker: the number and total size of the data files now in ``directory``, their
+    rows and the command that wrote them (when known)."""
     files, size = _data_files(fs, directory)
-    by = f" command={command}" if command else ""
+    by = (f" rows={rows}" if rows is not None else "") + (f" command={command}" if command else "")
     fs.write_text(fs.join(directory, COMMIT_MARKER), f"files={files} bytes={size}{by}\n")
 
 
@@ -325,7 +327,8 @@ def _state(fs: Any, directory: str) -> str:
 
 
 def _recover(fs: Any, dest: str) -> None:
-    """Clean up after a run that was killed while writing ``dest`` (one writer per output at a time).
+    """Clean up after a run that was killed while writing ``dest`` (call it holding the output's lease:
+    any other run's staging data is then a killed run's, whose lease expired).
 
     A killed run never counts: its staging data is deleted, complete or not. A ``previous`` directory
     means it was killed while swapping the outputs; the commit marker (written in the staging directory
@@ -378,6 +381,21 @@ def _move_files(fs: Any, source: str, target: str) -> None:
             fs.rename(fs.join(source, relative), to)
 
 
+@contextmanager
+def output_lease(
+    spark: Any, path: str, *, command: str | None = None, wait: float | None = None
+) -> Iterator[OutputLease]:
+    """Hold the lease on the output ``path`` for the block (``lease.hold``): one writer per output at a time.
+
+    Another run's live lease: UserError naming it at once, or after waiting ``wait`` seconds for it.
+    ``write_output`` takes it itself; a command takes it first to fail before any work.
+    """
+    fs, dest = file_system(spark, path)
+    fs.mkdirs(fs.parent(dest))
+    with hold(fs, dest, command=command, wait=wait, shown=path) as lease:
+        yield lease
+
+
 def write_output(
     df: Any,
     path: str,
@@ -387,6 +405,7 @@ def write_output(
     rows: int | None = None,
     command: str | None = None,
     overwrite: bool = False,
+    wait: float | None = None,
 ) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
 
@@ -394,19 +413,41 @@ def write_output(
     None), which the marker records: anything else (a file, a folder of other data, another command's
     output) is refused with a UserError before anything is touched, unless ``overwrite``.
 
-    The data is written to a hidden staging directory beside ``path``, marked complete
+    One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
+    is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
+    directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
+    must equal it, else RunFailed and the previous output untouched), marked complete
     (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
     write leaves no staging data and the previous output (if any) untouched; what a killed run left
-    behind is cleaned up by the next (``_recover``). With ``table``, the written data is also saved as
-    that table (overwritten). On a classic session the file operations go through Spark's Hadoop file
-    system (any URI); under Spark Connect, which has no JVM gateway, this process does them, so ``path``
-    must be one it can see (local, ``/Volumes/...``, ``/dbfs/...``).
+    behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
+    ``table``, the written data is also saved as that table (overwritten). On a classic session the file
+    operations go through Spark's Hadoop file system (any URI); under Spark Connect, which has no JVM
+    gateway, this process does them, so ``path`` must be one it can see (local, ``/Volumes/...``,
+    ``/dbfs/...``).
 
     ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
     too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
     *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
     scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
+    spark = df.sparkSession
+    if rows_per_file is not None and rows_per_file < 1:
+        raise UserError(f"rows per file must be at least 1, got {rows_per_file}")
+    with output_lease(spark, path, command=command, wait=wait) as lease:
+        return _write_leased(df, path, lease, table, rows_per_file, rows, command, overwrite)
+
+
+def _write_leased(
+    df: Any,
+    path: str,
+    lease: OutputLease,
+    table: str | None,
+    rows_per_file: int | None,
+    rows: int | None,
+    command: str | None,
+    overwrite: bool,
+) -> Any:
+    """``write_output``'s work, holding the output's lease."""
     spark = df.sparkSession
     fs, dest = file_system(spark, path)
     if not overwrite:
@@ -417,18 +458,22 @@ def write_output(
     parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
     staging = fs.join(parent, f".{name}.staging-{token}")
     backup = fs.join(parent, f".{name}.previous-{token}")
-    fs.mkdirs(parent)
     _recover(fs, dest)
     writer = df.write.mode("error")
     if rows_per_file is not None:
-        if rows_per_file < 1:
-            raise UserError(f"rows per file must be at least 1, got {rows_per_file}")
         if rows is not None:
             writer = df.repartition(max(1, math.ceil(rows / rows_per_file))).write.mode("error")
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
         writer.parquet(staging)
-        _mark_complete(fs, staging, command)
+        staged = spark.read.parquet(staging).count()  # from the Parquet footers
+        if rows is not None and staged != rows:
+            raise RunFailed(
+                f"the staged output of {path} has {staged:,} rows, not the {rows:,} expected: "
+                "not replaced (the previous output, if any, is untouched)"
+            )
+        _mark_complete(fs, staging, command, staged)
+        lease.check()
     except BaseException:
         fs.delete(staging)
         raise

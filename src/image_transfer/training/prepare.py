@@ -311,24 +311,48 @@ def prepare(
     limits: ImageLimits | None = None,
     rejected_file: str | None = None,
     overwrite: bool = False,
+    wait: float | None = None,
 ) -> PrepareResult:
     """Read ``images_dir`` with ``binaryFile``, label, screen and split it, write it atomically to ``output``.
 
     The write is the only pass over the image bytes. ``rejected_file`` (a local or mounted path) gets a
     CSV of every rejected file; the summary lists the first ``REJECTED_SAMPLE``. A folder with fewer
     than two classes is refused before anything is written (training needs two). ``output`` may replace
-    only an earlier ``prepare`` output unless ``overwrite`` (``write_output``).
+    only an earlier ``prepare`` output unless ``overwrite`` (``write_output``). The output's lease is held
+    from the first look at the images to the last write (``output_lease``; ``wait``: seconds to wait for
+    another run's).
     """
-    from pyspark.sql import functions as F
-
-    from image_transfer.imaging.files import describe_skipped, skipped_files
-    from image_transfer.jobs.outputs import write_output
+    from image_transfer.jobs.outputs import output_lease
 
     if not 0.0 <= validation_fraction < 1.0:
         raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
     exts = [e.strip().lstrip(".") for e in extensions if e.strip()]
     if not exts:
         raise UserError("--extensions names no extension")
+    with output_lease(spark, output, command="prepare", wait=wait):
+        return _prepare_leased(
+            spark, images_dir, output, output_table, labels, validation_fraction, exts, limits, rejected_file, overwrite
+        )
+
+
+def _prepare_leased(
+    spark: Any,
+    images_dir: str,
+    output: str,
+    output_table: str | None,
+    labels: str | None,
+    validation_fraction: float,
+    exts: list[str],
+    limits: ImageLimits | None,
+    rejected_file: str | None,
+    overwrite: bool,
+) -> PrepareResult:
+    """``prepare``'s work, holding the output's lease."""
+    from pyspark.sql import functions as F
+
+    from image_transfer.imaging.files import describe_skipped, skipped_files
+    from image_transfer.jobs.outputs import write_output
+
     images = read_image_files(spark, images_dir, extensions=exts)
     if images.isEmpty():
         skipped = describe_skipped(skipped_files(spark, images_dir, extensions=exts))
@@ -357,7 +381,7 @@ def prepare(
     if usable_names != names:
         # Rare: a class whose every file was rejected. Renumber so label_index stays 0..n-1 (one more
         # pass over the written bytes, without screening again).
-        written = write_output(_renumber(written, usable_names), output, command="prepare")
+        written = write_output(_renumber(written, usable_names), output, rows=written.count(), command="prepare")
     if output_table:
         written.write.mode("overwrite").saveAsTable(output_table)
     return summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
