@@ -13,6 +13,8 @@ Part 2 (training input): ``image_transfer.training.feed`` over Petastorm and ove
 Part 3 (scaling): ``score_images`` on 1x, 4x, 16x the images, start-up and peak memory apart.
 Part 4 (input layout, cold and warm): one unsplittable file and 8 files; the whole CLI command in a
 fresh process against a cold floor, and warm re-runs against the in-process floor.
+Part 5 (frozen head): ``train``'s frozen phase from features against from images, same data and epochs
+(``--parts 5``; not in the default set: at 1,024 images the images path takes long on two cores).
 
 The modules: ``data.py`` (images and model), ``harness.py`` (child processes, session, floor, probes),
 ``variants.py`` (the usual UDFs, shipped to the workers), ``parts/`` (one module per part),
@@ -90,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.scaling.split(",")] if args.scaling else [images * f for f in factors]
     counts = [int(x) for x in (args.layout_images or ("128" if args.quick else "1024,4096")).split(",")]
     parts = {int(x) for x in args.parts.split(",") if x.strip()}
-    if unknown := parts - {1, 2, 3, 4}:
-        p.error(f"--parts: no part {', '.join(map(str, sorted(unknown)))} (parts are 1-4)")
+    if unknown := parts - {1, 2, 3, 4, 5}:
+        p.error(f"--parts: no part {', '.join(map(str, sorted(unknown)))} (parts are 1-5)")
     if 3 in parts and any(n % per_file for n in sizes):
         p.error(f"part 3 sizes must be multiples of {per_file}")
     if 4 in parts and any(n % 8 for n in counts):
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         (2, training.NAME, lambda: training.run(files, repeats)),
         (3, scaling.NAME, lambda: scaling.run(sizes, per_file)),
         (4, layout.NAME, lambda: layout.run(counts, repeats)),
+        (5, training.HEAD_NAME, lambda: training.run_head(files)),
     ):
         if number in parts:
             raw = measure()

@@ -279,4 +279,33 @@ def layout_table(raw: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"scoring": scoring_table, "training_input": training_table, "scaling": scaling_table, "layout": layout_table}
+def frozen_head_table(raw: dict[str, Any]) -> str:
+    runs = raw["runs"]
+    lines = [
+        f"The frozen phase of `train` on {raw['images']} JPEGs, {raw['epochs']} epochs, MobileNetV2 224x224 "
+        f"(random weights), local[2]; {raw.get('machine', '')}",
+        "",
+        "| head input | wall s | head epochs s | validation accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, r in runs.items():
+        lines.append(
+            f"| {kind} | {r['wall_seconds']:.1f} | {r['train_seconds']:.1f} | {r['validation_accuracy']:.3f} |"
+        )
+    lines += [
+        "",
+        f"One featurization pass alone: {raw['featurize_seconds']:.1f}s. Features path / (one pass + head): "
+        f"{raw['features_over_featurize_plus_head']:.2f} (target <= 1.3); features / images: "
+        f"{raw['features_over_images']:.2f} (target <= 0.5).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+TABLES = {
+    "frozen_head": frozen_head_table,
+    "scoring": scoring_table,
+    "training_input": training_table,
+    "scaling": scaling_table,
+    "layout": layout_table,
+}

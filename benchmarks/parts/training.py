@@ -3,12 +3,16 @@
 Against the floor, the same ``feed.image_pipeline`` over the encoded bytes held in memory; input
 alone (the pipeline drained with no model), and one training epoch of the project's classifier
 (``image_transfer.training.train``: frozen MobileNetV2 + softmax head, ``train_on_batch``).
+
+Part 5, frozen head: ``train``'s frozen phase from features (embedded once) against from images, same
+data and epochs, in one run: wall times, one featurization pass alone, and both accuracies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from typing import Any
 
 from data import CACHE, CLASSES, MODEL_PATH, SIZE
@@ -106,4 +110,65 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
                         f"{count / seconds:7.1f} img/s (load {load_average()})",
                         flush=True,
                     )
+    return out
+
+
+# ---- part 5: the frozen phase from cached features against from images ---------------------------
+
+HEAD_NAME = "frozen_head"
+
+
+def run_head(files: list[str], epochs: int = 5) -> dict[str, Any]:
+    """Part 5: ``train`` with ``head_input`` features and images, same data and epochs, in one child."""
+    return run_child("frozen_head", {"files": files, "epochs": epochs})
+
+
+def child_head(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One featurization pass alone, then the frozen phase from features and from images (wall times)."""
+    import tempfile
+
+    from pyspark.sql import functions as F
+
+    from image_transfer.api import featurize_images
+    from image_transfer.training.train import TrainConfig, build_backbone, build_classifier, train
+
+    spark = spark_session("bench frozen head")
+    raw = spark.read.parquet(*cfg["files"])
+    # A prepared dataset: every fifth image validation (the synthetic labels are not learnable: the
+    # two accuracies are compared with each other, both near chance).
+    df = raw.select(
+        "path",
+        "content",
+        F.col("label_index").cast("string").alias("label"),
+        "label_index",
+        F.when(F.col("path").substr(-5, 1).isin("0", "5"), "validation").otherwise("train").alias("split"),
+        F.lit(None).cast("string").alias("error"),
+    ).cache()
+    n = df.count()
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", image_size=SIZE, epochs=cfg["epochs"], augment=False)
+    out: dict[str, Any] = {"images": n, "epochs": cfg["epochs"], "batch_size": config.batch_size, "runs": {}}
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        backbone, preprocess, size = build_backbone("mobilenet_v2", weights="none", image_size=SIZE)
+        model = build_classifier(backbone, preprocess, classes=CLASSES, size=size, dropout=0.2)
+        from image_transfer.models.artifact import save_model
+
+        save_model(model, f"{tmp}/embedder.keras", class_names=[str(i) for i in range(CLASSES)])
+        t0 = time.perf_counter()
+        featurize_images(df, f"{tmp}/embedder.keras").write.parquet(f"{tmp}/features.parquet")
+        out["featurize_seconds"] = time.perf_counter() - t0
+        print(f"[frozen head] one featurization pass: {out['featurize_seconds']:.1f}s", flush=True)
+        for kind in ("features", "images"):
+            t0 = time.perf_counter()
+            result = train(df, replace(config, head_input=kind, cache_dir=tmp), output_model=f"{tmp}/{kind}.keras")
+            out["runs"][kind] = {
+                "wall_seconds": time.perf_counter() - t0,
+                "train_seconds": sum(e["train_seconds"] for e in result.epochs),
+                "validation_accuracy": result.final_validation_accuracy,
+                "features": result.features,
+            }
+            print(f"[frozen head] {kind}: {out['runs'][kind]['wall_seconds']:.1f}s (load {load_average()})", flush=True)
+    feats, images = out["runs"]["features"], out["runs"]["images"]
+    head_alone = feats["train_seconds"]
+    out["features_over_featurize_plus_head"] = feats["wall_seconds"] / (out["featurize_seconds"] + head_alone)
+    out["features_over_images"] = feats["wall_seconds"] / images["wall_seconds"]
     return out
