@@ -295,6 +295,15 @@ class ArrowFeed(Feed):
         rows = sum(p.row_groups[0].num_rows for p in self.pieces)
         super().__init__(location, rows, columns)
 
+    def shard(self, index: int, count: int) -> ArrowFeed:
+        """The row groups ``index, index + count, ...``: one worker's share of the same Parquet."""
+        import copy
+
+        part = copy.copy(self)
+        part.pieces = self.pieces[index::count]
+        part.rows = sum(p.row_groups[0].num_rows for p in part.pieces)
+        return part
+
     @contextlib.contextmanager
     def _raw(self, *, num_epochs: int | None, shuffle: bool, seed: int) -> Iterator[Any]:
         import numpy as np
@@ -328,8 +337,11 @@ def open_feed(
     path: str = "auto",
     cache_dir: str | None = None,
     columns: Sequence[str] = ("content", "label_index"),
+    files: int | None = None,
 ) -> Iterator[Feed]:
     """Materialise ``df[columns]`` under ``cache_dir`` and yield a ``Feed`` over it.
+
+    ``files``: spread the rows over that many Parquet files (workers each read a share of them).
 
     The private cache directory is deleted on leaving the block, whether it ended normally or not.
     """
@@ -341,6 +353,8 @@ def open_feed(
         raise UserError(f"no column {', '.join(missing)} to feed (columns: {', '.join(df.columns)})")
     location = cache_location(cache_dir, df.sparkSession)
     selected = df.select(*columns)
+    if files:
+        selected = selected.repartition(files)
     feed: Feed | None = None
     try:
         if chosen == "petastorm":

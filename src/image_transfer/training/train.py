@@ -75,6 +75,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # default: a temp dir, deleted at the end
     mixed_precision: bool = False  # mixed_float16 on GPUs (ignored without one)
     head_input: str = "features"  # features: the frozen phase trains on embeddings computed once; images
+    workers: int = 1  # > 1: the image phases as a barrier stage of MultiWorkerMirroredStrategy workers
     trust_model_code: bool = False  # a backbone file may name code outside Keras (custom layers)
 
     def __post_init__(self) -> None:
@@ -116,7 +117,9 @@ class TrainResult:
         """What ``score`` and ``evaluate`` take: ``models:/NAME/VERSION`` when registered, else the file."""
         return f"models:/{self.registered_version}" if self.registered_version else self.model_path
 
-    replicas: int = 1  # devices the model trained on (MirroredStrategy: GPUs)
+    replicas: int = 1  # devices the model trained on (MirroredStrategy: GPUs; across workers: all of them)
+    workers: int = 1  # training processes (nodes) of the image phases
+    worker_steps: list[int] | None = None  # with workers > 1: each worker's training steps
     global_batch_size: int = 0  # batch_size x replicas
     precision: str = "float32"  # the Keras policy training ran under
     head_input: str = "images"  # what the frozen phase trained on
@@ -326,6 +329,53 @@ def _fit_phase(
     return rows, best
 
 
+def _train_across(
+    spark: Any,
+    config: TrainConfig,
+    train_feed: Any,
+    val_feed: Any,
+    names: Sequence[str],
+    head: Any,
+    epochs: list[dict[str, Any]],
+    tmp: Path,
+    output_model: str,
+) -> tuple[list[dict[str, Any]], list[int], int, int]:
+    """The image phases on ``config.workers`` barrier tasks; the chief's model lands at ``tmp/across.keras``.
+
+    Returns (all epochs' rows, each worker's steps, replicas, global batch).
+    """
+    import shutil
+
+    import numpy as np
+
+    from image_transfer.training import distributed
+
+    shared = Path(train_feed.location.local)
+    spec: dict[str, Any] = {
+        "config": asdict(config),
+        "class_names": list(names),
+        "train": asdict(train_feed.location),
+        "validation": asdict(val_feed.location) if val_feed else None,
+        "backup_dir": str(shared / "backup"),
+        "model_path": str(shared / "model.keras"),
+        "first_epoch": len(epochs),
+        "extra": {"backbone": config.backbone, "trained_by": "image-transfer train"},
+    }
+    if head is not None:  # the head trained on features here: the workers start from it
+        weights = head.get_layer("classifier").get_weights()
+        np.savez(shared / "head.npz", kernel=weights[0], bias=weights[1])
+        spec["head_weights"] = str(shared / "head.npz")
+    print(f"train: the image phases across {config.workers} workers (MultiWorkerMirroredStrategy, barrier stage)")
+    reports = sorted(distributed.run_stage(spark, config.workers, spec), key=lambda r: r["index"])
+    chief = reports[0]
+    rows = [
+        dict(r, input="images", images_per_second=0.0, images=r["steps"] * chief["global_batch_size"])
+        for r in chief["epochs"]
+    ]
+    shutil.copyfile(shared / "model.keras", tmp / "across.keras")
+    return epochs + rows, [r["steps"] for r in reports], chief["replicas"], chief["global_batch_size"]
+
+
 def _head_model(model: Any) -> Any:
     """The classifier's head alone (its own dropout and softmax layers, shared): embeddings -> probabilities."""
     import keras
@@ -386,18 +436,22 @@ def train(
     callbacks: Sequence[Any] = (),
     register_as: str | None = None,
     strategy: Any = None,
+    workers: int | None = None,
 ) -> TrainResult:
     """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
 
     The feed caches are deleted when this returns or raises. ``callbacks`` are extra Keras callbacks.
     With a tracking server the run is logged to MLflow; ``register_as`` also registers the model as a
     new version of that name (``catalog.schema.model`` on Unity Catalog).
+    ``workers`` (default ``config.workers``, 1) above 1 runs the image phases as a barrier stage of that
+    many MultiWorkerMirroredStrategy workers (``training.distributed``; classic sessions only).
     ``strategy`` is a ``tf.distribute`` strategy (default: ``gpu.training_strategy()``, mirrored over
     the GPUs when there are several); ``config.batch_size`` is per replica.
     """
     import keras
 
     from image_transfer.models.artifact import save_model
+    from image_transfer.models.load import load_keras
     from image_transfer.scoring import gpu
     from image_transfer.scoring.options import ScoringOptions
     from image_transfer.training.feed import open_features, open_feed
@@ -412,6 +466,11 @@ def train(
     names = class_names(df)
     if len(names) < 2:
         raise UserError(f"need at least two classes to train, found {len(names)}: {', '.join(names)}")
+    from image_transfer.training import distributed
+
+    if workers is not None:
+        config = replace(config, workers=workers)
+    distributed.check_workers(df.sparkSession, config.workers, config.cache_dir)
     train_df, val_df = usable(df, "train"), usable(df, "validation")
     has_val = not val_df.isEmpty()
     gpu.enable_memory_growth()
@@ -470,10 +529,17 @@ def train(
             with strategy.scope():
                 head = _head_model(model)
         train_feed = val_feed = None
+        across = config.workers > 1 and needs_images
+        if config.workers > 1 and not needs_images:
+            print(f"train: --workers {config.workers}: no phase trains on images; the head trains on the driver")
         if needs_images:
-            train_feed = stack.enter_context(open_feed(train_df, path=config.data_path, cache_dir=config.cache_dir))
+            data_path = "arrow" if across else config.data_path  # the workers read the Parquet themselves
+            files = config.workers * 2 if across else None
+            train_feed = stack.enter_context(
+                open_feed(train_df, path=data_path, cache_dir=config.cache_dir, files=files)
+            )
             val_feed = (
-                stack.enter_context(open_feed(val_df, path=train_feed.path, cache_dir=config.cache_dir))
+                stack.enter_context(open_feed(val_df, path=train_feed.path, cache_dir=config.cache_dir, files=files))
                 if has_val
                 else None
             )
@@ -482,8 +548,15 @@ def train(
         phases = [("head", config.epochs, config.learning_rate)]
         if config.fine_tune_layers:
             phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
+        worker_steps = None
         for phase, n_epochs, lr in phases:
             on_features = features is not None and phase == "head"
+            if across and not on_features:  # this and any later phase: on the workers
+                epochs, worker_steps, replicas, batch = _train_across(
+                    df.sparkSession, config, train_feed, val_feed, names, head, epochs, tmp, output_model
+                )
+                model = load_keras(str(tmp / "across.keras"))
+                break
             fitted = head if on_features else model
             if phase == "fine_tune":
                 unfreeze_top(backbone, config.fine_tune_layers)
@@ -573,6 +646,8 @@ def train(
         replicas=replicas,
         global_batch_size=batch,
         precision=policy,
+        workers=config.workers if across else 1,
+        worker_steps=worker_steps,
         head_input=config.head_input,
         features=features.to_dict() if features is not None else None,
     )
