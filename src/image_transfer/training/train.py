@@ -350,7 +350,9 @@ def _train_across(
 
     from image_transfer.training import distributed
 
-    shared = Path(train_feed.location.local)
+    # Beside the feed's Parquet (not inside: the workers read that folder as a dataset), deleted below.
+    shared = Path(train_feed.location.local + "-stage")
+    shared.mkdir()
     spec: dict[str, Any] = {
         "config": asdict(config),
         "class_names": list(names),
@@ -366,13 +368,16 @@ def _train_across(
         np.savez(shared / "head.npz", kernel=weights[0], bias=weights[1])
         spec["head_weights"] = str(shared / "head.npz")
     print(f"train: the image phases across {config.workers} workers (MultiWorkerMirroredStrategy, barrier stage)")
-    reports = sorted(distributed.run_stage(spark, config.workers, spec), key=lambda r: r["index"])
+    try:
+        reports = sorted(distributed.run_stage(spark, config.workers, spec), key=lambda r: r["index"])
+        shutil.copyfile(shared / "model.keras", tmp / "across.keras")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     chief = reports[0]
     rows = [
         dict(r, input="images", images_per_second=0.0, images=r["steps"] * chief["global_batch_size"])
         for r in chief["epochs"]
     ]
-    shutil.copyfile(shared / "model.keras", tmp / "across.keras")
     return epochs + rows, [r["steps"] for r in reports], chief["replicas"], chief["global_batch_size"]
 
 
