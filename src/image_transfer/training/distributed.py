@@ -152,18 +152,19 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
                 os._exit(17)  # the deterministic failure of the resume test
 
     def datasets(feed: Any, training: bool, seed: int) -> Any:
-        def make(ctx: Any) -> Any:
-            shard = feed.shard(ctx.input_pipeline_id, ctx.num_input_pipelines)
-            with shard.make_tf_dataset(
-                batch_size=ctx.get_per_replica_batch_size(global_batch),
-                image_size=(size, size),
-                training=training and config.augment,
-                num_epochs=None,
-                seed=seed,
-            ) as ds:
-                return ds
-
-        return strategy.distribute_datasets_from_function(make)
+        # This worker's share, batched at the global batch: the strategy rebatches it into per-replica
+        # batches of this worker's replicas (auto-sharding off: the share is already this worker's).
+        shard = feed.shard(index, workers)
+        with shard.make_tf_dataset(
+            batch_size=global_batch,
+            image_size=(size, size),
+            training=training and config.augment,
+            num_epochs=None,
+            seed=seed,
+        ) as ds:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+            return ds.with_options(options)
 
     phases = [] if spec.get("head_weights") else [("head", config.epochs, config.learning_rate)]
     if config.fine_tune_layers:
