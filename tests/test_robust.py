@@ -105,6 +105,12 @@ def test_model_error_fails_the_run_in_one_clear_line(spark, images_parquet, fail
     code = cli.run([*argv, "--broadcast-max-mb", "0", "--batch-size", "32", "--master", "local[2]"])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("image-transfer")]
     assert code == 1
+    # LiteRT's converter drops the model's assertion: engine auto says so and runs it on TensorFlow.
+    assert (
+        err[0]
+        == "image-transfer: engine auto runs TensorFlow: the model has runtime checks (Assert) that LiteRT would drop"
+    )
+    err = err[1:]
     assert len(err) == 1, err  # one line (progress lines aside), with the model's own message
     assert err[0].startswith("image-transfer score: failed: image-transfer: the model failed: assertion failed:")
     assert "pixels must be scaled to 0..1" in err[0]
@@ -446,3 +452,10 @@ def test_rows_per_file_sizes_output_without_narrowing_scoring(spark, images_parq
     plan = scored.repartition(3)._jdf.queryExecution().executedPlan().toString()
     assert plan.index("Exchange RoundRobinPartitioning(3)") < plan.index("ArrowEvalPython")
     assert "Coalesce" not in plan
+
+
+def test_litert_is_refused_for_a_model_whose_checks_it_would_drop(spark, images_parquet, failing_savedmodel):
+    from image_transfer.errors import UserError
+
+    with pytest.raises(UserError, match=r"--engine litert cannot run this model here: .*runtime checks \(Assert\)"):
+        score_images(spark.read.parquet(images_parquet), str(failing_savedmodel), engine="litert")

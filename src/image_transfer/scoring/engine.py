@@ -75,8 +75,13 @@ def tensorflow_only(precision: str, jit: bool, overlap: str) -> str | None:
     return None
 
 
+CONVERSION = 2  # bump when what a conversion produces changes: cached flatbuffers of older rules are not reused
+
+
 def _key(prepared: Any) -> str:
-    return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}"
+    import tensorflow as tf
+
+    return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}-c{CONVERSION}-tf{tf.__version__}"
 
 
 def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
@@ -121,6 +126,7 @@ def _convert(prepared: Any, path: str) -> bytes:
     quiet = contextlib.redirect_stdout(io.StringIO())  # export prints the signature
     try:
         if info.kind != "keras":
+            _refuse_runtime_checks(path)
             data = tf.lite.TFLiteConverter.from_saved_model(path).convert()
         else:
             model = load_model(path, info.kind, trust=prepared.trusted)
@@ -128,6 +134,7 @@ def _convert(prepared: Any, path: str) -> bytes:
                 model = embedding_model(model, prepared.layer)
             with tempfile.TemporaryDirectory(prefix="image-transfer-export-") as folder, quiet:
                 model.export(folder)
+                _refuse_runtime_checks(folder)
                 data = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
     except UserError:
         raise
@@ -135,6 +142,22 @@ def _convert(prepared: Any, path: str) -> bytes:
         raise UserError(f"the LiteRT converter cannot take the model: {first_line(exc)[:300]}") from exc
     check_flatbuffer(bytes(data), info.height, info.width)
     return bytes(data)
+
+
+RUNTIME_CHECKS = frozenset({"Assert", "CheckNumerics", "CheckNumericsV2"})  # ops the converter drops
+
+
+def _refuse_runtime_checks(saved_model: str) -> None:
+    """UserError when the SavedModel's serving function has runtime checks (``tf.debugging.assert_*``,
+    ``check_numerics``): the converter drops them, so LiteRT would score inputs the model refuses."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(saved_model).signatures["serving_default"]
+    graph = fn.graph.as_graph_def()
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    found = sorted(ops & RUNTIME_CHECKS)
+    if found:
+        raise UserError(f"the model has runtime checks ({', '.join(found)}) that LiteRT would drop")
 
 
 def check_flatbuffer(data: bytes, height: int, width: int) -> None:
