@@ -102,6 +102,8 @@ def test_the_observed_metric_counts_each_worker_exactly(spark, monkeypatch, lega
         "peak_batch_bytes": 300,
         "gpu": None,
         "cuda_visible_devices": None,
+        "conversions": 0,
+        "engine": None,  # these simulated workers report no engine
     }
     assert (workers["host-a:12"]["batches"], workers["host-a:12"]["rows"]) == (2, 16)
     assert workers["host-a:12"]["peak_rss_mb"] == 500  # reported: raised by 1/16 or more
@@ -136,7 +138,7 @@ def test_what_reaches_the_driver_is_bounded_by_the_workers_not_the_batches(spark
 
     for batch_size, text in texts.items():
         lines = dict(line.split(":", 1) for line in text.splitlines())
-        assert lines.keys() == {"rows", "failed", "batches", "peaks", "reports"}, text
+        assert lines.keys() == {"rows", "failed", "batches", "warned", "peaks", "reports"}, text
         for name in ("rows", "batches"):  # a bin per worker (and task, until Spark merges them)
             assert 1 <= lines[name].count("}") <= 4, (batch_size, lines[name])
         reports = lines["reports"].split("\t")  # a few per worker: loads, traces, raised peaks

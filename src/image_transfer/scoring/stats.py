@@ -47,7 +47,9 @@ STATS_PREFIX = "_stats_"  # the UDF struct's statistics fields: _stats_code, _st
 EVENTS = ("model_loads", "traces", "conversions")  # so far in the action (conversions: LiteRT's)
 PEAKS = ("peak_batch_bytes", "peak_rss_mb")  # as reported: raised by 1/16 or more
 EXACT = ("batch_bytes", "rss_mb")  # this batch's Arrow bytes, the process's peak memory now
-FACTS = ("gpu", "gpu_assigned", "cuda_visible_devices", "engine")  # text (lists joined with ",")
+# Text (lists joined with ","). CUDA_VISIBLE_DEVICES is free text that may hold ", ", Spark's separator in
+# a struct's text: it stays last, where parse_workers' bounded split keeps it whole.
+FACTS = ("gpu", "gpu_assigned", "engine", "cuda_visible_devices")
 REPORT = ("worker", *EVENTS, *PEAKS, *FACTS)  # the rarely changing report, in the metric's order
 ROW_FIELDS = ("code", "warnings")  # on every row (warnings: the decoder warnings silenced for the row)
 STATS_FIELDS: tuple[str, ...] = (*ROW_FIELDS, *REPORT, *EXACT)  # the row fields on every row, the others on the first
