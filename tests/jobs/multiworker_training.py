@@ -52,8 +52,8 @@ def main(workdir: str) -> int:
     reports: dict[str, list] = {}
     original = distributed.run_stage
 
-    def recording(spark, workers, spec):
-        out = original(spark, workers, spec)
+    def recording(spark, workers, spec, main):
+        out = original(spark, workers, spec, main)
         reports[spec["model_path"]] = out
         return out
 

@@ -126,14 +126,17 @@ def write_scored(
     description = f"{what} {rows_in:,} images with {run.model_version} ({Path(run.model.info.path).name})"
     started = time.perf_counter()
     try:
-        with Progress(
-            spark,
-            what,
-            total_rows=rows_in,
-            description=description,
-            interval=progress_interval,
-            input_stage=1 if run.spread else 0,
-        ), run.settings():  # the frame's Arrow batches for the write only, the session's back after
+        with (
+            Progress(
+                spark,
+                what,
+                total_rows=rows_in,
+                description=description,
+                interval=progress_interval,
+                input_stage=1 if run.spread else 0,
+            ),
+            run.settings(),
+        ):  # the frame's Arrow batches for the write only, the session's back after
             written = writer(scored)
     except Exception as exc:
         failure = _model_failure(exc)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -369,7 +370,7 @@ def _train_across(
         spec["head_weights"] = str(shared / "head.npz")
     print(f"train: the image phases across {config.workers} workers (MultiWorkerMirroredStrategy, barrier stage)")
     try:
-        reports = sorted(distributed.run_stage(spark, config.workers, spec), key=lambda r: r["index"])
+        reports = sorted(distributed.run_stage(spark, config.workers, spec, worker_main), key=lambda r: r["index"])
         shutil.copyfile(shared / "model.keras", tmp / "across.keras")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -713,3 +714,110 @@ def log_to_mlflow(result: TrainResult, *, register_as: str | None = None) -> str
     run_id, version = log_training(result, register_as=register_as)
     result.mlflow_run_id, result.registered_version = run_id, version
     return run_id
+
+
+def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str | None = None) -> dict[str, Any]:
+    """One MultiWorkerMirroredStrategy worker: build the model, train the image phases, the chief saves."""
+    import keras
+    import tensorflow as tf
+
+    from image_transfer.models.artifact import save_model
+    from image_transfer.training.distributed import weights_digest
+    from image_transfer.training.feed import ArrowFeed, CacheLocation
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    config = TrainConfig(**spec["config"])
+    workers = strategy.cluster_resolver.cluster_spec().num_tasks("worker")
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        backbone, preprocess, size = build_backbone(
+            config.backbone, weights=config.weights, image_size=config.image_size, trust=config.trust_model_code
+        )
+        model = build_classifier(
+            backbone, preprocess, classes=len(spec["class_names"]), size=size, dropout=config.dropout
+        )
+        if spec.get("head_weights"):
+            import numpy as np
+
+            saved = np.load(spec["head_weights"])
+            model.get_layer("classifier").set_weights([saved["kernel"], saved["bias"]])
+    train_feed = ArrowFeed(CacheLocation(**spec["train"]), ("content", "label_index"))
+    val_feed = (
+        ArrowFeed(CacheLocation(**spec["validation"]), ("content", "label_index")) if spec["validation"] else None
+    )
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    steps = -(-train_feed.rows // global_batch)
+    val_steps = -(-val_feed.rows // global_batch) if val_feed else 0
+    log: list[dict[str, Any]] = []
+    kill_task, kill_epoch = (int(x) for x in kill.split(":")) if kill else (-1, -1)
+
+    class Record(keras.callbacks.Callback):
+        """Epoch numbers as Keras ran them (a resumed stage starts past 0) and this worker's steps."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.steps = 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.steps += 1
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            row = {"epoch": epoch + 1, "phase": self.phase, "steps": self.steps, "attempt": attempt}
+            row.update({k: float(v) for k, v in (logs or {}).items()})
+            log.append(row)
+            if index == kill_task and attempt == 0 and epoch + 1 == kill_epoch:
+                os._exit(17)  # the deterministic failure of the resume test
+
+    def datasets(feed: Any, training: bool, seed: int) -> Any:
+        # This worker's share, batched at the global batch: the strategy rebatches it into per-replica
+        # batches of this worker's replicas (auto-sharding off: the share is already this worker's).
+        shard = feed.shard(index, workers)
+        with shard.make_tf_dataset(
+            batch_size=global_batch,
+            image_size=(size, size),
+            training=training and config.augment,
+            num_epochs=None,
+            seed=seed,
+        ) as ds:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+            return ds.with_options(options)
+
+    phases = [] if spec.get("head_weights") else [("head", config.epochs, config.learning_rate)]
+    if config.fine_tune_layers:
+        phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
+    first = spec.get("first_epoch", 0)
+    for phase, n_epochs, lr in phases:
+        if phase == "fine_tune":
+            unfreeze_top(backbone, config.fine_tune_layers)
+        with strategy.scope():
+            model.compile(
+                optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+            )
+        record = Record()
+        record.phase = phase
+        backup = keras.callbacks.BackupAndRestore(os.path.join(spec["backup_dir"], phase, f"worker-{index}"))
+        model.fit(
+            datasets(train_feed, True, config.seed + first),
+            epochs=first + n_epochs,
+            initial_epoch=first,
+            steps_per_epoch=steps,
+            validation_data=datasets(val_feed, False, 0) if val_feed else None,
+            validation_steps=val_steps if val_feed else None,
+            callbacks=[backup, record],
+            verbose=2 if index == 0 else 0,
+        )
+        first += n_epochs
+    if index == 0:
+        save_model(model, spec["model_path"], class_names=spec["class_names"], extra=spec.get("extra"))
+    digest = weights_digest(model.get_weights())
+    return {
+        "index": index,
+        "workers": workers,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "global_batch_size": global_batch,
+        "epochs": log,
+        "steps": sum(r["steps"] for r in log),
+        "weights_sha256": digest,
+        "image_size": size,
+        "config": asdict(config),
+    }
