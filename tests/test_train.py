@@ -271,3 +271,17 @@ def test_mlflow_gets_params_metrics_curves_and_the_model(trained, tmp_path, monk
     # The model is an MLflow pyfunc with our .keras file (and its class names) inside.
     model = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert "python_function" in model.flavors and model.metadata["class_names"] == CLASSES
+
+
+@pytest.mark.connect
+def test_workers_above_one_are_refused_before_any_work_until_the_stage_works(spark):
+    from image_transfer.errors import UserError
+    from image_transfer.session import is_connect
+    from image_transfer.training.distributed import check_workers
+
+    check_workers(spark, 1, None)  # the single-node path
+    with pytest.raises(UserError, match="workers must be at least 1"):
+        check_workers(spark, 0, None)
+    expected = "needs a barrier stage" if is_connect(spark) else "is not available yet"
+    with pytest.raises(UserError, match=expected):
+        check_workers(spark, 2, None)

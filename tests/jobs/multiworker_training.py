@@ -28,6 +28,7 @@ def main(workdir: str) -> int:
     from image_transfer.training.prepare import prepare
     from image_transfer.training.train import TrainConfig, train
 
+    os.environ.setdefault(distributed.EXPERIMENTAL_ENV, "1")  # the stage is refused otherwise (unfinished)
     work = Path(workdir)
     fixtures = Path(__file__).resolve().parents[2] / "fixtures"
     spark = get_spark(
