@@ -35,11 +35,14 @@ def _rows(spark, path) -> list[tuple]:
     )
 
 
-def _score_in_process(spark, images, model, out) -> None:
-    write_output(score_images(spark.read.parquet(images), str(model), batch_size=16, top_k=2), str(out))
+def _score_in_process(spark, images, model, out, wait: float | None = None) -> None:
+    write_output(score_images(spark.read.parquet(images), str(model), batch_size=16, top_k=2), str(out), wait=wait)
 
 
-def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_parquet, shapes_model, tmp_path):
+def test_killed_run_keeps_previous_output_and_a_rerun_completes(
+    spark, images_parquet, shapes_model, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("IMAGE_TRANSFER_LEASE_TTL", "3")  # the killed run's lease expires 3 s after its last beat
     out = tmp_path / "predictions.parquet"
     _score_in_process(spark, images_parquet, shapes_model, out)
     before = _rows(spark, out)
@@ -83,8 +86,9 @@ def test_killed_run_keeps_previous_output_and_a_rerun_completes(spark, images_pa
 
     assert _rows(spark, out) == before  # the previous output is intact
     assert list(tmp_path.glob(".predictions.parquet.staging-*"))  # the killed run's partial data
+    assert list(tmp_path.glob(".predictions.parquet.lease"))  # and its lease, live until it expires
 
-    _score_in_process(spark, images_parquet, shapes_model, out)  # rerun: complete and idempotent
+    _score_in_process(spark, images_parquet, shapes_model, out, wait=120)  # rerun: takes over, complete
     assert _rows(spark, out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]
 
