@@ -157,7 +157,14 @@ def test_compute_flags_reach_the_incremental_path_and_its_summary(spark, few_ima
     )
     assert code == 0
     data = json.loads(summary.read_text())
-    assert data["compute"] == {"batch_size": 4, "precision": "float16", "jit": True, "overlap": "on", "engine": "auto"}
+    assert data["compute"] == {
+        "batch_size": 4,
+        "precision": "float16",
+        "jit": True,
+        "overlap": "on",
+        "engine": "auto",
+        "engine_used": "tensorflow",
+    }
     assert data["rows_out"] == 6 and data["rows_failed"] == 0
     rows = spark.read.parquet(str(tmp_path / "o")).collect()
     assert len(rows) == 6 and all(r["error"] is None for r in rows)
@@ -192,5 +199,6 @@ def test_the_batch_summary_records_the_compute_settings(spark, few_images, shape
         "jit": False,
         "overlap": "off",
         "engine": "auto",
+        "engine_used": "litert-xnnpack",  # auto on CPU workers
     }
     assert data["rows_out"] == 6

@@ -99,7 +99,7 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int, lite: by
     def data() -> bytes:
         return lite if lite is not None else pack(prepared.info.path, prepared.info.kind)
 
-    what = " (LiteRT)" if lite is not None else ""
+    what = ", LiteRT" if lite is not None else ""  # the summary: "model sha256:... (broadcast, LiteRT)"
     if is_connect(spark):
         if size <= min(broadcast_max_bytes, CLOSURE_MAX_BYTES):
             return data(), "in the UDF" + what
