@@ -42,6 +42,7 @@ def main(workdir: str) -> int:
         augment=False,
         patience=20,
         cache_dir=str(work),
+        head_input="images",  # the strategies' own image path: the features head trains on the driver alone
     )
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     runs = {
