@@ -153,13 +153,9 @@ def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark,
         tf_scored.write.parquet(str(out))
     assert {w["engine"] for w in tf_run.workers().values()} == {"tensorflow"}
     assert tf_run.totals()["conversions"] == 0
-    from image_transfer.session import is_connect
-
-    # Connect: auto runs TensorFlow there for now (LiteRT workers reload the model per run, a known defect).
-    connect = is_connect(spark)
     runs = []
     for i in range(2):
-        scored = score_images(images_df, model, top_k=3, engine="litert" if connect else "auto")  # CPU: LiteRT
+        scored = score_images(images_df, model, top_k=3)  # auto: LiteRT on these CPU workers
         with scoring_run(scored) as run:
             scored.write.parquet(str(tmp_path / f"lite{i}.parquet"))
         runs.append(run)
@@ -169,9 +165,7 @@ def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark,
     assert first.totals()["conversions"] == 1  # on the driver, once for the model
     assert sum(w["conversions"] for w in first.workers().values()) == 0  # workers convert nothing
     totals = warm.totals()
-    assert totals["conversions"] == 0
-    if not connect:  # the known Connect defect above: its workers load and trace again
-        assert (totals["model_loads"], totals["traces"]) == (0, 0)
+    assert (totals["conversions"], totals["model_loads"], totals["traces"]) == (0, 0, 0)
     assert totals["rows"] == images_df.count()
     tf_rows = _rows(spark.read.parquet(str(out)))
     lite_rows = _rows(spark.read.parquet(str(tmp_path / "lite1.parquet")))

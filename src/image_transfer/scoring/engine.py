@@ -175,12 +175,6 @@ def check_flatbuffer(data: bytes, height: int, width: int) -> None:
         raise UserError(f"the converted model takes {shape}, not images of {height}x{width}x3")
 
 
-def _connect(spark: Any) -> bool:
-    from image_transfer.session import is_connect
-
-    return is_connect(spark)
-
-
 def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str, bytes | None, bool]:
     """(``litert`` or ``tensorflow``, the flatbuffer for LiteRT, whether it was converted now).
 
@@ -201,8 +195,6 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
             data, now = converted(prepared)
         except UserError as exc:
             reason = str(exc)
-    if reason is None and requested == "auto" and spark is not None and _connect(spark):
-        reason = "on Spark Connect, LiteRT workers do not yet keep the model across runs"
     if reason is None:
         return "litert", data, now
     if requested == "litert":
