@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_score import fresh_copy
 
 from image_transfer import featurize_images, read_images, score_images, scoring_run
 from image_transfer.errors import UserError
@@ -118,21 +118,6 @@ def test_litert_embeddings_match_tensorflow(architectures):
     assert tf_out["embedding"].std(axis=0).max() > 1e-3
 
 
-def _fresh(model: Path, folder: Path) -> Path:
-    import keras
-
-    from image_transfer.models.artifact import read_metadata
-
-    meta = read_metadata(model)
-    return save_model(
-        keras.models.load_model(model, compile=False),
-        folder / f"model-{uuid.uuid4().hex[:8]}.keras",
-        class_names=meta.get("class_names"),
-        preprocess=meta.get("preprocess", "none"),
-        extra={"copy": uuid.uuid4().hex},
-    )
-
-
 @pytest.fixture(scope="module")
 def images_df(spark, fixtures_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine-data") / "images.parquet"
@@ -146,7 +131,7 @@ def _rows(scored, key="path"):
 
 @pytest.mark.connect
 def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark, images_df, shapes_model, tmp_path):
-    model = str(_fresh(shapes_model, tmp_path))
+    model = str(fresh_copy(shapes_model, tmp_path))
     out = tmp_path / "tf.parquet"
     tf_scored = score_images(images_df, model, top_k=3, engine="tensorflow")
     with scoring_run(tf_scored) as tf_run:
