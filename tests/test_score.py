@@ -16,7 +16,6 @@ from image_transfer import featurize_images, read_images, score_images, scoring_
 from image_transfer.jobs import cli
 from image_transfer.jobs.outputs import write_output
 from image_transfer.models.artifact import save_model
-from image_transfer.session import is_connect
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
 
@@ -44,6 +43,27 @@ def fresh_copy(model: Path, folder: Path) -> Path:
         preprocess=meta.get("preprocess", "none"),
         extra={"copy": uuid.uuid4().hex},
     )
+
+
+def assert_each_worker_loads_once(runs) -> int:
+    """Over runs of one model in order: a worker's first run loads and traces it once, its later runs
+    neither; returns how many runs met a worker that an earlier run had loaded.
+
+    Spark's idle Python workers are first in, first out: when earlier work left more idle workers than
+    task slots (a task that held two Python workers at once), the next runs take turns over all of
+    them, so a worker new to the model may still join a later run. It loads once, as promised.
+    """
+    seen: set[str] = set()
+    warm_runs = 0
+    for run in runs:
+        workers = run.workers()
+        assert workers, "no worker reported"
+        for worker, counts in workers.items():
+            expected = (0, 0) if worker in seen else (1, 1)
+            assert (counts["model_loads"], counts["traces"]) == expected, (worker, counts, sorted(seen))
+        warm_runs += bool(seen & workers.keys())
+        seen |= workers.keys()
+    return warm_runs
 
 
 def _score(spark, source, tmp_path: Path, model: Path, **options):
@@ -91,8 +111,7 @@ def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
 
     workers = run.workers()
     assert len(first) == 240
-    # Known defect (Connect, full suite only): an extra Python worker appears after earlier tests; alone it passes.
-    assert 1 <= len(workers) <= (4 if is_connect(spark) else 3), workers
+    assert 1 <= len(workers) < 9, workers  # the 2 task slots' Python workers (or the idle pool's), not one per task
     assert all(":" in w for w in workers)  # host:pid
     for worker, counts in workers.items():
         assert counts["model_loads"] == 1, (worker, counts)
@@ -107,18 +126,18 @@ def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
 def test_a_second_run_in_the_session_neither_loads_nor_traces(spark, fixture_images, shapes_model, tmp_path):
     model = fresh_copy(shapes_model, tmp_path)
     source = spark.read.parquet(fixture_images)
-    first, second = (score_images(source, str(model), top_k=2) for _ in range(2))
-    with scoring_run(first) as run:
-        a = {r["path"]: r["probability"] for r in first.collect()}
-    assert run.totals()["model_loads"] >= 1 and run.totals()["traces"] >= 1
-    with scoring_run(second) as run:
-        b = {r["path"]: r["probability"] for r in second.collect()}
-    assert a == b
-    assert run.totals()["rows"] == 240
-    fresh = [c for c in run.workers().values() if c["model_loads"] or c["traces"]]
-    # Known defect (Connect, full suite only): a new Python worker may join the second run and load once.
-    assert not fresh or (is_connect(spark) and all(c["model_loads"] <= 1 for c in fresh)), run.workers()
-    assert run._payload is None  # the broadcast was released
+    runs, results = [], []
+    for _ in range(4):  # until a run meets workers an earlier run loaded (at once, unless the idle pool is large)
+        scored = score_images(source, str(model), top_k=2)
+        with scoring_run(scored) as run:
+            results.append({r["path"]: r["probability"] for r in scored.collect()})
+        runs.append(run)
+        assert run.totals()["rows"] == 240
+        assert run._payload is None  # the broadcast was released
+        if assert_each_worker_loads_once(runs):
+            break
+    assert assert_each_worker_loads_once(runs) >= 1, [r.workers() for r in runs]
+    assert all(r == results[0] for r in results)
 
 
 def test_a_one_file_input_is_scored_by_every_task_slot(spark, fixture_images, shapes_model, tmp_path):
