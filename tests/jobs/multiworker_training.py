@@ -8,9 +8,8 @@ and two workers where task 1 exits after epoch 1 on its first attempt (the stage
 from the backup). Prints ``RESULT {...}`` with each run's epochs, worker steps, accuracy and the
 workers' weight digests.
 
-Not yet passing, and not yet run by the suite: on Keras 3.3 the workers' first train step fails
-("Invalid reduction dimension 0 for input with 0 dimensions", the loss reduced across workers).
-``MULTIWORKER_RUNS=two`` runs one of the three.
+Run by tests/test_train.py where ``--workers`` above 1 runs (Keras 3.3, the Runtime 15.4-like
+environment). ``MULTIWORKER_RUNS=two`` runs one of the three.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ def main(workdir: str) -> int:
     from image_transfer.training.prepare import prepare
     from image_transfer.training.train import TrainConfig, train
 
-    os.environ.setdefault(distributed.EXPERIMENTAL_ENV, "1")  # the stage is refused otherwise (unfinished)
     work = Path(workdir)
     fixtures = Path(__file__).resolve().parents[2] / "fixtures"
     spark = get_spark(

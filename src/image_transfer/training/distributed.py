@@ -29,7 +29,6 @@ from typing import Any
 from image_transfer.errors import UserError
 
 KILL_ENV = "IMAGE_TRANSFER_TEST_KILL"
-EXPERIMENTAL_ENV = "IMAGE_TRANSFER_EXPERIMENTAL_MULTIWORKER"  # runs the unfinished multi-worker stage
 
 
 def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
@@ -51,12 +50,26 @@ def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
             f"--workers {workers} on a cluster needs --cache-dir on shared storage (a /Volumes/... path or "
             f"dbfs:/...), which every worker reads; got {cache_dir or 'a driver-local temp dir'}"
         )
-    if os.environ.get(EXPERIMENTAL_ENV) != "1":
+    if keras_averages_replica_gradients():
+        import keras
+
         raise UserError(
-            f"--workers {workers} is not available yet: the workers' first train step fails under "
-            "MultiWorkerMirroredStrategy (tests/jobs/multiworker_training.py reproduces it); use --workers 1 "
-            f"(developers: {EXPERIMENTAL_ENV}=1 runs the stage anyway)"
+            f"--workers {workers} is not available with Keras {keras.__version__} (Runtime 16.4/17.3 LTS ML): its "
+            "fit() fails under MultiWorkerMirroredStrategy before the first step (it reduces a distributed input "
+            "batch in its build step); it runs with Keras 3.3 (Runtime 15.4 LTS ML). Use --workers 1 here"
         )
+
+
+def keras_averages_replica_gradients() -> bool:
+    """Whether this Keras averages gradients across ``tf.distribute`` replicas itself.
+
+    Keras 3.8+ scales each replica's loss by 1/replicas and sums the gradients across replicas. Keras
+    3.3 (Runtime 15.4 ML) does neither on CPU, nor on GPU without XLA: each replica applies its own
+    gradient and the replicas' weights drift apart. Detected by the loss-scaling function 3.8 added.
+    """
+    from keras.src.losses import loss  # read-only feature check: no public flag says it
+
+    return hasattr(loss, "scale_loss_for_distribution")
 
 
 def _shared(path: str) -> bool:
@@ -81,7 +94,10 @@ def run_stage(spark: Any, workers: int, spec: dict[str, Any], main: Main) -> lis
         yield json.dumps(_barrier_task(payload, main))
 
     rdd = spark.sparkContext.parallelize(range(workers), workers)
-    return [json.loads(r) for r in rdd.barrier().mapPartitions(task).collect()]
+    # The shuffle after it makes the barrier stage a map stage: Spark retries a failed barrier map stage
+    # whole, and aborts a failed barrier result stage ("Could not recover from a failed barrier ResultStage").
+    reports = rdd.barrier().mapPartitions(task).repartition(1).collect()
+    return [json.loads(r) for r in reports]
 
 
 def _barrier_task(payload: str, main: Main) -> dict[str, Any]:

@@ -362,6 +362,7 @@ def _train_across(
         "backup_dir": str(shared / "backup"),
         "model_path": str(shared / "model.keras"),
         "first_epoch": len(epochs),
+        "kill": os.environ.get(distributed.KILL_ENV),  # the tests' failure: executors lack the driver's env
         "extra": {"backbone": config.backbone, "trained_by": "image-transfer train"},
     }
     if head is not None:  # the head trained on features here: the workers start from it
@@ -375,10 +376,11 @@ def _train_across(
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     chief = reports[0]
-    rows = [
-        dict(r, input="images", images_per_second=0.0, images=r["steps"] * chief["global_batch_size"])
-        for r in chief["epochs"]
-    ]
+    rows = []
+    for r in chief["epochs"]:
+        images = r["steps"] * chief["global_batch_size"]  # the whole stage's: every worker's replicas
+        rate = images / r["train_seconds"] if r["train_seconds"] > 0 else 0.0
+        rows.append(dict(r, input="images", images=images, images_per_second=rate))
     return epochs + rows, [r["steps"] for r in reports], chief["replicas"], chief["global_batch_size"]
 
 
@@ -716,6 +718,56 @@ def log_to_mlflow(result: TrainResult, *, register_as: str | None = None) -> str
     return run_id
 
 
+def _synced_logs(model: Any) -> Any:
+    """``model`` to fit under MultiWorkerMirroredStrategy: the same layers and weights, synchronised steps.
+
+    - Keras 3 reduces each step's logs across workers with ``axis=0``, which a scalar loss or accuracy
+      lacks ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388):
+      the logs go out with shape [1], which reduces to the same mean.
+    - Where Keras does not average gradients across replicas (``distributed.keras_averages_replica_gradients``),
+      the step all-reduces them (mean) before the optimizer applies them, as Keras 3.8+ does.
+
+    Uses the documented way to customise ``fit``: overriding ``train_step`` and ``test_step``.
+    """
+    import keras
+    import tensorflow as tf
+
+    from image_transfer.training.distributed import keras_averages_replica_gradients
+
+    averaged = keras_averages_replica_gradients()
+
+    def shaped(logs: dict[str, Any]) -> dict[str, Any]:
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+    class Synced(keras.Model):
+        def __init__(self, inner: Any) -> None:
+            super().__init__(name=f"{inner.name}_synced")
+            self.inner = inner
+            self.built = True  # its only weights are the inner model's, which is built
+
+        def call(self, inputs: Any, training: bool = False) -> Any:
+            return self.inner(inputs, training=training)
+
+        def train_step(self, data: Any) -> Any:
+            if averaged:
+                return shaped(super().train_step(data))
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            weights = self.trainable_weights
+            grads = tape.gradient(loss, weights)
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+            self.optimizer.apply_gradients(zip(grads, weights, strict=True))
+            self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])  # as Keras 3.3's own step
+            return shaped(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+        def test_step(self, data: Any) -> Any:
+            return shaped(super().test_step(data))
+
+    return Synced(model)
+
+
 def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str | None = None) -> dict[str, Any]:
     """One MultiWorkerMirroredStrategy worker: build the model, train the image phases, the chief saves."""
     import keras
@@ -741,6 +793,7 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
 
             saved = np.load(spec["head_weights"])
             model.get_layer("classifier").set_weights([saved["kernel"], saved["bias"]])
+        trainer = _synced_logs(model)
     train_feed = ArrowFeed(CacheLocation(**spec["train"]), ("content", "label_index"))
     val_feed = (
         ArrowFeed(CacheLocation(**spec["validation"]), ("content", "label_index")) if spec["validation"] else None
@@ -755,13 +808,16 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
         """Epoch numbers as Keras ran them (a resumed stage starts past 0) and this worker's steps."""
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.steps = 0
+            self.steps, self.start, self.end = 0, time.perf_counter(), None
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             self.steps += 1
+            self.end = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds = (self.end or time.perf_counter()) - self.start  # validation excluded
             row = {"epoch": epoch + 1, "phase": self.phase, "steps": self.steps, "attempt": attempt}
+            row["train_seconds"] = seconds
             row.update({k: float(v) for k, v in (logs or {}).items()})
             log.append(row)
             if index == kill_task and attempt == 0 and epoch + 1 == kill_epoch:
@@ -790,22 +846,23 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
         if phase == "fine_tune":
             unfreeze_top(backbone, config.fine_tune_layers)
         with strategy.scope():
-            model.compile(
+            trainer.compile(
                 optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
             )
         record = Record()
         record.phase = phase
         backup = keras.callbacks.BackupAndRestore(os.path.join(spec["backup_dir"], phase, f"worker-{index}"))
-        model.fit(
-            datasets(train_feed, True, config.seed + first),
-            epochs=first + n_epochs,
-            initial_epoch=first,
-            steps_per_epoch=steps,
-            validation_data=datasets(val_feed, False, 0) if val_feed else None,
-            validation_steps=val_steps if val_feed else None,
-            callbacks=[backup, record],
-            verbose=2 if index == 0 else 0,
-        )
+        with strategy.scope():  # a resumed stage's BackupAndRestore loads the weights: in the scope
+            trainer.fit(
+                datasets(train_feed, True, config.seed + first),
+                epochs=first + n_epochs,
+                initial_epoch=first,
+                steps_per_epoch=steps,
+                validation_data=datasets(val_feed, False, 0) if val_feed else None,
+                validation_steps=val_steps if val_feed else None,
+                callbacks=[backup, record],
+                verbose=2 if index == 0 else 0,
+            )
         first += n_epochs
     if index == 0:
         save_model(model, spec["model_path"], class_names=spec["class_names"], extra=spec.get("extra"))
