@@ -276,8 +276,9 @@ def test_mlflow_gets_params_metrics_curves_and_the_model(trained, tmp_path, monk
 @pytest.mark.connect
 def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spark):
     from image_transfer.errors import UserError
+    from image_transfer.scoring.gpu import keras_averages_replicas
     from image_transfer.session import is_connect
-    from image_transfer.training.distributed import check_workers, keras_averages_replica_gradients
+    from image_transfer.training.distributed import check_workers
 
     check_workers(spark, 1, None)  # the single-node path
     with pytest.raises(UserError, match="workers must be at least 1"):
@@ -285,7 +286,7 @@ def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spa
     if is_connect(spark):
         with pytest.raises(UserError, match="needs a barrier stage"):
             check_workers(spark, 2, None)
-    elif keras_averages_replica_gradients():  # Keras 3.8+ (the Runtime 17.3-like environment)
+    elif keras_averages_replicas():  # Keras 3.8+ (the Runtime 17.3-like environment)
         with pytest.raises(UserError, match="is not available with Keras"):
             check_workers(spark, 2, None)
     else:

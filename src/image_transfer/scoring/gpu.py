@@ -183,10 +183,13 @@ def training_strategy() -> Any:
 
 
 def keras_averages_replicas() -> bool:
-    """Whether Keras scales the loss by 1/replicas under ``tf.distribute`` (mirrored = single-device training).
+    """Whether Keras averages gradients across ``tf.distribute`` replicas itself.
 
-    Newer Keras (3.10 on Databricks Runtime 17.3 ML) does; older ones (3.3 on 15.4 ML) do not, and a
-    mirrored run there follows a somewhat different curve from a single-device one.
+    Keras 3.8+ (3.10 on Databricks Runtime 17.3 ML) scales each replica's loss by 1/replicas and sums
+    the gradients across replicas. Keras 3.3 (15.4 ML) does neither on CPU, nor on GPU without XLA: each
+    replica applies its own gradient and the replicas drift apart: ``train --workers`` all-reduces the
+    gradients itself there (single-node mirrored training does not yet: a known defect). Detected by
+    the loss-scaling function Keras 3.8 added.
     """
     try:
         from keras.src.losses import loss as keras_loss

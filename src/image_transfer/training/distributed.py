@@ -50,7 +50,9 @@ def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
             f"--workers {workers} on a cluster needs --cache-dir on shared storage (a /Volumes/... path or "
             f"dbfs:/...), which every worker reads; got {cache_dir or 'a driver-local temp dir'}"
         )
-    if keras_averages_replica_gradients():
+    from image_transfer.scoring.gpu import keras_averages_replicas
+
+    if keras_averages_replicas():
         import keras
 
         raise UserError(
@@ -58,18 +60,6 @@ def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
             "fit() fails under MultiWorkerMirroredStrategy before the first step (it reduces a distributed input "
             "batch in its build step); it runs with Keras 3.3 (Runtime 15.4 LTS ML). Use --workers 1 here"
         )
-
-
-def keras_averages_replica_gradients() -> bool:
-    """Whether this Keras averages gradients across ``tf.distribute`` replicas itself.
-
-    Keras 3.8+ scales each replica's loss by 1/replicas and sums the gradients across replicas. Keras
-    3.3 (Runtime 15.4 ML) does neither on CPU, nor on GPU without XLA: each replica applies its own
-    gradient and the replicas' weights drift apart. Detected by the loss-scaling function 3.8 added.
-    """
-    from keras.src.losses import loss  # read-only feature check: no public flag says it
-
-    return hasattr(loss, "scale_loss_for_distribution")
 
 
 def _shared(path: str) -> bool:

@@ -487,8 +487,11 @@ def train(
     batch = config.batch_size * replicas  # the global batch, split over the replicas
     if replicas > 1:
         print(f"train: mirrored over {replicas} devices, global batch {batch} ({config.batch_size} per device)")
-        if not gpu.keras_averages_replicas():
-            print("train: this Keras sums the replicas' gradients unscaled; newer Keras (>= 3.10) averages them")
+        if not gpu.keras_averages_replicas():  # a known defect: the workaround of --workers fails in-graph here
+            print(
+                f"train: Keras {keras.__version__} applies each device's own gradient under MirroredStrategy (the "
+                "devices drift apart; the first device's weights are saved); Keras >= 3.8 averages them"
+            )
     policy = "float32"
     if config.mixed_precision:
         if gpu.visible_gpus():
@@ -724,7 +727,7 @@ def _synced_logs(model: Any) -> Any:
     - Keras 3 reduces each step's logs across workers with ``axis=0``, which a scalar loss or accuracy
       lacks ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388):
       the logs go out with shape [1], which reduces to the same mean.
-    - Where Keras does not average gradients across replicas (``distributed.keras_averages_replica_gradients``),
+    - Where Keras does not average gradients across replicas (``scoring.gpu.keras_averages_replicas``),
       the step all-reduces them (mean) before the optimizer applies them, as Keras 3.8+ does.
 
     Uses the documented way to customise ``fit``: overriding ``train_step`` and ``test_step``.
@@ -732,9 +735,9 @@ def _synced_logs(model: Any) -> Any:
     import keras
     import tensorflow as tf
 
-    from image_transfer.training.distributed import keras_averages_replica_gradients
+    from image_transfer.scoring.gpu import keras_averages_replicas
 
-    averaged = keras_averages_replica_gradients()
+    averaged = keras_averages_replicas()
 
     def shaped(logs: dict[str, Any]) -> dict[str, Any]:
         return {k: tf.reshape(v, [1]) for k, v in logs.items()}
@@ -755,8 +758,9 @@ def _synced_logs(model: Any) -> Any:
             with tf.GradientTape() as tape:
                 y_pred = self(x, training=True)
                 loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+                scaled = self.optimizer.scale_loss(loss)  # mixed precision: the LossScaleOptimizer's scale
             weights = self.trainable_weights
-            grads = tape.gradient(loss, weights)
+            grads = tape.gradient(scaled, weights)
             grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, grads)
             self.optimizer.apply_gradients(zip(grads, weights, strict=True))
             self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])  # as Keras 3.3's own step
