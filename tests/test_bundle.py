@@ -315,7 +315,7 @@ def test_deploy_docs_describe_every_job():
     text = DOCS.read_text()
     jobs = sorted(k for path in JOB_FILES for k in jobs_of(path))
     section = text.split("## The jobs", 1)[1].split("\n## ", 1)[0]
-    assert {"three": 3}.get(re.search(r"creates (\w+) jobs", text).group(1)) == len(jobs) == 3
+    assert {"four": 4}.get(re.search(r"creates (\w+) jobs", text).group(1)) == len(jobs) == 4
     for key in jobs:
         assert f"**{key}**" in section, f"docs/deploy.md, The jobs: no paragraph on {key}"
     assert "Both jobs" not in text
