@@ -1,13 +1,20 @@
 """Engines: ``score`` on TensorFlow and on LiteRT (XNNPACK), against plain ``predict_batch_udf`` and a floor.
 
-Standalone (``uv run python benchmarks/parts/engines.py --images 512``), one local[2] session, warm
-figures (each variant run once untimed first, then timed rounds interleaved), per model:
+Standalone (``uv run python benchmarks/parts/engines.py --images 512``). Per model (MobileNetV2 224,
+ResNet50 224: random weights, BatchNorm statistics from data), each in a process and ``local[2]``
+session of its own (so no Python worker holds two models, or the plain UDF's Keras model next to ours):
 
-- ``floor``: no Spark, 2 plain processes, each half of the images: the TF decode graph then the
-  XNNPACK interpreter with 1 thread (the fastest engine), timed after their warm-up;
-- ``predict_batch_udf``: plain ``predict_batch_udf`` with a simple ``make_predict_fn`` (Keras model,
-  ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on;
-- ``score (tensorflow)`` and ``score (litert)``: ``score_images(..., engine=...)``, written to Parquet.
+- warm (each variant run once untimed first, then timed rounds interleaved):
+  - ``floor``: no Spark, 2 plain processes, each half of the images: the TF decode graph then the
+    XNNPACK interpreter with 1 thread (the fastest engine), timed after their warm-up;
+  - ``predict_batch_udf``: plain ``predict_batch_udf`` with a simple ``make_predict_fn`` (Keras model,
+    ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on;
+  - ``score (tensorflow)`` and ``score (litert)``: ``score_images(..., engine=...)``, written to Parquet;
+- cold (``--cold-images``, default 4,096, one Parquet file): the whole ``python -m image_transfer score
+  --engine E`` command per engine in a fresh process (fresh session, Python workers), against a cold
+  floor (2 fresh plain processes: imports, interpreter, decode + model over half the images each);
+  the converted model is already in the driver's cache (it converts once per model digest), as the
+  floor's is. The peak worker memory per engine comes from these fresh workers.
 
 Ratios are from one run on a shared machine. Writes ``benchmarks/results/engines.json``.
 """
@@ -98,18 +105,50 @@ def _floor_worker(args: tuple[str, list[bytes], str, Any]) -> None:
     queue.put(time.perf_counter() - start)
 
 
-def floor(model_path: str, images: list[bytes], flat_path: str) -> float:
-    """Images per second of 2 plain processes (TF decode, XNNPACK model, 1 thread each)."""
+def floor(model_path: str, images: list[bytes], flat_path: str, *, cold: bool = False) -> float:
+    """Images per second of 2 plain processes (TF decode, XNNPACK model, 1 thread each): timed after their
+    warm-up, or ``cold``, from their start (imports, interpreter, warm-up batch included) to the last image."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     halves = [images[: len(images) // 2], images[len(images) // 2 :]]
     procs = [ctx.Process(target=_floor_worker, args=((model_path, h, flat_path, queue),)) for h in halves]
+    start = time.perf_counter()
     for p in procs:
         p.start()
     results = [queue.get() for _ in range(4)]
+    wall = time.perf_counter() - start
     for p in procs:
         p.join()
-    return len(images) / max(r for r in results if r != "ready")
+    return len(images) / (wall if cold else max(r for r in results if r != "ready"))
+
+
+def cold_score(model_path: Path, file: str, engine: str, images: int) -> dict[str, Any]:
+    """``python -m image_transfer score --engine ENGINE`` as a scheduled job runs it: a fresh process."""
+    import shutil
+    import subprocess
+
+    out_root = Path(tempfile.mkdtemp(prefix="bench-cold-engine-"))
+    summary = out_root / "summary.json"
+    command = [
+        sys.executable, "-m", "image_transfer", "score", "--input", file, "--model", str(model_path),
+        "--output", str(out_root / "out.parquet"), "--summary", str(summary), "--master", "local[2]",
+        "--batch-size", str(BATCH), "--engine", engine, "--progress-interval", "600",
+    ]  # fmt: skip
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    data = json.loads(summary.read_text())
+    shutil.rmtree(out_root, ignore_errors=True)
+    assert data["rows_out"] == images, data
+    workers = data["workers"].values()
+    return {
+        "img_per_s": round(images / seconds, 1),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": max(w["peak_rss_mb"] for w in workers),
+        "loads_traces": sorted((w["model_loads"], w["traces"]) for w in workers),
+        "engine_used": data["compute"]["engine_used"],
+    }
 
 
 def plain_udf(df: Any, model_path: str) -> Any:
@@ -138,7 +177,9 @@ def plain_udf(df: Any, model_path: str) -> Any:
     return df.select("path", udf("content").alias("prediction"))
 
 
-def bench_model(spark: Any, label: str, model_path: Path, count: int, rounds: int, out_dir: Path) -> dict[str, Any]:
+def bench_model(
+    spark: Any, label: str, model_path: Path, count: int, rounds: int, out_dir: Path, cold_images: int = 0
+) -> dict[str, Any]:
     """One model's warm figures: the floor, plain predict_batch_udf, score on both engines."""
     import pyarrow.parquet as pq
 
@@ -182,7 +223,6 @@ def bench_model(spark: Any, label: str, model_path: Path, count: int, rounds: in
         for name in names[r % len(names) :] + names[: r % len(names)]:
             timed[name].append(variants[name]())
     rates = {name: statistics.median(v) for name, v in timed.items()}
-    _, tf_workers = score("tensorflow")
     _, lite_workers = score("litert")
     result = {
         "images": count,
@@ -190,38 +230,64 @@ def bench_model(spark: Any, label: str, model_path: Path, count: int, rounds: in
         "litert_vs_tensorflow": round(rates["score (litert)"] / rates["score (tensorflow)"], 2),
         "litert_vs_floor": round(rates["score (litert)"] / rates["floor"], 2),
         "litert_vs_predict_batch_udf": round(rates["score (litert)"] / rates["predict_batch_udf"], 2),
-        "peak_rss_mb": {
-            "tensorflow": max(w["peak_rss_mb"] for w in tf_workers.values()),
-            "litert": max(w["peak_rss_mb"] for w in lite_workers.values()),
-        },
         "tflite_mb": round(len(flat) / 2**20, 1),
         "engines": sorted({w["engine"] for w in lite_workers.values()}),
     }
     df.unpersist()
+    if cold_images:
+        cold_file = data_files(cold_images, 1)[0]
+        cold_bytes = list(pq.read_table(cold_file, columns=["content"]).column("content").to_pylist())
+        floor_rate = floor(str(model_path), cold_bytes, flat_path, cold=True)
+        cold = {"images": cold_images, "floor_img_per_s": round(floor_rate, 1)}
+        for engine in ("tensorflow", "litert"):
+            cold[engine] = cold_score(model_path, cold_file, engine, cold_images)
+        cold["litert_vs_floor"] = round(cold["litert"]["img_per_s"] / floor_rate, 2)
+        cold["litert_vs_tensorflow"] = round(cold["litert"]["img_per_s"] / cold["tensorflow"]["img_per_s"], 2)
+        result["cold"] = cold
+        result["peak_rss_mb"] = {e: cold[e]["peak_rss_mb"] for e in ("tensorflow", "litert")}
     print(label, json.dumps(result), flush=True)
     return result
+
+
+MODELS = {"MobileNetV2": (MODEL_PATH, 1), "ResNet50": (RESNET_PATH, 2)}  # path, image divisor
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512, help="MobileNetV2 images (ResNet50: half)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cold-images", type=int, default=4096, help="one file, cold runs (ResNet50: half); 0: none")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, in this process
     args = parser.parse_args()
+    if args.child:
+        from image_transfer.session import get_spark
+
+        path, divisor = MODELS[args.child]
+        spark = get_spark("engines benchmark", master="local[2]")
+        out_dir = Path(tempfile.mkdtemp(prefix="engines-bench-"))
+        result = bench_model(
+            spark, args.child, path, args.images // divisor, args.rounds, out_dir, args.cold_images // divisor
+        )
+        spark.stop()
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    import subprocess
+
     if not MODEL_PATH.exists():
         make_model()
     if not RESNET_PATH.exists():
         make_resnet()
-
-    from image_transfer.session import get_spark
-
-    spark = get_spark("engines benchmark", master="local[2]")
-    out_dir = Path(tempfile.mkdtemp(prefix="engines-bench-"))
     results: dict[str, Any] = {"load_before": os.getloadavg()}
-    for label, model_path, count in (
-        ("MobileNetV2", MODEL_PATH, args.images),
-        ("ResNet50", RESNET_PATH, args.images // 2),
-    ):
-        results[label] = bench_model(spark, label, model_path, count, args.rounds, out_dir)
+    for label in args.models.split(","):
+        command = [sys.executable, __file__, "--child", label, "--images", str(args.images)]
+        command += ["--rounds", str(args.rounds), "--cold-images", str(args.cold_images)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{label}: the benchmark process failed\n{done.stderr[-3000:]}")
+        results[label] = json.loads(line[len("RESULT ") :])
+        print(label, json.dumps(results[label]), flush=True)
     results["load_after"] = os.getloadavg()
     target = HERE / "results" / "engines.json"
     target.write_text(json.dumps(results, indent=1) + "\n")
