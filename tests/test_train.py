@@ -276,7 +276,6 @@ def test_mlflow_gets_params_metrics_curves_and_the_model(trained, tmp_path, monk
 @pytest.mark.connect
 def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spark):
     from image_transfer.errors import UserError
-    from image_transfer.scoring.gpu import keras_averages_replicas
     from image_transfer.session import is_connect
     from image_transfer.training.distributed import check_workers
 
@@ -286,16 +285,10 @@ def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spa
     if is_connect(spark):
         with pytest.raises(UserError, match="needs a barrier stage"):
             check_workers(spark, 2, None)
-    elif keras_averages_replicas():  # Keras 3.8+ (the Runtime 17.3-like environment)
-        with pytest.raises(UserError, match="is not available with Keras"):
-            check_workers(spark, 2, None)
     else:
         check_workers(spark, 2, None)  # local: runs
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("petastorm") is None, reason="--workers above 1 runs with Keras 3.3 (Runtime 15.4-like)"
-)
 def test_two_workers_train_together_and_a_killed_worker_resumes_from_its_backup(tmp_path):
     """On local-cluster[2,1,2048] (a session of its own, in a subprocess): one worker, two workers, and two
     workers where task 1 dies after epoch 1 on its first attempt."""

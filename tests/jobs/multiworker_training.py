@@ -8,8 +8,8 @@ and two workers where task 1 exits after epoch 1 on its first attempt (the stage
 from the backup). Prints ``RESULT {...}`` with each run's epochs, worker steps, accuracy and the
 workers' weight digests.
 
-Run by tests/test_train.py where ``--workers`` above 1 runs (Keras 3.3, the Runtime 15.4-like
-environment). ``MULTIWORKER_RUNS=two`` runs one of the three.
+Run by tests/test_train.py (both environments: Keras 3.3 and 3.10). ``MULTIWORKER_RUNS=two`` runs
+one of the three.
 """
 
 from __future__ import annotations

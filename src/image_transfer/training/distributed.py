@@ -50,16 +50,6 @@ def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
             f"--workers {workers} on a cluster needs --cache-dir on shared storage (a /Volumes/... path or "
             f"dbfs:/...), which every worker reads; got {cache_dir or 'a driver-local temp dir'}"
         )
-    from image_transfer.scoring.gpu import keras_averages_replicas
-
-    if keras_averages_replicas():
-        import keras
-
-        raise UserError(
-            f"--workers {workers} is not available with Keras {keras.__version__} (Runtime 16.4/17.3 LTS ML): its "
-            "fit() fails under MultiWorkerMirroredStrategy before the first step (it reduces a distributed input "
-            "batch in its build step); it runs with Keras 3.3 (Runtime 15.4 LTS ML). Use --workers 1 here"
-        )
 
 
 def _shared(path: str) -> bool:

@@ -797,7 +797,10 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
 
             saved = np.load(spec["head_weights"])
             model.get_layer("classifier").set_weights([saved["kernel"], saved["bias"]])
-        trainer = _synced_logs(model)
+    # Made outside the scope, the wrapper holds no strategy of its own and fit() takes the scope's (it
+    # runs inside it): Keras 3.8+ then skips its eager build step, which fails under this strategy
+    # (it reduces the input batch's (x, y) pair as one value); the layers' variables are the scope's.
+    trainer = _synced_logs(model)
     train_feed = ArrowFeed(CacheLocation(**spec["train"]), ("content", "label_index"))
     val_feed = (
         ArrowFeed(CacheLocation(**spec["validation"]), ("content", "label_index")) if spec["validation"] else None
