@@ -296,7 +296,13 @@ def frozen_head_table(raw: dict[str, Any]) -> str:
         "",
         f"One featurization pass alone: {raw['featurize_seconds']:.1f}s. Features path / (one pass + head): "
         f"{raw['features_over_featurize_plus_head']:.2f} (target <= 1.3); features / images: "
-        f"{raw['features_over_images']:.2f} (target <= 0.5).",
+        f"{raw['features_over_images']:.2f} (target <= 0.5)."
+        + (
+            f" With a backbone no run converted before (features_new_backbone: train converts it for LiteRT): "
+            f"{raw['new_backbone_over_featurize_plus_head']:.2f}."
+            if "new_backbone_over_featurize_plus_head" in raw
+            else ""
+        ),
         "",
     ]
     return "\n".join(lines)

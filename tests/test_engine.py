@@ -129,9 +129,29 @@ def _rows(scored, key="path"):
     return {r[key]: r for r in scored.collect()}
 
 
+def fresh_network(model: Path, folder: Path) -> Path:
+    """A network no earlier test (or run) converted: ``model`` with every weight scaled a little."""
+    import uuid
+
+    import keras
+
+    from image_transfer.models.artifact import read_metadata
+
+    meta = read_metadata(model)
+    net = keras.models.load_model(model, compile=False)
+    rng = np.random.default_rng(uuid.uuid4().int % 2**32)
+    net.set_weights([w * (1 + rng.normal(0, 1e-3, w.shape)).astype(w.dtype) for w in net.get_weights()])
+    return save_model(
+        net,
+        folder / f"net-{uuid.uuid4().hex[:8]}.keras",
+        class_names=meta.get("class_names"),
+        preprocess=meta.get("preprocess", "none"),
+    )
+
+
 @pytest.mark.connect
 def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark, images_df, shapes_model, tmp_path):
-    model = str(fresh_copy(shapes_model, tmp_path))
+    model = str(fresh_network(shapes_model, tmp_path))
     out = tmp_path / "tf.parquet"
     tf_scored = score_images(images_df, model, top_k=3, engine="tensorflow")
     with scoring_run(tf_scored) as tf_run:
@@ -162,6 +182,47 @@ def test_score_engines_agree_and_warm_rerun_converts_loads_traces_nothing(spark,
         assert other["error"] is None and row["error"] is None
         assert other["prediction"] == row["prediction"]
         assert abs(other["probability"] - row["probability"]) < 1e-4
+
+
+def test_a_network_is_converted_once_whatever_file_holds_it(shapes_model, tmp_path):
+    """The conversion cache finds a network by its content too: a re-saved copy (a new file digest), or
+    the same network built again in this process (its layers named ``dense_1`` for ``dense``), converts
+    nothing; other weights, or another layer cut for ``featurize``, convert anew."""
+    import keras
+
+    def prepared(path, **kw):
+        return with_compute(prepare_model(str(path), **kw), ScoringOptions())
+
+    original = fresh_network(shapes_model, tmp_path)
+    data, now = converted(prepared(original, mode="classify"))
+    assert now
+    copy = fresh_copy(original, tmp_path)
+    again, now = converted(prepared(copy, mode="classify"))
+    assert (again, now) == (data, False)
+    assert converted(prepared(copy, mode="embed"))[1]  # the embedding sub-model: another network
+    assert not converted(prepared(fresh_copy(original, tmp_path), mode="embed"))[1]
+
+    def build(weights=None):
+        inputs = keras.Input((SIZE, SIZE, 3))
+        x = keras.layers.Rescaling(1 / 255)(inputs)
+        x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        net = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+        if weights is not None:
+            net.set_weights(weights)
+        return net
+
+    first = build()
+    second = build(first.get_weights())
+    assert [layer.name for layer in first.layers] != [layer.name for layer in second.layers]
+    names = ["a", "b", "c"]
+    paths = [save_model(net, tmp_path / f"built{i}.keras", class_names=names) for i, net in enumerate([first, second])]
+    assert converted(prepared(paths[0], mode="classify"))[1]
+    assert not converted(prepared(paths[1], mode="classify"))[1]
+    moved = [w + 0.01 for w in first.get_weights()]
+    other = save_model(build(moved), tmp_path / "moved.keras", class_names=names)
+    moved_data, now = converted(prepared(other, mode="classify"))
+    assert now and moved_data != converted(prepared(paths[0], mode="classify"))[0]
 
 
 @pytest.mark.parametrize("layer", [None, "shapes_backbone"])

@@ -5,9 +5,12 @@ a setting only TensorFlow honours is given (``--precision`` other than float32, 
 ``--overlap on``), no LiteRT interpreter is installed, or the converter cannot take the model; then
 TensorFlow, with one line on stderr saying why. ``litert`` where it cannot run is a UserError.
 
-The model (its embedding sub-model for ``featurize``) is converted once per model digest
-(``converted``): kept in this process and in ``<tmp>/image-transfer-litert`` next to the unpacked
-models, so a warm run converts nothing. The ``.tflite`` bytes are shipped instead of the model.
+The model (its embedding sub-model for ``featurize``) is converted once per network (``converted``):
+kept in this process and in ``<tmp>/image-transfer-litert`` next to the unpacked models, found by the
+file's digest, and for a Keras model also by the network's content (architecture with layer names by
+position, and weights), so a warm run converts nothing and neither does a re-saved copy of a network
+converted before (``train``'s features path embeds through the same backbone on every run).
+The ``.tflite`` bytes are shipped instead of the model.
 Preprocessing and decoding stay in TensorFlow (one traced function); the interpreter runs each batch.
 """
 
@@ -97,30 +100,149 @@ def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
         if key in _CONVERTED:
             return _CONVERTED[key], False
         root = private_dir(LITE_DIR)  # per user, 0700: no other user can plant a flatbuffer
-        cached = root / f"{key}.tflite"
-        if cached.exists():
-            data = cached.read_bytes()
-            os.utime(cached)
-            _CONVERTED[key] = data
-            return data, False
-        data = _convert(prepared, path or prepared.info.path)
-        count(conversions=1)
-        root.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=f".{key}-", dir=root)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(staging, cached)  # readers never see half a file
-        for old in sorted(root.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-LITE_KEEP]:
-            old.unlink(missing_ok=True)
+        data, now = _cached(root, key), False
+        if data is None:
+            network = _network(prepared, path or prepared.info.path)
+            content = _content_key(network)
+            data = _cached(root, content) if content else None
+            if data is None:
+                data, now = _convert(prepared, path or prepared.info.path, network), True
+                count(conversions=1)
+                _store(root, f"{content or key}.tflite", data)
+                for old in sorted(root.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-LITE_KEEP]:
+                    old.unlink(missing_ok=True)
+            if content:  # the file's digest finds the network's flatbuffer from now on, without loading it
+                _store(root, f"{key}.alias", content.encode())
+                for old in sorted(root.glob("*.alias"), key=lambda p: p.stat().st_mtime)[: -LITE_KEEP * 8]:
+                    old.unlink(missing_ok=True)
         _CONVERTED.clear()  # one converted model kept in memory
         _CONVERTED[key] = data
-        return data, True
+        return data, now
 
 
-def _convert(prepared: Any, path: str) -> bytes:
+def _cached(root: Any, key: str) -> bytes | None:
+    """The flatbuffer kept under ``key`` (a file's or a network's), following a file's alias; else None."""
+    alias = root / f"{key}.alias"
+    if alias.exists():
+        key = alias.read_text().strip()
+        if not key.startswith("net-") or "/" in key:
+            return None
+    cached = root / f"{key}.tflite"
+    try:
+        data = cached.read_bytes()
+    except FileNotFoundError:  # never kept, or gone with the least recently used
+        return None
+    os.utime(cached)
+    return data
+
+
+def _store(root: Any, name: str, data: bytes) -> None:
+    """Write ``root/name`` whole (readers never see half a file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{name}-", dir=root)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(staging, root / name)
+
+
+def _network(prepared: Any, path: str) -> Any | None:
+    """The Keras network the conversion takes (the embedding sub-model for ``featurize``); None for a
+    SavedModel (converted from its folder)."""
+    from image_transfer.models.load import embedding_model, load_model
+
+    if prepared.info.kind != "keras":
+        return None
+    try:
+        model = load_model(path, "keras", trust=prepared.trusted)
+        return embedding_model(model, prepared.layer) if prepared.mode == "embed" else model
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a file it cannot take
+        raise UserError(f"the LiteRT converter cannot take the model: {first_line(exc)[:300]}") from exc
+
+
+def _content_key(network: Any | None) -> str | None:
+    """A key of what the conversion depends on: the network's architecture, with layer names replaced
+    by their order (a network built twice in one process gets ``dense`` and ``dense_1``), and its
+    weights; the TensorFlow and Keras versions. None when the network has no config to read.
+
+    Names are replaced only where Keras 3 puts them (a layer's name, ``keras_history``,
+    ``input_layers`` and ``output_layers``), so a config in another form keeps its names and misses.
+    """
+    import hashlib
+    import json
+
+    import keras
+    import numpy as np
     import tensorflow as tf
 
-    from image_transfer.models.load import embedding_model, load_model
+    if network is None:
+        return None
+    try:
+        config = network.get_config()
+    except Exception:  # noqa: BLE001 - a subclassed model without get_config: keyed by its file only
+        return None
+    order: dict[str, str] = {}
+
+    def names(cfg: dict[str, Any]) -> None:  # a model's (or a layer's) config
+        for name in [cfg.get("name")] + [e.get("name") for e in cfg.get("layers") or [] if isinstance(e, dict)]:
+            if isinstance(name, str):
+                order.setdefault(name, f"#{len(order)}")
+        for entry in cfg.get("layers") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+                names(entry["config"])
+
+    def model(cfg: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in cfg.items():
+            if k == "name" and isinstance(v, str):
+                out[k] = order.get(v, v)
+            elif k == "layers" and isinstance(v, (list, tuple)):
+                out[k] = [entry(e) if isinstance(e, dict) else generic(e) for e in v]
+            elif k in ("input_layers", "output_layers"):
+                out[k] = _renamed(v, order)
+            else:
+                out[k] = generic(v)
+        return out
+
+    def entry(cfg: dict[str, Any]) -> dict[str, Any]:  # one of a model's layers
+        return {
+            k: (
+                order.get(v, v)
+                if k == "name" and isinstance(v, str)
+                else model(v)
+                if k == "config" and isinstance(v, dict)
+                else generic(v)
+            )
+            for k, v in cfg.items()
+        }
+
+    def generic(value: Any, key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: generic(v, k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):  # Keras gives tuples in places (json writes them as lists)
+            return _renamed(value, order) if key == "keras_history" else [generic(v) for v in value]
+        return value
+
+    names(config)
+    digest = hashlib.sha256(json.dumps(model(config), sort_keys=True, default=str).encode())
+    for weight in network.weights:
+        array = np.asarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return f"net-{digest.hexdigest()[:32]}-c{CONVERSION}-tf{tf.__version__}-k{keras.__version__}"
+
+
+def _renamed(value: Any, order: dict[str, str]) -> Any:
+    """A layer reference (``[name, node, tensor]``, possibly nested) with its name by position."""
+    if isinstance(value, (list, tuple)):
+        return [_renamed(v, order) for v in value]
+    return order.get(value, value) if isinstance(value, str) else value
+
+
+def _convert(prepared: Any, path: str, network: Any | None) -> bytes:
+    """The flatbuffer of a SavedModel folder at ``path``, or of the Keras ``network`` (``_network``)."""
+    import tensorflow as tf
 
     info = prepared.info
     quiet = contextlib.redirect_stdout(io.StringIO())  # export prints the signature
@@ -129,11 +251,8 @@ def _convert(prepared: Any, path: str) -> bytes:
             _refuse_runtime_checks(path)
             data = tf.lite.TFLiteConverter.from_saved_model(path).convert()
         else:
-            model = load_model(path, info.kind, trust=prepared.trusted)
-            if prepared.mode == "embed":
-                model = embedding_model(model, prepared.layer)
             with tempfile.TemporaryDirectory(prefix="image-transfer-export-") as folder, quiet:
-                model.export(folder)
+                network.export(folder)
                 _refuse_runtime_checks(folder)
                 data = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
     except UserError:
