@@ -108,6 +108,39 @@ def scoring_chart(raw: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def engines_chart(raw: dict[str, Any], path: Path) -> None:
+    """The engines benchmark's warm images/s per model (``parts/engines.py``), with each variant's ratio
+    to that model's XNNPACK floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in ("MobileNetV2", "ResNet50") if isinstance(raw.get(m), dict) and "img_per_s" in raw[m]]
+    order = ["predict_batch_udf", "score (tensorflow)", "score (litert)", "floor"]
+    colors = {"floor": "#7f7f7f", "score (litert)": "#2b7bba", "score (tensorflow)": "#8fb8db"}
+    fig, axes = plt.subplots(len(models), 1, figsize=(8, 2.3 * len(models) + 0.6), squeeze=False)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        rates = raw[model]["img_per_s"]
+        names = [n for n in order if n in rates]
+        bars = ax.barh(names, [rates[n] for n in names], color=[colors.get(n, "#d9a441") for n in names])
+        for bar, name in zip(bars, names, strict=True):
+            ratio = rates[name] / rates["floor"]
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {rates[name]:.1f}  ({ratio:.2f}x)",
+                va="center",
+                fontsize=9,
+            )
+        ax.set_xlim(0, max(rates.values()) * 1.3)
+        ax.set_title(f"{model} 224, warm, {raw[model]['images']} JPEGs, 2 cores (local[2])", fontsize=10)
+    axes[-1, 0].set_xlabel("images/s (higher is better); in brackets: against the XNNPACK floor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---- part 2: training input ----------------------------------------------------------------------
 
 

@@ -1,19 +1,24 @@
 """Engines: ``score`` on TensorFlow and on LiteRT (XNNPACK), against plain ``predict_batch_udf`` and a floor.
 
-Standalone (``uv run python benchmarks/parts/engines.py --images 512``). Per model (MobileNetV2 224,
-ResNet50 224: random weights, BatchNorm statistics from data), each in a process and ``local[2]``
-session of its own (so no Python worker holds two models, or the plain UDF's Keras model next to ours):
+Standalone (``uv run python benchmarks/parts/engines.py``). Per model (MobileNetV2 224 on 2,048
+images, ResNet50 224 on a quarter of them: random weights, BatchNorm statistics from data), each in a
+process and ``local[2]`` session of its own (so no Python worker holds two models):
 
 - warm (each variant run once untimed first, then timed rounds interleaved):
   - ``floor``: no Spark, 2 plain processes, each half of the images: the TF decode graph then the
-    XNNPACK interpreter with 1 thread (the fastest engine), timed after their warm-up;
+    XNNPACK interpreter with 1 thread (the fastest engine) on chunks of 8 (its fastest call size
+    here, as ``score``'s), timed after their warm-up;
+  - ``score (tensorflow)`` and ``score (litert)``: ``score_images(..., engine=...)``, written to Parquet.
+    A warm job of 2,048 images: each job also pays a fixed ~0.7 s here (planning, task launch, the
+    Parquet commit), a fifth of a 512-image job's wall time and a sixteenth of this one's;
   - ``predict_batch_udf``: plain ``predict_batch_udf`` with a simple ``make_predict_fn`` (Keras model,
-    ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on;
-  - ``score (tensorflow)`` and ``score (litert)``: ``score_images(..., engine=...)``, written to Parquet;
+    ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on. In
+    a process and session of its own, after the others (its eager ResNet50 worker peaks at ~10 GB:
+    on 256 images for ResNet50, so that two fit in this machine's memory);
 - cold (``--cold-images``, default 4,096, one Parquet file): the whole ``python -m image_transfer score
   --engine E`` command per engine in a fresh process (fresh session, Python workers), against a cold
   floor (2 fresh plain processes: imports, interpreter, decode + model over half the images each);
-  the converted model is already in the driver's cache (it converts once per model digest), as the
+  the converted model is already in the driver's cache (it converts once per network), as the
   floor's is. The peak worker memory per engine comes from these fresh workers.
 
 Ratios are from one run on a shared machine. Writes ``benchmarks/results/engines.json``.
@@ -22,6 +27,7 @@ Ratios are from one run on a shared machine. Writes ``benchmarks/results/engines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -74,6 +80,7 @@ def _floor_worker(args: tuple[str, list[bytes], str, Any]) -> None:
     from image_transfer.imaging.graph import decode_batch
     from image_transfer.models.artifact import read_metadata
     from image_transfer.models.load import preprocess_fn
+    from image_transfer.scoring.worker import LITE_CHUNK
 
     preprocess = preprocess_fn(read_metadata(model_path).get("preprocess", "none"))
 
@@ -87,15 +94,17 @@ def _floor_worker(args: tuple[str, list[bytes], str, Any]) -> None:
     sizes: set[int] = set()
 
     def run(batch: list[bytes]) -> None:
-        x = decode(tf.constant(batch)).numpy()
-        if len(x) not in sizes:
-            interpreter.resize_tensor_input(index, [len(x), 224, 224, 3])
-            interpreter.allocate_tensors()
-            sizes.clear()
-            sizes.add(len(x))
-        interpreter.set_tensor(index, x)
-        interpreter.invoke()
-        np.argmax(interpreter.get_tensor(out), axis=1)
+        images = decode(tf.constant(batch)).numpy()
+        for lo in range(0, len(images), LITE_CHUNK):  # the interpreter's fastest call size here, as score's
+            x = images[lo : lo + LITE_CHUNK]
+            if len(x) not in sizes:
+                interpreter.resize_tensor_input(index, [len(x), 224, 224, 3])
+                interpreter.allocate_tensors()
+                sizes.clear()
+                sizes.add(len(x))
+            interpreter.set_tensor(index, x)
+            interpreter.invoke()
+            np.argmax(interpreter.get_tensor(out), axis=1)
 
     run(images[:BATCH])  # warm-up
     queue.put("ready")
@@ -177,8 +186,63 @@ def plain_udf(df: Any, model_path: str) -> Any:
     return df.select("path", udf("content").alias("prediction"))
 
 
+def plain_rates(model_path: Path, file: str, count: int, rounds: int) -> tuple[float, int]:
+    """(median warm images/s, peak worker RSS MB) of plain ``predict_batch_udf``, in a process and
+    session of its own: its eager Keras model (about 10 GB per ResNet50 worker here) shares no worker
+    with ours, and its workers end with that session."""
+    import subprocess
+
+    command = [sys.executable, __file__, "--plain", str(model_path), "--file", file, "--images", str(count)]
+    done = subprocess.run([*command, "--rounds", str(rounds)], capture_output=True, text=True, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"plain predict_batch_udf failed\n{done.stderr[-3000:]}")
+    data = json.loads(line[len("RESULT ") :])
+    return statistics.median(data["rates"]), data["peak_rss_mb"]
+
+
+def plain_child(model_path: str, file: str, count: int, rounds: int) -> dict[str, Any]:
+    """One untimed pass, then ``rounds`` timed ones, with the Python workers' peak RSS sampled."""
+    import threading
+
+    import psutil
+
+    from image_transfer.session import get_spark
+
+    spark = get_spark("engines benchmark: plain predict_batch_udf", master="local[2]")
+    df = spark.read.parquet(file).repartition(2).cache()
+    df.count()
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "python" in child.name():
+                        peak[0] = max(peak[0], child.memory_info().rss)
+
+    threading.Thread(target=watch, daemon=True).start()
+    out_dir = Path(tempfile.mkdtemp(prefix="engines-bench-udf-"))
+    rates = []
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        plain_udf(df, model_path).write.mode("overwrite").parquet(str(out_dir / "udf"))
+        if r:
+            rates.append(count / (time.perf_counter() - start))
+    done.set()
+    spark.stop()
+    return {"rates": rates, "peak_rss_mb": round(peak[0] / 2**20)}
+
+
 def bench_model(
-    spark: Any, label: str, model_path: Path, count: int, rounds: int, out_dir: Path, cold_images: int = 0
+    spark: Any,
+    label: str,
+    model_path: Path,
+    count: int,
+    rounds: int,
+    out_dir: Path,
+    cold_images: int = 0,
+    udf_images: int | None = None,
 ) -> dict[str, Any]:
     """One model's warm figures: the floor, plain predict_batch_udf, score on both engines."""
     import pyarrow.parquet as pq
@@ -204,14 +268,8 @@ def bench_model(
             scored.write.mode("overwrite").parquet(str(out_dir / f"score-{engine}"))
         return count / (time.perf_counter() - start), run.workers()
 
-    def udf() -> float:
-        start = time.perf_counter()
-        plain_udf(df, str(model_path)).write.mode("overwrite").parquet(str(out_dir / "udf"))
-        return count / (time.perf_counter() - start)
-
     variants = {
         "floor": lambda: floor(str(model_path), images, flat_path),
-        "predict_batch_udf": udf,
         "score (tensorflow)": lambda: score("tensorflow")[0],
         "score (litert)": lambda: score("litert")[0],
     }
@@ -224,16 +282,20 @@ def bench_model(
             timed[name].append(variants[name]())
     rates = {name: statistics.median(v) for name, v in timed.items()}
     _, lite_workers = score("litert")
+    df.unpersist()
+    udf_count = min(count, udf_images or count)
+    rates["predict_batch_udf"], udf_peak = plain_rates(model_path, data_files(udf_count, 1)[0], udf_count, rounds)
     result = {
         "images": count,
+        "predict_batch_udf_images": udf_count,
         "img_per_s": {k: round(v, 1) for k, v in rates.items()},
         "litert_vs_tensorflow": round(rates["score (litert)"] / rates["score (tensorflow)"], 2),
         "litert_vs_floor": round(rates["score (litert)"] / rates["floor"], 2),
         "litert_vs_predict_batch_udf": round(rates["score (litert)"] / rates["predict_batch_udf"], 2),
         "tflite_mb": round(len(flat) / 2**20, 1),
+        "predict_batch_udf_peak_rss_mb": udf_peak,
         "engines": sorted({w["engine"] for w in lite_workers.values()}),
     }
-    df.unpersist()
     if cold_images:
         cold_file = data_files(cold_images, 1)[0]
         cold_bytes = list(pq.read_table(cold_file, columns=["content"]).column("content").to_pylist())
@@ -249,17 +311,26 @@ def bench_model(
     return result
 
 
-MODELS = {"MobileNetV2": (MODEL_PATH, 1), "ResNet50": (RESNET_PATH, 2)}  # path, image divisor
+MODELS = {"MobileNetV2": (MODEL_PATH, 1), "ResNet50": (RESNET_PATH, 4)}  # path, image divisor
+UDF_IMAGES = {"ResNet50": 256}  # plain predict_batch_udf's images: its eager ResNet50 worker peaks at ~10 GB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512, help="MobileNetV2 images (ResNet50: half)")
+    parser.add_argument("--images", type=int, default=2048, help="MobileNetV2 images (ResNet50: a quarter)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--cold-images", type=int, default=4096, help="one file, cold runs (ResNet50: half); 0: none")
+    parser.add_argument(
+        "--cold-images", type=int, default=4096, help="one file, cold runs (ResNet50: a quarter); 0: none"
+    )
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--keep", action="store_true", help="keep the other models' figures in engines.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, in this process
+    parser.add_argument("--plain", help=argparse.SUPPRESS)  # plain predict_batch_udf of this model path
+    parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain:
+        print("RESULT " + json.dumps(plain_child(args.plain, args.file, args.images, args.rounds)), flush=True)
+        return
     if args.child:
         from image_transfer.session import get_spark
 
@@ -267,7 +338,14 @@ def main() -> None:
         spark = get_spark("engines benchmark", master="local[2]")
         out_dir = Path(tempfile.mkdtemp(prefix="engines-bench-"))
         result = bench_model(
-            spark, args.child, path, args.images // divisor, args.rounds, out_dir, args.cold_images // divisor
+            spark,
+            args.child,
+            path,
+            args.images // divisor,
+            args.rounds,
+            out_dir,
+            args.cold_images // divisor,
+            UDF_IMAGES.get(args.child),
         )
         spark.stop()
         print("RESULT " + json.dumps(result), flush=True)
@@ -278,7 +356,10 @@ def main() -> None:
         make_model()
     if not RESNET_PATH.exists():
         make_resnet()
+    target = HERE / "results" / "engines.json"
     results: dict[str, Any] = {"load_before": os.getloadavg()}
+    if args.keep and target.exists():  # the other models' figures of an earlier run, kept as they were
+        results.update({k: v for k, v in json.loads(target.read_text()).items() if k in MODELS})
     for label in args.models.split(","):
         command = [sys.executable, __file__, "--child", label, "--images", str(args.images)]
         command += ["--rounds", str(args.rounds), "--cold-images", str(args.cold_images)]
@@ -287,11 +368,14 @@ def main() -> None:
         if line is None:
             raise SystemExit(f"{label}: the benchmark process failed\n{done.stderr[-3000:]}")
         results[label] = json.loads(line[len("RESULT ") :])
+        results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         print(label, json.dumps(results[label]), flush=True)
     results["load_after"] = os.getloadavg()
-    target = HERE / "results" / "engines.json"
     target.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {target}")
+    from render import engines_chart
+
+    engines_chart(results, target.with_suffix(".png"))
+    print(f"wrote {target} and {target.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":

@@ -197,11 +197,17 @@ class Scorer:
         self._bisect(payloads, orientations, mid, hi, errors)
 
 
+LITE_CHUNK = 8  # images per interpreter call. Measured with XNNPACK on 1 thread: ResNet50's peak memory
+# 3.8 GB at 64, 1.4 GB at 16, 1.1 GB at 8 (13.4, 13.0, 12.9 img/s); MobileNetV2 as fast at 8 as at 64
+
+
 class LiteScorer(Scorer):
     """The LiteRT engine: decoding in TensorFlow (one traced function), the model in the XNNPACK interpreter.
 
-    The interpreter runs with ``threads`` threads (the task's cores); its input is resized once per
-    distinct batch size (a model with a fixed batch is run on padded chunks). Top-k as ``Scorer``'s.
+    The interpreter runs with ``threads`` threads (the task's cores) on chunks of ``LITE_CHUNK`` images
+    (a model with a fixed batch: chunks of that batch, the last one padded), so its activations stay
+    small; its input is resized only when the chunk size changes (a batch's remainder). Top-k as
+    ``Scorer``'s.
     """
 
     def __init__(self, prepared: PreparedModel, flatbuffer: bytes, threads: int) -> None:
@@ -242,14 +248,14 @@ class LiteScorer(Scorer):
 
     def _invoke(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        size = self.fixed or n
-        if self._allocated != size:  # once per distinct batch size
-            self.interpreter.resize_tensor_input(self._input, [size, *self._shape[1:]])
-            self.interpreter.allocate_tensors()
-            self._allocated = size
         outputs = []
-        for lo in range(0, n, size):
-            chunk = images[lo : lo + size]
+        for lo in range(0, n, self.fixed or LITE_CHUNK):
+            chunk = images[lo : lo + (self.fixed or LITE_CHUNK)]
+            size = self.fixed or len(chunk)  # a fixed batch: the chunk padded to it
+            if self._allocated != size:  # a full chunk's size, or a batch's remainder (once per partition)
+                self.interpreter.resize_tensor_input(self._input, [size, *self._shape[1:]])
+                self.interpreter.allocate_tensors()
+                self._allocated = size
             if len(chunk) < size:
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             self.interpreter.set_tensor(self._input, np.ascontiguousarray(chunk, np.float32))
