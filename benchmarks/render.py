@@ -92,20 +92,19 @@ def scoring_chart(raw: dict[str, Any], path: Path) -> None:
         "#2b7bba" if r["variant"] == "score" else "#7f7f7f" if r["variant"] == "floor" else "#d9a441" for r in rows
     ]
     bars = ax.barh([r["label"] for r in rows], [r["images_per_second"] for r in rows], color=colors)
-    for bar, r in zip(bars, rows, strict=False):
-        ax.text(
-            bar.get_width(),
-            bar.get_y() + bar.get_height() / 2,
-            f" {r['images_per_second']:.1f}  ({r['ratio_to_floor']:.2f}x)",
-            va="center",
-            fontsize=9,
-        )
+    _label_bars(ax, bars, [f" {r['images_per_second']:.1f}  ({r['ratio_to_floor']:.2f}x)" for r in rows])
     ax.set_xlabel("images/s (higher is better)")
     ax.set_title(f"Scoring {raw['images']} JPEGs, MobileNetV2 224, 2 cores (local[2])", fontsize=10)
     ax.set_xlim(0, max(r["images_per_second"] for r in rows) * 1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label_bars(ax: Any, bars: Any, texts: list[str]) -> None:
+    """Each horizontal bar's text at its end."""
+    for bar, text in zip(bars, texts, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=9)
 
 
 def engines_chart(raw: dict[str, Any], path: Path) -> None:
@@ -124,15 +123,7 @@ def engines_chart(raw: dict[str, Any], path: Path) -> None:
         rates = raw[model]["img_per_s"]
         names = [n for n in order if n in rates]
         bars = ax.barh(names, [rates[n] for n in names], color=[colors.get(n, "#d9a441") for n in names])
-        for bar, name in zip(bars, names, strict=True):
-            ratio = rates[name] / rates["floor"]
-            ax.text(
-                bar.get_width(),
-                bar.get_y() + bar.get_height() / 2,
-                f" {rates[name]:.1f}  ({ratio:.2f}x)",
-                va="center",
-                fontsize=9,
-            )
+        _label_bars(ax, bars, [f" {rates[n]:.1f}  ({rates[n] / rates['floor']:.2f}x)" for n in names])
         ax.set_xlim(0, max(rates.values()) * 1.3)
         ax.set_title(f"{model} 224, warm, {raw[model]['images']} JPEGs, 2 cores (local[2])", fontsize=10)
     axes[-1, 0].set_xlabel("images/s (higher is better); in brackets: against the XNNPACK floor")

@@ -108,13 +108,9 @@ def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
             if data is None:
                 data, now = _convert(prepared, path or prepared.info.path, network), True
                 count(conversions=1)
-                _store(root, f"{content or key}.tflite", data)
-                for old in sorted(root.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-LITE_KEEP]:
-                    old.unlink(missing_ok=True)
+                _store(root, f"{content or key}.tflite", data, keep=LITE_KEEP)
             if content:  # the file's digest finds the network's flatbuffer from now on, without loading it
-                _store(root, f"{key}.alias", content.encode())
-                for old in sorted(root.glob("*.alias"), key=lambda p: p.stat().st_mtime)[: -LITE_KEEP * 8]:
-                    old.unlink(missing_ok=True)
+                _store(root, f"{key}.alias", content.encode(), keep=LITE_KEEP * 8)
         _CONVERTED.clear()  # one converted model kept in memory
         _CONVERTED[key] = data
         return data, now
@@ -136,13 +132,17 @@ def _cached(root: Any, key: str) -> bytes | None:
     return data
 
 
-def _store(root: Any, name: str, data: bytes) -> None:
-    """Write ``root/name`` whole (readers never see half a file)."""
+def _store(root: Any, name: str, data: bytes, *, keep: int) -> None:
+    """Write ``root/name`` whole (readers never see half a file); of the files with its suffix, only the
+    ``keep`` most recently used stay."""
     root.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{name}-", dir=root)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     os.replace(staging, root / name)
+    suffix = os.path.splitext(name)[1]
+    for old in sorted(root.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def _network(prepared: Any, path: str) -> Any | None:
