@@ -25,7 +25,7 @@ if [[ ! -x "$venv/bin/python" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]
         python="$(uv python find 3.12 2>/dev/null || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)"
     fi
     uv venv --quiet --python "${python:-3.12}" "$venv"
-    VIRTUAL_ENV="$venv" uv pip install --quiet --python "$venv/bin/python" -r "$reqs"
+    VIRTUAL_ENV="$venv" uv pip install --quiet --compile-bytecode --python "$venv/bin/python" -r "$reqs"
     # The project itself, editable, without letting it change the pinned runtime versions.
     VIRTUAL_ENV="$venv" uv pip install --quiet --python "$venv/bin/python" --no-deps -e .
     echo "$want" > "$stamp"

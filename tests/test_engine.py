@@ -251,6 +251,43 @@ def test_tensorflow_only_settings_fall_back_with_one_line_or_refuse_litert(shape
         choose_engine(prepared, "litert")
 
 
+def test_no_interpreter_installed_falls_back_with_one_line_or_refuses_litert(shapes_model, capsys, monkeypatch):
+    import importlib.util
+
+    from image_transfer.scoring import engine
+
+    real, absent = importlib.util.find_spec, ("ai_edge_litert", "tensorflow")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    assert engine.interpreter_available() is False
+    prepared = prepare_model(str(shapes_model), mode="classify")
+    assert choose_engine(prepared, "auto")[:2] == ("tensorflow", None)
+    assert "engine auto runs TensorFlow: no LiteRT interpreter is installed" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--engine litert cannot run this model here: no LiteRT interpreter"):
+        choose_engine(prepared, "litert")
+
+
+def test_the_driver_picks_litert_for_a_converted_model_without_importing_tensorflow(shapes_model):
+    """A driver that only ships the flatbuffer (converted before: found by the file's digest) imports no
+    TensorFlow: seconds of every cold job on a Databricks driver."""
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    converted(prepare_model(str(shapes_model), mode="classify"))  # on disk for the fresh process
+    code = (
+        "import sys, json\n"
+        "from image_transfer.scoring.engine import choose_engine, tensorflow_version\n"
+        "from image_transfer.scoring.options import prepare_model\n"
+        f"engine, data, now = choose_engine(prepare_model({str(shapes_model)!r}, mode='classify'), 'auto')\n"
+        "print(json.dumps([engine, len(data), now, tensorflow_version(), 'tensorflow' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    engine, size, now, version, imported = json.loads(out.strip().splitlines()[-1])
+    assert (engine, now, version, imported) == ("litert", False, tf.__version__, False)
+    assert size == len(converted(prepare_model(str(shapes_model), mode="classify"))[0])
+
+
 @pytest.fixture(scope="module")
 def unconvertible_model(tmp_path_factory) -> Path:
     """A SavedModel whose graph uses string ops, which LiteRT's builtin ops do not have."""

@@ -52,6 +52,30 @@ def interpreter_class() -> Any | None:
         return None
 
 
+def interpreter_available() -> bool:
+    """Whether ``interpreter_class`` will find an interpreter, without importing TensorFlow (seconds on a
+    driver that does not otherwise need it)."""
+    from importlib.util import find_spec
+
+    return any(find_spec(name) is not None for name in ("ai_edge_litert", "tensorflow"))
+
+
+def tensorflow_version() -> str:
+    """TensorFlow's version, from the imported module, else from the installed distribution's metadata
+    (without importing it)."""
+    module = sys.modules.get("tensorflow")
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get("tensorflow", []):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    import tensorflow as tf
+
+    return str(tf.__version__)
+
+
 def cluster_gpus(spark: Any) -> bool:
     """Whether the session's executors (or tasks) are given GPUs (Spark's resource settings)."""
     for name in ("spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount"):
@@ -82,9 +106,7 @@ CONVERSION = 2  # bump when what a conversion produces changes: cached flatbuffe
 
 
 def _key(prepared: Any) -> str:
-    import tensorflow as tf
-
-    return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}-c{CONVERSION}-tf{tf.__version__}"
+    return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}-c{CONVERSION}-tf{tensorflow_version()}"
 
 
 def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
@@ -304,7 +326,7 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
         return "tensorflow", None, False
     compute = prepared.compute
     reason = tensorflow_only(compute.precision, compute.jit, compute.overlap)
-    if reason is None and interpreter_class() is None:
+    if reason is None and not interpreter_available():
         reason = "no LiteRT interpreter is installed (ai_edge_litert or tf.lite)"
     if reason is None and requested == "auto" and cluster_gpus(spark):
         return "tensorflow", None, False  # GPU workers run TensorFlow: nothing to say
