@@ -17,6 +17,7 @@ Preprocessing and decoding stay in TensorFlow (one traced function); the interpr
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -66,9 +67,14 @@ def tensorflow_version() -> str:
     module = sys.modules.get("tensorflow")
     if module is not None and getattr(module, "__version__", None):
         return str(module.__version__)
+    return _installed_tensorflow_version()
+
+
+@functools.cache
+def _installed_tensorflow_version() -> str:
     from importlib import metadata
 
-    for dist in metadata.packages_distributions().get("tensorflow", []):
+    for dist in metadata.packages_distributions().get("tensorflow", []):  # a scan of all packages: once
         with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(dist)
     import tensorflow as tf
