@@ -13,8 +13,8 @@ process and ``local[2]`` session of its own (so no Python worker holds two model
     Parquet commit), a fifth of a 512-image job's wall time and a sixteenth of this one's;
   - ``predict_batch_udf``: plain ``predict_batch_udf`` with a simple ``make_predict_fn`` (Keras model,
     ``tf.io.decode_jpeg`` + resize per image, ``model(batch)``): the anchor this project builds on. In
-    a process and session of its own, after the others (its eager ResNet50 worker peaks at ~10 GB:
-    on 256 images for ResNet50, so that two fit in this machine's memory);
+    a process and session of its own, after the others (its eager ResNet50 worker peaks at ~10 GB on
+    batches of 64, more than two fit in this machine's memory: for ResNet50, 256 images in batches of 16);
 - cold (``--cold-images``, default 4,096, one Parquet file): the whole ``python -m image_transfer score
   --engine E`` command per engine in a fresh process (fresh session, Python workers), against a cold
   floor (2 fresh plain processes: imports, interpreter, decode + model over half the images each);
@@ -160,8 +160,8 @@ def cold_score(model_path: Path, file: str, engine: str, images: int) -> dict[st
     }
 
 
-def plain_udf(df: Any, model_path: str) -> Any:
-    """Plain ``predict_batch_udf`` with a simple ``make_predict_fn``."""
+def plain_udf(df: Any, model_path: str, batch: int = BATCH) -> Any:
+    """Plain ``predict_batch_udf`` with a simple ``make_predict_fn``, on batches of ``batch``."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql.types import IntegerType
 
@@ -182,17 +182,20 @@ def plain_udf(df: Any, model_path: str) -> Any:
 
         return predict
 
-    udf = predict_batch_udf(make_predict_fn, return_type=IntegerType(), batch_size=BATCH)
+    udf = predict_batch_udf(make_predict_fn, return_type=IntegerType(), batch_size=batch)
     return df.select("path", udf("content").alias("prediction"))
 
 
-def plain_rates(model_path: Path, file: str, count: int, rounds: int) -> tuple[float | None, int | None]:
+def plain_rates(
+    model_path: Path, file: str, count: int, rounds: int, batch: int = BATCH
+) -> tuple[float | None, int | None]:
     """(median warm images/s, peak worker RSS MB) of plain ``predict_batch_udf``, in a process and
     session of its own: its eager Keras model (about 10 GB per ResNet50 worker here) shares no worker
     with ours, and its workers end with that session."""
     import subprocess
 
     command = [sys.executable, __file__, "--plain", str(model_path), "--file", file, "--images", str(count)]
+    command += ["--udf-batch", str(batch)]
     done = subprocess.run([*command, "--rounds", str(rounds)], capture_output=True, text=True, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:  # recorded, not fatal: the other variants' figures stand (its worker can run out of memory)
@@ -203,7 +206,7 @@ def plain_rates(model_path: Path, file: str, count: int, rounds: int) -> tuple[f
     return statistics.median(data["rates"]), data["peak_rss_mb"]
 
 
-def plain_child(model_path: str, file: str, count: int, rounds: int) -> dict[str, Any]:
+def plain_child(model_path: str, file: str, count: int, rounds: int, batch: int = BATCH) -> dict[str, Any]:
     """One untimed pass, then ``rounds`` timed ones, with the Python workers' peak RSS sampled."""
     import threading
 
@@ -228,7 +231,7 @@ def plain_child(model_path: str, file: str, count: int, rounds: int) -> dict[str
     rates = []
     for r in range(rounds + 1):
         start = time.perf_counter()
-        plain_udf(df, model_path).write.mode("overwrite").parquet(str(out_dir / "udf"))
+        plain_udf(df, model_path, batch).write.mode("overwrite").parquet(str(out_dir / "udf"))
         if r:
             rates.append(count / (time.perf_counter() - start))
     done.set()
@@ -245,6 +248,7 @@ def bench_model(
     out_dir: Path,
     cold_images: int = 0,
     udf_images: int | None = None,
+    udf_batch: int = BATCH,
 ) -> dict[str, Any]:
     """One model's warm figures: the floor, plain predict_batch_udf, score on both engines."""
     import pyarrow.parquet as pq
@@ -286,12 +290,13 @@ def bench_model(
     _, lite_workers = score("litert")
     df.unpersist()
     udf_count = min(count, udf_images or count)
-    udf_rate, udf_peak = plain_rates(model_path, data_files(udf_count, 1)[0], udf_count, rounds)
+    udf_rate, udf_peak = plain_rates(model_path, data_files(udf_count, 1)[0], udf_count, rounds, udf_batch)
     if udf_rate is not None:
         rates["predict_batch_udf"] = udf_rate
     result = {
         "images": count,
         "predict_batch_udf_images": udf_count,
+        "predict_batch_udf_batch": udf_batch,
         "img_per_s": {k: round(v, 1) for k, v in rates.items()},
         "litert_vs_tensorflow": round(rates["score (litert)"] / rates["score (tensorflow)"], 2),
         "litert_vs_floor": round(rates["score (litert)"] / rates["floor"], 2),
@@ -316,7 +321,8 @@ def bench_model(
 
 
 MODELS = {"MobileNetV2": (MODEL_PATH, 1), "ResNet50": (RESNET_PATH, 4)}  # path, image divisor
-UDF_IMAGES = {"ResNet50": 256}  # plain predict_batch_udf's images: its eager ResNet50 worker peaks at ~10 GB
+UDF_IMAGES = {"ResNet50": 256}  # plain predict_batch_udf's images and batch: its eager ResNet50 worker
+UDF_BATCH = {"ResNet50": 16}  # peaks at ~10 GB on batches of 64 (two are more than this machine has)
 
 
 def main() -> None:
@@ -331,9 +337,13 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model, in this process
     parser.add_argument("--plain", help=argparse.SUPPRESS)  # plain predict_batch_udf of this model path
     parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--udf-batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        print("RESULT " + json.dumps(plain_child(args.plain, args.file, args.images, args.rounds)), flush=True)
+        print(
+            "RESULT " + json.dumps(plain_child(args.plain, args.file, args.images, args.rounds, args.udf_batch)),
+            flush=True,
+        )
         return
     if args.child:
         from image_transfer.session import get_spark
@@ -350,6 +360,7 @@ def main() -> None:
             out_dir,
             args.cold_images // divisor,
             UDF_IMAGES.get(args.child),
+            UDF_BATCH.get(args.child, BATCH),
         )
         spark.stop()
         print("RESULT " + json.dumps(result), flush=True)
