@@ -248,6 +248,14 @@ def test_clear_configuration_errors(dataset, backbone_model, tmp_path):
         build_backbone(str(backbone_model), weights="imagenet", image_size=96)
     with pytest.raises(UserError, match=".keras"):
         train(dataset, TrainConfig(backbone=str(backbone_model)), output_model=str(tmp_path / "m.h5"))
+    own = tmp_path / "own-backbone.keras"  # a copy: the fixture stays safe whatever happens
+    own.write_bytes(backbone_model.read_bytes())
+    with pytest.raises(UserError, match="is the backbone file"):
+        train(dataset, TrainConfig(backbone=str(own)), output_model=str(tmp_path / "." / own.name))
+    assert own.read_bytes() == backbone_model.read_bytes()
+    (tmp_path / "folder.keras").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        train(dataset, TrainConfig(backbone=str(backbone_model)), output_model=str(tmp_path / "folder.keras"))
     from pyspark.sql import functions as F
 
     one_class = usable(dataset).where("label = 'star'").withColumn("label_index", F.lit(0))

@@ -435,6 +435,16 @@ def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) 
     return correct / total if total else 0.0
 
 
+def _check_output_model(output_model: str, backbone: str) -> None:
+    """UserError before any training when saving to ``output_model`` would replace the backbone file it
+    trains from, or a directory (a SavedModel or a dataset named ``*.keras``)."""
+    out = Path(output_model)
+    if out.is_dir():
+        raise UserError(f"--output-model {output_model} is a directory: give a .keras file path")
+    if backbone.endswith(".keras") and out.exists() and Path(backbone).exists() and out.samefile(backbone):
+        raise UserError(f"--output-model {output_model} is the backbone file: saving would replace it")
+
+
 def train(
     df: Any,
     config: TrainConfig,
@@ -467,6 +477,7 @@ def train(
 
     if not output_model.endswith(".keras"):
         raise UserError(f"--output-model must be a .keras file path, got {output_model}")
+    _check_output_model(output_model, config.backbone)
     if register_as:  # before training, not after
         from image_transfer.lifecycle.uris import require_tracking
 
