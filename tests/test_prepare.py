@@ -246,3 +246,19 @@ def test_a_class_whose_every_file_is_rejected_is_left_out_and_label_index_renumb
     assert result.class_names == class_names(df) == ("circle", "ring")
     assert [r["path"].rsplit("/", 2)[1] for r in result.rejected] == ["lost"]
     assert df.count() == 9 and not list(tmp_path.glob(".ds.*"))
+
+
+def test_prepare_replaces_only_its_own_table(spark, fixtures_dir, tmp_path):
+    """``--output-table`` saves the dataset as a table marked as prepare's; a table that is not (here another
+    dataset) is refused before any image is read, unless overwrite."""
+    spark.range(3).write.mode("overwrite").saveAsTable("prepare_foreign")
+    try:
+        with pytest.raises(UserError, match="prepare_foreign exists and is not an output of image-transfer"):
+            prepare(spark, str(fixtures_dir / "images"), str(tmp_path / "a"), output_table="prepare_foreign")
+        assert spark.table("prepare_foreign").count() == 3 and not (tmp_path / "a").exists()
+        result = prepare(spark, str(fixtures_dir / "images"), str(tmp_path / "b"), output_table="prepare_mine")
+        again = prepare(spark, str(fixtures_dir / "images"), str(tmp_path / "c"), output_table="prepare_mine")
+        assert spark.table("prepare_mine").count() == result.rows == again.rows
+    finally:
+        spark.sql("DROP TABLE IF EXISTS prepare_foreign")
+        spark.sql("DROP TABLE IF EXISTS prepare_mine")

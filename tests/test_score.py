@@ -13,8 +13,9 @@ from PIL import Image
 from pyspark.sql import functions as F
 
 from image_transfer import featurize_images, read_images, score_images, scoring_run
+from image_transfer.errors import UserError
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import write_output
+from image_transfer.jobs.outputs import check_table, write_output
 from image_transfer.models.artifact import save_model
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
@@ -476,6 +477,20 @@ def test_tables_in_and_out(spark, fixture_images, shapes_model, tmp_path, capsys
         table = spark.table("it_predictions")
         assert table.count() == 12
         assert table.columns == ["path", "prediction", "probability", "top_k", "error", "model_version"]
+        # A table is replaced only when it is the same command's output: another table (here the input) is
+        # refused before anything is scored or written, and --overwrite is the way to replace it.
+        base = ["score", "--input-table", "it_images", "--model", str(shapes_model)]
+        assert cli.run([*base, "--output", str(tmp_path / "again.parquet"), "--output-table", "it_predictions"]) == 0
+        capsys.readouterr()
+        refused = tmp_path / "refused.parquet"
+        assert cli.run([*base, "--output", str(refused), "--output-table", "it_images"]) == 2
+        assert "--output-table it_images exists and is not an output of image-transfer" in capsys.readouterr().err
+        assert spark.table("it_images").count() == 12 and not refused.exists()
+        with pytest.raises(UserError, match="is the output of image-transfer score, not featurize"):
+            check_table(spark, "it_predictions", command="featurize")
+        check_table(spark, "it_images", command="score", overwrite=True)
+        with pytest.raises(UserError, match="give a table name"):
+            check_table(spark, "a.b.c.d", command="score")
         assert (
             cli.run(
                 [

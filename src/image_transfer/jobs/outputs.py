@@ -396,6 +396,43 @@ def output_lease(
         yield lease
 
 
+TABLE_PROPERTY = "image_transfer.command"  # what marks a table as a command's output (its name)
+
+
+def _table_sql_name(table: str) -> str:
+    """``table`` with each part in backquotes, for SQL; UserError for a name that cannot be quoted."""
+    parts = [part.strip("`") for part in table.split(".")]
+    if not 1 <= len(parts) <= 3 or any(not part or "`" in part for part in parts):
+        raise UserError(f"--output-table {table}: give a table name as table, schema.table or catalog.schema.table")
+    return ".".join(f"`{part}`" for part in parts)
+
+
+def check_table(spark: Any, table: str | None, *, command: str | None, overwrite: bool = False) -> None:
+    """Refuse (UserError) to replace an existing ``table`` that is not an output of ``command`` (any
+    command when None), which its ``TABLE_PROPERTY`` records, unless ``overwrite``."""
+    if not table:
+        return
+    name = _table_sql_name(table)
+    if overwrite or not spark.catalog.tableExists(table):
+        return
+    properties = {row[0]: row[1] for row in spark.sql(f"SHOW TBLPROPERTIES {name}").collect()}
+    written_by = properties.get(TABLE_PROPERTY)
+    if written_by is None:
+        what = "exists and is not an output of image-transfer"
+    elif command is not None and written_by != command:
+        what = f"is the output of image-transfer {written_by}, not {command}"
+    else:
+        return
+    raise UserError(f"--output-table {table} {what}: not replaced; give --overwrite to replace it, or another table")
+
+
+def save_table(df: Any, table: str, *, command: str | None) -> None:
+    """Save ``df`` as ``table`` (replacing it: ``check_table`` first) marked as ``command``'s output."""
+    df.write.mode("overwrite").saveAsTable(table)
+    mark = command or "image-transfer"
+    df.sparkSession.sql(f"ALTER TABLE {_table_sql_name(table)} SET TBLPROPERTIES ('{TABLE_PROPERTY}' = '{mark}')")
+
+
 def write_output(
     df: Any,
     path: str,
@@ -409,26 +446,27 @@ def write_output(
 ) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
 
-    ``path`` must be missing, an empty folder or a previous output of ``command`` (any command when
-    None), which the marker records: anything else (a file, a folder of other data, another command's
-    output) is refused with a UserError before anything is touched, unless ``overwrite``.
+        ``path`` must be missing, an empty folder or a previous output of ``command`` (any command when
+        None), which the marker records: anything else (a file, a folder of other data, another command's
+        output) is refused with a UserError before anything is touched, unless ``overwrite``.
 
-    One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
-    is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
-    directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
-    must equal it, else RunFailed and the previous output untouched), marked complete
-    (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
-    write leaves no staging data and the previous output (if any) untouched; what a killed run left
-    behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
-    ``table``, the written data is also saved as that table (overwritten). On a classic session the file
-    operations go through Spark's Hadoop file system (any URI); under Spark Connect, which has no JVM
-    gateway, this process does them, so ``path`` must be one it can see (local, ``/Volumes/...``,
-    ``/dbfs/...``).
+        One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
+        is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
+        directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
+        must equal it, else RunFailed and the previous output untouched), marked complete
+        (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
+        write leaves no staging data and the previous output (if any) untouched; what a killed run left
+        behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
+        ``table``, the written data is also saved as that table (replacing it: an existing table that is
+    not an output of ``command`` is refused first, unless ``overwrite``; ``check_table``). On a classic session the file
+        operations go through Spark's Hadoop file system (any URI); under Spark Connect, which has no JVM
+        gateway, this process does them, so ``path`` must be one it can see (local, ``/Volumes/...``,
+        ``/dbfs/...``).
 
-    ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
-    too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
-    *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
-    scoring, in fewer tasks), so the output is that many files of even size, not one per task.
+        ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
+        too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
+        *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
+        scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
     spark = df.sparkSession
     if rows_per_file is not None and rows_per_file < 1:
@@ -454,6 +492,7 @@ def _write_leased(
         refusal = replace_refusal(fs, dest, command=command, path=path)
         if refusal:
             raise UserError(f"{refusal}: not replaced (overwrite replaces it)")
+    check_table(spark, table, command=command, overwrite=overwrite)
     token = uuid.uuid4().hex[:12]
     parent, name = fs.parent(dest), dest.rstrip("/").rsplit("/", 1)[-1]
     staging = fs.join(parent, f".{name}.staging-{token}")
@@ -490,5 +529,5 @@ def _write_leased(
         fs.delete(backup)
     written = spark.read.parquet(dest)
     if table:
-        written.write.mode("overwrite").saveAsTable(table)
+        save_table(written, table, command=command)
     return written

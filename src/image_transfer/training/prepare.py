@@ -351,8 +351,9 @@ def _prepare_leased(
     from pyspark.sql import functions as F
 
     from image_transfer.imaging.files import describe_skipped, skipped_files
-    from image_transfer.jobs.outputs import write_output
+    from image_transfer.jobs.outputs import check_table, save_table, write_output
 
+    check_table(spark, output_table, command="prepare", overwrite=overwrite)
     images = read_image_files(spark, images_dir, extensions=exts)
     if images.isEmpty():
         skipped = describe_skipped(skipped_files(spark, images_dir, extensions=exts))
@@ -383,7 +384,7 @@ def _prepare_leased(
         # pass over the written bytes, without screening again).
         written = write_output(_renumber(written, usable_names), output, rows=written.count(), command="prepare")
     if output_table:
-        written.write.mode("overwrite").saveAsTable(output_table)
+        save_table(written, output_table, command="prepare")
     return summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
 
 
