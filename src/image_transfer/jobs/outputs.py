@@ -446,27 +446,27 @@ def write_output(
 ) -> Any:
     """Write ``df`` as Parquet at ``path`` atomically and return it as read back from ``path``.
 
-        ``path`` must be missing, an empty folder or a previous output of ``command`` (any command when
-        None), which the marker records: anything else (a file, a folder of other data, another command's
-        output) is refused with a UserError before anything is touched, unless ``overwrite``.
+    ``path`` must be missing, an empty folder or a previous output of ``command`` (any command when
+    None), which the marker records: anything else (a file, a folder of other data, another command's
+    output) is refused with a UserError before anything is touched, unless ``overwrite``.
 
-        One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
-        is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
-        directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
-        must equal it, else RunFailed and the previous output untouched), marked complete
-        (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
-        write leaves no staging data and the previous output (if any) untouched; what a killed run left
-        behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
-        ``table``, the written data is also saved as that table (replacing it: an existing table that is
-    not an output of ``command`` is refused first, unless ``overwrite``; ``check_table``). On a classic session the file
-        operations go through Spark's Hadoop file system (any URI); under Spark Connect, which has no JVM
-        gateway, this process does them, so ``path`` must be one it can see (local, ``/Volumes/...``,
-        ``/dbfs/...``).
+    One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
+    is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
+    directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
+    must equal it, else RunFailed and the previous output untouched), marked complete
+    (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
+    write leaves no staging data and the previous output (if any) untouched; what a killed run left
+    behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
+    ``table``, the written data is also saved as that table, replacing it; an existing table that is not
+    an output of ``command`` is refused first, unless ``overwrite`` (``check_table``). On a classic
+    session the file operations go through Spark's Hadoop file system (any URI); under Spark Connect,
+    which has no JVM gateway, this process does them, so ``path`` must be one it can see (local,
+    ``/Volumes/...``, ``/dbfs/...``).
 
-        ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
-        too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
-        *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
-        scoring, in fewer tasks), so the output is that many files of even size, not one per task.
+    ``rows_per_file`` caps the rows of each file (``maxRecordsPerFile``); given the number of ``rows``
+    too, the rows are first redistributed into ``ceil(rows / rows_per_file)`` partitions by a shuffle
+    *after* everything ``df`` computes (not a ``coalesce``, which would run the upstream work, such as
+    scoring, in fewer tasks), so the output is that many files of even size, not one per task.
     """
     spark = df.sparkSession
     if rows_per_file is not None and rows_per_file < 1:
