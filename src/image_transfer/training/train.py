@@ -436,8 +436,10 @@ def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) 
 
 
 def _check_output_model(output_model: str, backbone: str) -> None:
-    """UserError before any training when saving to ``output_model`` would replace the backbone file it
-    trains from, or a directory (a SavedModel or a dataset named ``*.keras``)."""
+    """UserError before any training unless ``output_model`` is a ``.keras`` file path whose save would
+    not replace the backbone file it trains from, nor a directory (a SavedModel, a dataset)."""
+    if not output_model.endswith(".keras"):
+        raise UserError(f"--output-model must be a .keras file path, got {output_model}")
     out = Path(output_model)
     if out.is_dir():
         raise UserError(f"--output-model {output_model} is a directory: give a .keras file path")
@@ -475,8 +477,6 @@ def train(
     from image_transfer.training.feed import open_features, open_feed
     from image_transfer.training.prepare import class_names, usable
 
-    if not output_model.endswith(".keras"):
-        raise UserError(f"--output-model must be a .keras file path, got {output_model}")
     _check_output_model(output_model, config.backbone)
     if register_as:  # before training, not after
         from image_transfer.lifecycle.uris import require_tracking
