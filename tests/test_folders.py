@@ -78,7 +78,8 @@ def test_what_is_left_out_is_counted_with_reasons_and_names(spark, camera_folder
     }
     # The file stream cannot read hidden names: they are reported, not lost.
     streamed = skipped_files(spark, str(camera_folder), streaming=True)
-    assert sum(n for r, n in streamed.reasons.items() if "streaming file source" in r) == 5  # _DSC, .hidden, _scan, _empty, t1
+    hidden = sum(n for r, n in streamed.reasons.items() if "streaming file source" in r)
+    assert hidden == 5  # _DSC0001, .hidden, _scan_001, _empty, _thumbs/t1
 
 
 def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder, tmp_path, capsys):
@@ -91,9 +92,10 @@ def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder
 
 
 def test_prepare_reads_the_same_extensions_and_reports_skips_in_its_summary(spark, camera_folder, tmp_path, capsys):
-    assert ",".join(IMAGE_EXTENSIONS) in cli.build_parser().parse_args(
-        ["prepare", "--images", "x", "--output", "y"]
-    ).extensions
+    assert (
+        ",".join(IMAGE_EXTENSIONS)
+        in cli.build_parser().parse_args(["prepare", "--images", "x", "--output", "y"]).extensions
+    )
     summary = tmp_path / "summary.json"
     out = tmp_path / "prepared"
     code = cli.run(["prepare", "--images", str(camera_folder), "--output", str(out), "--summary", str(summary)])

@@ -505,7 +505,8 @@ def _write_leased(
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
         writer.parquet(staging)
-        staged = spark.read.parquet(staging).count()  # from the Parquet footers
+        # From the Parquet footers; the files by a glob, since Spark warns of (and ignores) a hidden folder named.
+        staged = spark.read.parquet(fs.join(staging, "*.parquet")).count()
         if rows is not None and staged != rows:
             raise RunFailed(
                 f"the staged output of {path} has {staged:,} rows, not the {rows:,} expected: "

@@ -30,7 +30,7 @@ from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS, extension_glob
 from image_transfer.scoring.options import MODEL_ERROR, ScoringOptions
 from image_transfer.scoring.run import ScoringRun
-from image_transfer.scoring.stats import failed_fraction, worker_lines
+from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
 
 SOURCES = ("auto", "cloudFiles", "binaryFile")
 DEFAULT_MAX_FILES_PER_TRIGGER = 1000
@@ -86,7 +86,7 @@ class IncrementalResult:
             f"model {self.model_version} ({self.shipped})",
             *worker_lines(self.workers),
         ]
-        lines += [f"  failed: {e}" for e in self.errors_sample]
+        lines += failed_lines(self.errors_sample, self.rows_failed)
         lines += [f"  not scored: {n['path']}: {n['reason']}" for n in self.not_scored]
         if self.threshold_exceeded:
             lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
