@@ -18,6 +18,7 @@ def _qualified(path: str) -> str:
 
 
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
+STREAM_MARKER = "_IMAGE_TRANSFER_STREAM"  # in an incremental output directory: the checkpoint that writes it
 
 
 class _HadoopFs:

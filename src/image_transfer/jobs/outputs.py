@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from image_transfer.errors import RunFailed, UserError
-from image_transfer.fs import COMMIT_MARKER, file_system
+from image_transfer.fs import COMMIT_MARKER, STREAM_MARKER, file_system
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
 from image_transfer.jobs.lease import OutputLease, hold
 
@@ -251,6 +251,8 @@ def replace_refusal(fs: Any, dest: str, *, command: str | None, path: str | None
     shown = path or dest
     if kind == "file":
         return f"{shown} is an existing file, not an output of image-transfer"
+    if kind == "foreign" and (fs.exists(fs.join(dest, STREAM_MARKER)) or fs.exists(fs.join(dest, "_spark_metadata"))):
+        return f"{shown} holds an incremental output (a streaming checkpoint's), not a batch output"
     if kind == "foreign":
         return f"{shown} exists and is not an output of image-transfer (it has no {COMMIT_MARKER} marker)"
     if kind == "output" and owner and command and owner != command:
