@@ -18,6 +18,7 @@ def _qualified(path: str) -> str:
 
 
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
+STREAM_MARKER = "_IMAGE_TRANSFER_STREAM"  # in an incremental output directory: the checkpoint that writes it
 
 
 class _HadoopFs:
@@ -42,6 +43,9 @@ class _HadoopFs:
 
     def delete(self, path: str) -> None:
         self._fs.delete(self._path(path), True)
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._fs.getFileStatus(self._path(path)).isDirectory())
 
     def rename(self, source: str, target: str) -> bool:
         return bool(self._fs.rename(self._path(source), self._path(target)))
@@ -143,6 +147,9 @@ class _LocalFs:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
 
     def delete(self, path: str) -> None:
         import shutil

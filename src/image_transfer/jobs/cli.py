@@ -359,7 +359,7 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         raise UserError("--output is required")
     wait = _wait(args)
     spark = _checked_session(args, command, [args.output], [args.input])
-    with output_lease(spark, args.output, command=command, wait=wait):
+    with output_lease(spark, args.output, command=command, wait=wait, table=args.output_table):
         _score_leased(spark, args, mode, command, options, wait)
     return 0
 

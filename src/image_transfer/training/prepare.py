@@ -337,7 +337,7 @@ def prepare(
     exts = [e.strip().lstrip(".") for e in extensions if e.strip()]
     if not exts:
         raise UserError("--extensions names no extension")
-    with output_lease(spark, output, command="prepare", wait=wait):
+    with output_lease(spark, output, command="prepare", wait=wait, table=output_table):
         return _prepare_leased(
             spark, images_dir, output, output_table, labels, validation_fraction, exts, limits, rejected_file, overwrite
         )
