@@ -87,7 +87,8 @@ def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder
     assert cli.run(["ingest", "--images", str(camera_folder), "--output", str(out), "--extensions", "*"]) == 0
     printed = capsys.readouterr().out
     assert f"ingested {len(READ) + 1} files" in printed, printed  # notes.txt too
-    assert "skipped 3 files" not in printed and "in hidden or Spark bookkeeping folders" in printed, printed
+    assert "skipped 3 files: 2 files in hidden or Spark bookkeeping folders" in printed, printed
+    assert "1 file being copied" in printed and "reads every file" not in printed, printed
     assert _names(spark.read.parquet(str(out))) == sorted([*READ, "notes.txt"])
 
 

@@ -116,8 +116,8 @@ def test_featurize_and_prepare_check_their_outputs_too(images, no_spark, tmp_pat
     assert (tmp_path / "other" / "keep.txt").read_text() == "keep"
 
 
-def test_incremental_refuses_only_an_output_in_the_images_folder(images, no_spark, tmp_path, capsys):
-    base = ["score", "--images", str(images), "--checkpoint", str(tmp_path / "c"), "--model", "m.keras"]
+def test_incremental_refuses_only_an_output_in_the_images_folder(images, no_spark, shapes_model, tmp_path, capsys):
+    base = ["score", "--images", str(images), "--checkpoint", str(tmp_path / "c"), "--model", str(shapes_model)]
     assert cli.run([*base, "--output", str(images / "scored")]) == 2
     assert "lies inside the input" in capsys.readouterr().err
     assert cli.run([*base, "--output", str(tmp_path / "scored"), "--overwrite"]) == 2

@@ -53,7 +53,7 @@ def test_every_row_failing_fails_the_run_with_output_and_summary_written(junk_pa
     code = cli.run([*argv, "--summary", str(summary), "--master", "local[2]"])
     err = capsys.readouterr().err
     assert code == 3
-    assert "30 of 30 rows failed (100.0%)" in err and "max_failed_fraction" in err
+    assert "30 of 30 rows failed (100.0%)" in err and "(--max-failed-fraction)" in err
     assert re.search(r"img_\d+\.jpg: not an image", err)  # a sample of the reasons, with keys
     data = json.loads(summary.read_text())
     assert data["threshold_exceeded"] is True and data["rows_failed"] == 30 and data["max_failed_fraction"] == 0.5

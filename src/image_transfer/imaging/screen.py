@@ -88,7 +88,7 @@ class ImageLimits:
         return cls.default().replace(**changes)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(value: int | str, *, binary: bool = True, option: str = "size") -> int:

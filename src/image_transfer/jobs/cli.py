@@ -294,9 +294,11 @@ def _checked_session(
     inputs: Sequence[str | None],
     *,
     append: bool = False,
+    check_model: Callable[[], None] | None = None,
 ) -> Any:
     """The command's session, once its outputs are checked (``outputs.check_output``): none may overlap an
-    input or replace what it must not. Local paths are checked before Spark starts, others with it."""
+    input or replace what it must not. Local paths are checked before Spark starts, others with it; then
+    ``check_model`` (the model file), also before Spark starts."""
     from image_transfer.jobs.outputs import check_output
 
     def check(spark: Any) -> bool:
@@ -310,6 +312,8 @@ def _checked_session(
 
     overwrite = bool(getattr(args, "overwrite", False))
     checked = check(None)
+    if check_model is not None:  # the model file, also before Spark starts
+        check_model()
     spark = session(args, command)
     if not checked:
         check(spark)
@@ -350,15 +354,18 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
 
     options = _scoring_options(args, mode)
     command = "score" if mode == "classify" else "featurize"
-    _check_model_early(args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code)
+
+    def check_model() -> None:
+        _check_model_early(args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code)
+
     if args.images is not None:
-        return _run_incremental(args, mode, options)
+        return _run_incremental(args, mode, options, check_model)
     if args.checkpoint is not None:
         raise UserError("--checkpoint goes with --images (incremental scoring)")
     if args.output is None:
         raise UserError("--output is required")
     wait = _wait(args)
-    spark = _checked_session(args, command, [args.output], [args.input])
+    spark = _checked_session(args, command, [args.output], [args.input], check_model=check_model)
     with output_lease(spark, args.output, command=command, wait=wait, table=args.output_table):
         _score_leased(spark, args, mode, command, options, wait)
     return 0
@@ -403,7 +410,9 @@ def _score_leased(
     )
 
 
-def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOptions) -> int:
+def _run_incremental(
+    args: argparse.Namespace, mode: str, options: ScoringOptions, check_model: Callable[[], None]
+) -> int:
     from image_transfer.imaging.files import skipped_files
     from image_transfer.jobs.runs import write_summary
     from image_transfer.scoring import incremental
@@ -420,7 +429,7 @@ def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOption
     if args.wait is not None:
         raise UserError("--wait does not apply to incremental scoring (--images): its checkpoint orders the runs")
     command = "score" if mode == "classify" else "featurize"
-    spark = _checked_session(args, command, [args.output], [args.images], append=True)
+    spark = _checked_session(args, command, [args.output], [args.images], append=True, check_model=check_model)
     common = dict(
         checkpoint=args.checkpoint,
         output=None if args.output_table else args.output,
@@ -472,7 +481,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         rows = write_output(images, args.output, rows=listed, command="ingest", overwrite=args.overwrite).count()
     print(f"ingested {rows} files from {args.images} into {args.output}")
     if skipped:
-        print(f"skipped {skipped}: ingest reads {reads} (--extensions '*' reads every file)")
+        hint = "" if "*" in extensions else f": ingest reads {reads} (--extensions '*' reads every file)"
+        print(f"skipped {skipped}{hint}")
     return 0
 
 
@@ -796,10 +806,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def as_flags(message: str) -> str:
-    """A message with the API's option names (``max_failed_fraction``) as the flags a CLI user typed."""
+    """A message with the API's option names (``max_failed_fraction``) as the flags a CLI user typed
+    (``name=value`` spellings, the API's own hints, stay)."""
     for name in ScoringOptions.names():
         if "_" in name:
-            message = re.sub(rf"(?<![\w-]){name}(?!\w)", ScoringOptions.flag(name), message)
+            message = re.sub(rf"(?<![\w-]){name}(?![\w=])", ScoringOptions.flag(name), message)
     return message
 
 
