@@ -455,3 +455,7 @@ def test_local_relative_paths_become_absolute_and_uris_stay():
     assert args.backbone == "mobilenet_v2"
     args = cli.absolute_paths(cli.build_parser().parse_args(["score", "--input", "in", "--model", "models:/m@prod"]))
     assert (args.input, args.model) == (os.path.join(here, "in"), "models:/m@prod")
+    args = cli.absolute_paths(
+        cli.build_parser().parse_args(["score", "--input", "main.ml.images", "--model", "m.keras"])
+    )
+    assert (args.input, args.model) == ("main.ml.images", os.path.join(here, "m.keras"))  # a table name, as typed

@@ -706,13 +706,20 @@ PATH_OPTIONS = (
 def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with every local relative path made absolute against this directory (``fs.local_absolute``):
     executors, barrier training workers and Spark's JVM may run in others. URIs (``dbfs:/``, ``s3://``,
-    ``file:``, ``models:/``, ``runs:/``), table names, backbone names and ``--weights imagenet|none`` stay."""
+    ``file:``, ``models:/``, ``runs:/``), backbone names, ``--weights imagenet|none`` and an input spelled like a
+    table name (``schema.table``) that is no local path stay as typed."""
+    import os
+
     from image_transfer.fs import local_absolute
+    from image_transfer.jobs.outputs import looks_like_table
 
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and value:
-            setattr(args, name, local_absolute(value))
+        if not isinstance(value, str) or not value:
+            continue
+        if name in ("data", "input") and looks_like_table(value) and not os.path.exists(value):
+            continue  # as typed: reading it fails with a hint to give it as a table
+        setattr(args, name, local_absolute(value))
     backbone = getattr(args, "backbone", None)
     if isinstance(backbone, str) and backbone.endswith(".keras"):
         args.backbone = local_absolute(backbone)
