@@ -162,6 +162,27 @@ def test_artifact_builds_the_wheel_and_tasks_install_it():
         assert {"whl": "../dist/*.whl"} in task.get("libraries", []), task["task_key"]
 
 
+def _whl_paths(value):
+    if isinstance(value, dict):
+        return ([value["whl"]] if isinstance(value.get("whl"), str) else []) + [
+            w for v in value.values() for w in _whl_paths(v)
+        ]
+    if isinstance(value, list):
+        return [w for v in value for w in _whl_paths(v)]
+    return []
+
+
+def test_every_wheel_path_resolves_inside_the_bundle_from_its_own_file():
+    """The CLI resolves a library path relative to the file that holds it: the root file's targets
+    (``databricks.yml``) and resources/*.yml must both name the bundle's own ``dist/``."""
+    found = 0
+    for path in [ROOT / "databricks.yml", *JOB_FILES]:
+        for whl in _whl_paths(yaml.safe_load(path.read_text())):
+            found += 1
+            assert os.path.normpath(path.parent / whl) == str(ROOT / "dist" / "*.whl"), (path.name, whl)
+    assert found > len(JOB_FILES)  # the cpu target's own job too
+
+
 def test_targets():
     dev, prod = BUNDLE["targets"]["dev"], BUNDLE["targets"]["prod"]
     assert dev["mode"] == "development" and dev["default"] is True

@@ -16,6 +16,7 @@ from hostile_images import write_corpus
 
 from image_transfer import UserError, featurize_new_images, score_new_images
 from image_transfer.jobs import cli
+from image_transfer.jobs.outputs import write_output
 from image_transfer.scoring.incremental import ZERO_BYTES, reader_options, resolve_source
 from image_transfer.session import is_connect
 
@@ -115,6 +116,8 @@ def test_three_runs_score_exactly_the_new_files(spark, fixtures_dir, shapes_mode
     assert (r4.files_new, r4.rows_out, r4.batches) == (0, 0, [])
     with pytest.raises(UserError, match="another checkpoint"):  # the file sink would skip its batch ids
         score_new_images(spark, str(images), str(shapes_model), checkpoint=str(tmp_path / "new"), output=str(output))
+    with pytest.raises(UserError, match="holds an incremental output"):  # a batch write would replace it
+        write_output(spark.range(1), str(output), command="score")
 
     paths = _paths(spark, output)
     assert sorted(paths) == sorted(first | second | third)  # every file once, nothing re-scored
@@ -149,6 +152,9 @@ def test_incremental_into_a_table(spark, fixtures_dir, shapes_model, tmp_path):
     r2 = score_new_images(spark, str(images), str(shapes_model), **options)
     assert (r1.rows_out, r2.rows_out) == (3, 2)
     assert sorted(r.path for r in spark.table(table).select("path").collect()) == sorted(first | second)
+    with pytest.raises(UserError, match="another checkpoint"):
+        score_new_images(spark, str(images), str(shapes_model), **{**options, "checkpoint": str(tmp_path / "new")})
+    assert not (tmp_path / "new").exists()
     spark.sql(f"DROP TABLE {table}")
 
 
@@ -258,3 +264,76 @@ def test_batch_inference_job_scores_incrementally():
     assert args.checkpoint == "{{job.parameters.checkpoint}}" and args.source == "auto"
     defaults = {p["name"]: p["default"] for p in job["parameters"]}
     assert defaults["checkpoint"].startswith("/Volumes/")
+
+
+def _batch_output(spark, where: Path, command: str) -> None:
+    rows = spark.createDataFrame([(f"file:/old/{i}.png", None) for i in range(86)], "path string, error string")
+    write_output(rows, str(where), command=command)
+
+
+@pytest.mark.parametrize("command", ["score", "featurize"])
+def test_an_incremental_run_refuses_a_batch_output_it_would_hide(
+    spark, fixtures_dir, shapes_model, tmp_path, capsys, command
+):
+    """The file sink's log would hide a batch output's rows from readers: refused before any work, exit 2."""
+    images, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "scored"
+    _add(images, _fixture_files(fixtures_dir, 2, start=20))
+    _batch_output(spark, output, command)
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    base = [command, "--images", str(images), "--checkpoint", str(checkpoint), "--model", str(shapes_model)]
+    assert cli.run([*base, "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds a batch output of `image-transfer {command}`" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    assert not checkpoint.exists() and spark.read.parquet(str(output)).count() == 86
+
+    other = tmp_path / "other"  # Parquet files of something else: hidden the same way
+    spark.range(5).write.parquet(str(other))
+    assert cli.run([*base, "--output", str(other)]) == 2
+    assert "holds other data" in capsys.readouterr().err
+    assert not checkpoint.exists() and spark.read.parquet(str(other)).count() == 5
+
+
+def test_an_incremental_run_refuses_a_table_it_would_hide(spark, fixtures_dir, shapes_model, tmp_path):
+    """An existing batch table, or a table of other rows, is refused: the stream's log would hide its rows."""
+    images, checkpoint = tmp_path / "incoming", tmp_path / "checkpoint"
+    _add(images, _fixture_files(fixtures_dir, 2, start=20))
+    table = "incremental_over_batch"
+    spark.sql(f"DROP TABLE IF EXISTS {table}")
+    _batch_output(spark, tmp_path / "batch", "score")
+    write_output(spark.read.parquet(str(tmp_path / "batch")), str(tmp_path / "batch"), table=table, command="score")
+    try:
+        with pytest.raises(UserError, match="holds a batch output of `image-transfer score`"):
+            score_new_images(spark, str(images), str(shapes_model), checkpoint=str(checkpoint), output_table=table)
+        spark.sql(f"DROP TABLE {table}")
+        spark.range(86).write.saveAsTable(table)
+        with pytest.raises(UserError, match="holds other data"):
+            score_new_images(spark, str(images), str(shapes_model), checkpoint=str(checkpoint), output_table=table)
+        assert not checkpoint.exists() and spark.table(table).count() == 86
+    finally:
+        spark.sql(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_the_query_stops_when_the_run_is_interrupted(spark, fixtures_dir, shapes_model, tmp_path):
+    """Ctrl-C (or any error) while the run waits on its query: the query is stopped, the interrupt goes on."""
+    images = tmp_path / "incoming"
+    _add(images, _fixture_files(fixtures_dir, 8, start=60))
+    active: list[int] = []
+
+    def interrupt(line: str) -> None:
+        active.append(len(spark.streams.active))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_new_images(
+            spark,
+            str(images),
+            str(shapes_model),
+            checkpoint=str(tmp_path / "checkpoint"),
+            output=str(tmp_path / "scored"),
+            source="binaryFile",
+            max_files_per_trigger=1,
+            print_fn=interrupt,
+        )
+    assert active == [1]  # it was interrupted while its query ran
+    assert spark.streams.active == []

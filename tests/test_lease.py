@@ -9,6 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from image_transfer.errors import RunFailed, UserError
 from image_transfer.fs import COMMIT_MARKER, _LocalFs
 from image_transfer.jobs import cli
-from image_transfer.jobs.lease import LEASE_TTL_ENV, OutputLease, hold
+from image_transfer.jobs.lease import LEASE_TTL_ENV, Holder, OutputLease, hold, lease_path
 from image_transfer.jobs.outputs import write_output
 
 HOLDER = Path(__file__).parent / "jobs" / "lease_holder.py"
@@ -132,3 +135,91 @@ def test_wait_is_checked_before_spark(tmp_path, capsys, monkeypatch, extra, mess
     argv = ["score", *source, "--model", "m", "--output", str(tmp_path / "o"), *extra]
     assert cli.run(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(spark, tmp_path):
+    """A run SIGKILLed on this host leaves a lease with a fresh heartbeat: the rerun takes it over at once
+    (its process is gone), without waiting out the TTL, and cleans up its staging."""
+    out = tmp_path / "scored.parquet"
+    holder = subprocess.Popen([sys.executable, str(HOLDER), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert _left_beside(out) == [f".{out.name}.lease", f".{out.name}.staging-killed"]
+    assert write_output(spark.range(3), str(out), command="score").count() == 3  # no --wait: at once
+    assert _left_beside(out) == []
+
+
+def test_a_live_or_remote_holder_is_not_taken_over(tmp_path):
+    """A fresh lease of a live process on this host, or of any process on another host, stays refused."""
+    fs, dest = _LocalFs(), str(tmp_path / "out")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    now = time.time()
+    for owner in (f"{socket.gethostname()}:{os.getppid()}", f"another-host-{uuid.uuid4().hex[:6]}:{dead_pid}"):
+        Path(lease_path(fs, dest)).write_text(Holder(owner, "t0ken", "score", now, now).text())
+        with pytest.raises(UserError, match=f"run {owner},"):
+            OutputLease(fs, dest).acquire()
+
+
+def test_a_directory_at_the_lease_path_is_a_user_error(tmp_path):
+    """A directory where the lease file goes: a UserError naming it (it used to spin forever, even with a wait)."""
+    fs, dest = _LocalFs(), str(tmp_path / "out")
+    os.mkdir(lease_path(fs, dest))
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            OutputLease(fs, dest).acquire(wait=1).release()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(timeout=60)  # a guard against the old endless spin, not a timing
+    assert outcome, "acquire did not return"
+    assert isinstance(outcome[0], UserError) and f"{lease_path(fs, dest)} of {dest} is a directory" in str(outcome[0])
+
+
+class _OverwritingFs(_LocalFs):
+    """A local file system whose rewrite is a plain overwrite, as on Hadoop file systems: while it runs the
+    lease file is empty; the rewrite pauses there until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.torn, self.go_on = threading.Event(), threading.Event()
+
+    def replace_text(self, path: str, text: str) -> None:
+        with open(path, "w") as fh:
+            fh.flush()
+            if not self.torn.is_set():
+                self.torn.set()
+                self.go_on.wait(timeout=60)
+            fh.write(text)
+
+
+def test_check_never_takes_a_heartbeat_being_written_for_a_lost_lease(tmp_path, monkeypatch):
+    monkeypatch.setenv(LEASE_TTL_ENV, "0.8")  # a heartbeat every 0.2 s
+    fs = _OverwritingFs()
+    lease = OutputLease(fs, str(tmp_path / "out"), command="score").acquire()
+    try:
+        assert fs.torn.wait(timeout=60)  # the heartbeat is rewriting the lease file: it is empty now
+        failed: list[BaseException] = []
+
+        def check() -> None:
+            try:
+                lease.check()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                failed.append(exc)
+
+        checker = threading.Thread(target=check)
+        checker.start()
+        checker.join(timeout=1)  # without the lock it reads the empty file now
+        fs.go_on.set()
+        checker.join(timeout=60)
+        assert not checker.is_alive() and failed == []
+    finally:
+        fs.go_on.set()
+        lease.release()

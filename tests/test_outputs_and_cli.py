@@ -16,7 +16,7 @@ import image_transfer
 from image_transfer.errors import UserError
 from image_transfer.fs import COMMIT_MARKER
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import check_output, write_output
+from image_transfer.jobs.outputs import check_output, check_table, write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -338,3 +338,49 @@ def test_ingest_of_a_folder_without_images_says_what_it_skipped(spark, tmp_path,
     (tmp_path / "empty").mkdir()
     assert cli.run(["ingest", "--images", str(tmp_path / "empty"), "--output", str(out)]) == 2
     assert "the folder has no files" in capsys.readouterr().err
+
+
+# ---- tables: marked as they are made, and under a lease ------------------------------------------
+
+
+def test_a_table_is_marked_in_the_step_that_makes_it(spark, tmp_path, monkeypatch):
+    """The mark comes with the table: a run killed right after the table was made (here: any later
+    ALTER TABLE fails, as if killed) still leaves a table the next run recognises as its own."""
+    table = "marked_as_made"
+    spark.sql(f"DROP TABLE IF EXISTS {table}")
+    sql = type(spark).sql
+
+    def killed_at_alter(self, query, *args, **kwargs):
+        if query.lstrip().upper().startswith("ALTER TABLE"):
+            raise RuntimeError("killed before the table was marked")
+        return sql(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(type(spark), "sql", killed_at_alter)
+    try:
+        write_output(spark.range(3), str(tmp_path / "a"), table=table, command="score")
+        check_table(spark, table, command="score")  # its own: no refusal
+        write_output(spark.range(4), str(tmp_path / "b"), table=table, command="score")
+        assert spark.table(table).count() == 4
+        with pytest.raises(UserError, match="is the output of image-transfer score, not featurize"):
+            check_table(spark, table, command="featurize")
+    finally:
+        monkeypatch.undo()
+        spark.sql(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_a_table_has_one_writer_at_a_time(spark, tmp_path):
+    """Another run writing the table (from another output in the same folder) holds its lease: refused."""
+    table = "leased_table"
+    holder = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "jobs" / "lease_holder.py"), str(tmp_path / f"{table}.table")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"table {table} is being written by another"):
+            write_output(spark.range(3), str(tmp_path / "mine"), table=table, command="score")
+        assert not (tmp_path / "mine").exists() and not spark.catalog.tableExists(table)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)

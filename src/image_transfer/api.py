@@ -2,7 +2,7 @@
 
 >>> from image_transfer import read_images, score_images, scoring_run
 >>> scored = score_images(read_images(spark, "/Volumes/main/ml/images"), "/Volumes/main/ml/models/m.keras")
->>> scored.orderBy("probability").show()          # the least confident predictions
+>>> scored.orderBy(scored.probability.asc_nulls_last()).show()  # least confident first, failed rows last
 >>> scoring_run(scored).workers()                 # after an action: loads, traces, rows per worker
 
 Each call checks the model on the driver (a clear ``UserError`` before anything is scheduled) and

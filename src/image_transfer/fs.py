@@ -27,6 +27,7 @@ def local_absolute(path: str) -> str:
 
 
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
+STREAM_MARKER = "_IMAGE_TRANSFER_STREAM"  # in an incremental output directory: the checkpoint that writes it
 
 
 class _HadoopFs:
@@ -51,6 +52,9 @@ class _HadoopFs:
 
     def delete(self, path: str) -> None:
         self._fs.delete(self._path(path), True)
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._fs.getFileStatus(self._path(path)).isDirectory())
 
     def rename(self, source: str, target: str) -> bool:
         return bool(self._fs.rename(self._path(source), self._path(target)))
@@ -152,6 +156,9 @@ class _LocalFs:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
 
     def delete(self, path: str) -> None:
         import shutil

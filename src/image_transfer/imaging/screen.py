@@ -69,15 +69,49 @@ class ImageLimits:
         return replace(self, **changes)
 
     @classmethod
-    def of(cls, *, max_bytes: int | None = None, max_pixels: int | None = None) -> ImageLimits:
-        """The default limits with those given (None: the default); UserError for a limit below 1."""
+    def of(cls, *, max_bytes: int | str | None = None, max_pixels: int | str | None = None) -> ImageLimits:
+        """The default limits with those given (None: the default; ``"24 MiB"``, ``"64M"`` as ``parse_size``
+        reads them); UserError, naming the option (``max_image_bytes``, ``max_pixels``), for a limit below 1."""
         from image_transfer.errors import UserError
 
-        changes = {k: v for k, v in (("max_bytes", max_bytes), ("max_pixels", max_pixels)) if v is not None}
-        try:
-            return cls.default().replace(**changes)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+        changes = {}
+        for name, option, value, binary in (
+            ("max_bytes", "max_image_bytes", max_bytes, True),
+            ("max_pixels", "max_pixels", max_pixels, False),
+        ):
+            if value is None:
+                continue
+            number = parse_size(value, binary=binary, option=option)
+            if number < 1:
+                raise UserError(f"{option} must be at least 1, got {value}")
+            changes[name] = number
+        return cls.default().replace(**changes)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str, *, binary: bool = True, option: str = "size") -> int:
+    """An int, or a number with a unit: ``24MiB``, ``24 MiB``, ``24MB``, ``24M`` (bytes: ``binary`` reads
+    K/M/G/T and KiB/MiB... as powers of 1024, KB/MB... as powers of 1000; counts: ``64M`` is 64,000,000).
+
+    UserError naming ``option`` for anything else.
+    """
+    from image_transfer.errors import UserError
+
+    if isinstance(value, bool):
+        raise UserError(f"{option} must be a number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise UserError(f"{option} must be a number, optionally with a unit (24MiB, 24 MB, 64M), got {value!r}")
+    number, prefix, i, b = match.groups()
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    if i and not prefix or (b and not binary):
+        raise UserError(f"{option}: {value!r} is not a unit it takes")
+    base = 1024 if binary and (i or not b) else 1000
+    return int(round(float(number) * base**power))
 
 
 @dataclass(frozen=True)
@@ -317,7 +351,8 @@ def screen_one(data: Any, limits: ImageLimits, *, upright: bool = False) -> tupl
 
 def _native(sniffed: str | None, img: Any, data: bytes) -> tuple[bool, bytes | str]:
     """(True, the bytes the graph decodes) for an image TensorFlow decodes as Pillow does, else
-    (False, "") to convert it, or (True, error) for a native image visibly cut short."""
+    (False, "") to convert it (a PNG without its IEND chunk too), or (True, error) for a JPEG visibly cut
+    short."""
     if sniffed == "JPEG" and img.mode in _JPEG_NATIVE_MODES:
         end = jpeg_end(data)
         if end is None:
@@ -325,8 +360,8 @@ def _native(sniffed: str | None, img: Any, data: bytes) -> tuple[bool, bytes | s
         return True, data[:end]
     if sniffed == "PNG" and not _animated_png(data):
         end = data.rfind(_PNG_IEND)
-        if end < 0:
-            return True, "PNG: truncated (no IEND chunk)"
+        if end < 0:  # cut before IEND: Pillow decides (every pixel there: scored from them; else its error)
+            return False, b""
         return True, data[: end + len(_PNG_IEND)]
     return False, b""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -223,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-image-bytes", type=int, default=None, help="refuse larger encoded images (24 MiB)")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse images declaring more pixels (64 M)")
+    ScoringOptions.add_arguments(p, only=("max_image_bytes", "max_pixels"))
 
 
 def _image_limits(args: argparse.Namespace) -> Any:
@@ -236,7 +236,55 @@ def _image_limits(args: argparse.Namespace) -> Any:
 def session(args: argparse.Namespace, what: str) -> Any:
     """The command's session (``get_spark``) from its ``--master``, ``--conf`` and ``--remote``."""
     conf = parse_conf(getattr(args, "conf", None))
-    return get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
+    spark = get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
+    _quiet_interrupts(spark)
+    return spark
+
+
+def _quiet_interrupts(spark: Any) -> None:
+    """On Ctrl-C, cancel the session's jobs without the driver's log of every cancelled task.
+
+    Replaces PySpark's SIGINT handler, which cancels all jobs over the main thread's Py4J connection
+    (already busy with the call that was interrupted: Py4J then logs its reentrant-call trace) while the
+    driver logs every cancelled task's Java trace. Here another thread turns the driver's log off and
+    cancels the jobs (under Spark Connect: interrupts the session's operations), Py4J's logging of the
+    interrupted call is dropped, and KeyboardInterrupt goes up through the commands' own cleanup (staging
+    data, leases) to ``run``, which prints one line and exits 130.
+    """
+    import logging
+    import signal
+    import threading
+
+    from image_transfer.session import is_connect
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    connect = is_connect(spark)
+
+    def cancel() -> None:
+        try:
+            if connect:
+                spark.interruptAll()
+            else:
+                spark.sparkContext.setLogLevel("OFF")
+                spark.sparkContext.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - the session is going away: interrupting is all that matters
+            pass
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
+        logging.getLogger().addFilter(_drop_py4j_interrupt_records)
+        worker = threading.Thread(target=cancel, name="image-transfer-interrupt", daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def _drop_py4j_interrupt_records(record: Any) -> bool:
+    """Py4J logs an interrupted call through the root logger ("... while sending command."): not the user's news."""
+    return not str(record.msg).endswith("while sending command.")
 
 
 def _checked_session(
@@ -268,6 +316,21 @@ def _checked_session(
     return spark
 
 
+def _check_model_early(model: str, *, mode: str | None, layer: str | None = None, trust: bool = False) -> None:
+    """A model file checked before Spark starts (as flags are): a missing or unusable file is exit 2 in a
+    second, not after the session's start. MLflow URIs are resolved later, once (they download)."""
+    from image_transfer.lifecycle.uris import is_model_uri
+    from image_transfer.models.artifact import model_kind
+    from image_transfer.models.inspection import inspect_model
+
+    if is_model_uri(model):
+        return
+    kind = model_kind(model)  # exists, and is a model file or SavedModel folder
+    # A backbone's shapes are train's to check; a SavedModel is checked by loading it, which scoring does.
+    if mode is not None and kind == "keras":
+        inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
+
+
 def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
     """The options object of the flags, checked before any Spark work (a UserError names the flag)."""
     options = ScoringOptions.from_args(args)
@@ -287,6 +350,7 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
 
     options = _scoring_options(args, mode)
     command = "score" if mode == "classify" else "featurize"
+    _check_model_early(args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code)
     if args.images is not None:
         return _run_incremental(args, mode, options)
     if args.checkpoint is not None:
@@ -295,7 +359,7 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
         raise UserError("--output is required")
     wait = _wait(args)
     spark = _checked_session(args, command, [args.output], [args.input])
-    with output_lease(spark, args.output, command=command, wait=wait):
+    with output_lease(spark, args.output, command=command, wait=wait, table=args.output_table):
         _score_leased(spark, args, mode, command, options, wait)
     return 0
 
@@ -340,6 +404,7 @@ def _score_leased(
 
 
 def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOptions) -> int:
+    from image_transfer.imaging.files import skipped_files
     from image_transfer.jobs.runs import write_summary
     from image_transfer.scoring import incremental
 
@@ -370,8 +435,11 @@ def _run_incremental(args: argparse.Namespace, mode: str, options: ScoringOption
         result = incremental.score_new_images(spark, args.images, args.model, top_k=args.top_k, **common)
     else:
         result = incremental.featurize_new_images(spark, args.images, args.model, layer=args.layer, **common)
+    skipped = skipped_files(spark, args.images, extensions=common["extensions"], streaming=True)
     print(result.describe())
-    write_summary(result.to_dict(), args.summary)
+    if skipped:
+        print(f"skipped {skipped.describe()}")
+    write_summary({**result.to_dict(), "skipped": {**skipped.to_dict(), "text": skipped.describe()}}, args.summary)
     result.check()
     return 0
 
@@ -385,7 +453,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from image_transfer.imaging.files import describe_skipped, read_image_files, skipped_files
+    from image_transfer.imaging.files import read_image_files, skipped_files
     from image_transfer.jobs.outputs import output_lease, write_output
 
     wait = _wait(args)
@@ -396,7 +464,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     spark = _checked_session(args, "ingest", [args.output], [args.images])
     with output_lease(spark, args.output, command="ingest", wait=wait):
         images = read_image_files(spark, args.images, extensions=extensions)
-        skipped = describe_skipped(skipped_files(spark, args.images, extensions=extensions))
+        skipped = skipped_files(spark, args.images, extensions=extensions).describe()
         listed = images.count()
         if not listed:
             found = f"skipped {skipped}" if skipped else "the folder has no files"
@@ -431,7 +499,9 @@ def _add_training_parsers(sub: Any) -> None:
         "--validation-fraction", type=float, default=0.2, help="share of images for validation (default: %(default)s)"
     )
     p.add_argument(
-        "--extensions", default="jpg,jpeg,png", help="comma-separated file extensions to read (default: %(default)s)"
+        "--extensions",
+        default=",".join(IMAGE_EXTENSIONS),
+        help="comma-separated file extensions to read, or * for every file (default: %(default)s)",
     )
     p.add_argument("--summary", help="write a JSON summary (counts, the first rejected files) here")
     p.add_argument(
@@ -444,7 +514,10 @@ def _add_training_parsers(sub: Any) -> None:
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
     _add_dataset_options(p)
-    p.add_argument("--output-model", required=True, help="where to save the model (.keras)")
+    p.add_argument("--output-model", required=True, help="where to save the model (.keras): a new file")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output-model file (never the backbone)"
+    )
     p.add_argument(
         "--backbone",
         default="mobilenet_v2",
@@ -577,7 +650,7 @@ def _publish_task_value(key: str, value: Any) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from image_transfer.jobs.outputs import read_input
-    from image_transfer.training.train import TrainConfig, train
+    from image_transfer.training.train import TrainConfig, check_output_model, train
 
     if args.learning_rate <= 0:
         raise UserError(f"--learning-rate must be above 0, got {args.learning_rate}")
@@ -596,10 +669,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         head_input=args.head_input,
         workers=args.workers,
     )
+    check_output_model(args.output_model, args.backbone, overwrite=args.overwrite)
+    if args.backbone.endswith(".keras"):
+        _check_model_early(args.backbone, mode=None, trust=bool(args.trust_model_code))
     spark = session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     result = train(
-        data, config, output_model=args.output_model, metrics_path=args.metrics, register_as=args.register_as
+        data,
+        config,
+        output_model=args.output_model,
+        metrics_path=args.metrics,
+        register_as=args.register_as,
+        overwrite=args.overwrite,
     )
     print(result.describe())
     _publish_task_value("model_path", result.model_path)
@@ -640,6 +721,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.tolerance < 0:
         raise UserError(f"--tolerance must be at least 0, got {args.tolerance}")
     options = ScoringOptions.from_args(args)
+    _check_model_early(args.model, mode="classify", trust=options.trust_model_code)
     spark = session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     if args.promote_to is None:
@@ -745,14 +827,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except UserError as exc:
-        print(f"image-transfer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"image-transfer {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except TooManyFailures as exc:
-        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        print(f"image-transfer {args.command}: failed: {as_flags(str(exc))}", file=sys.stderr)
         return 3
     except RunFailed as exc:
-        print(f"image-transfer {args.command}: failed: {exc}", file=sys.stderr)
+        print(f"image-transfer {args.command}: failed: {as_flags(str(exc))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"image-transfer {args.command}: interrupted; the previous output is intact", file=sys.stderr)
+        return 130
+
+
+def as_flags(message: str) -> str:
+    """A message with the API's option names (``max_failed_fraction``) as the flags a CLI user typed."""
+    for name in ScoringOptions.names():
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}(?!\w)", ScoringOptions.flag(name), message)
+    return message
 
 
 def main() -> None:

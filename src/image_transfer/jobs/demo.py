@@ -35,6 +35,9 @@ def check_workdir(workdir: Path, fixtures: Path, *, overwrite: bool = False) -> 
             overwrite=overwrite,
             flag="--workdir",
         )
+    model = workdir / "model.keras"
+    if not overwrite and not demo_model(model):
+        raise UserError(f"{model} is not a model the demo trained: not replaced (--overwrite replaces it)")
 
 
 def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool = False) -> None:
@@ -57,7 +60,8 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool
         patience=20,
     )
     model = workdir / "model.keras"
-    trained = train(spark.read.parquet(str(dataset)), config, output_model=str(model))
+    ours = overwrite or demo_model(model)
+    trained = train(spark.read.parquet(str(dataset)), config, output_model=str(model), overwrite=ours)
     print(trained.describe())
     out = workdir / "validation_predictions.parquet"
     source = usable(spark.read.parquet(str(dataset)), "validation").select("path", "label", "content")
@@ -72,6 +76,18 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool
     )
     print(f"validation accuracy of the trained model: {trained.final_validation_accuracy:.3f}")
     print(f"trained model: {model}\nvalidation predictions: {out}")
+
+
+def demo_model(path: Path) -> bool:
+    """Whether the model file at ``path`` is missing or one that ``train`` wrote (the demo replaces it)."""
+    from image_transfer.models.artifact import read_metadata
+
+    if not path.exists():
+        return True
+    try:
+        return read_metadata(str(path)).get("trained_by") == "image-transfer train"
+    except Exception:  # noqa: BLE001 - not a model we can read: not ours
+        return False
 
 
 def default_fixtures() -> Path:

@@ -5,7 +5,8 @@ The lease is a lock file beside the output (``.NAME.lease``) made with the file 
 process), the command, when it started and a heartbeat, which a thread of the holder refreshes every
 quarter of the TTL. A lease whose heartbeat is older than the TTL (``IMAGE_TRANSFER_LEASE_TTL`` seconds,
 default ``DEFAULT_TTL``) has expired: its holder was killed. The next writer takes it over, and only then
-may it clean up what the holder left (its staging data). A second writer of a live lease fails at once
+may it clean up what the holder left (its staging data). A holder on this host whose process is gone
+(killed) is taken over at once, without waiting for the TTL. A second writer of a live lease fails at once
 with a UserError naming the holder, or waits for it (``wait``). The holder checks, before it replaces
 the output, that the lease is still its own (``OutputLease.check``).
 """
@@ -30,6 +31,7 @@ from image_transfer.errors import RunFailed, UserError
 LEASE_TTL_ENV = "IMAGE_TRANSFER_LEASE_TTL"
 DEFAULT_TTL = 60.0  # seconds without a heartbeat after which a lease has expired
 _POLL = 0.5  # seconds between looks at a held lease while waiting
+_RETRY = 0.05  # seconds before trying again to create a lease file released just now
 
 
 def lease_ttl() -> float:
@@ -99,17 +101,24 @@ class OutputLease:
         self._stop = threading.Event()
         self._lost: Holder | None = None
         self._thread: threading.Thread | None = None
+        self._io = threading.Lock()  # the heartbeat's rewrite and check's read: never a torn read
 
     def _record(self, now: float) -> str:
         owner = f"{socket.gethostname()}:{os.getpid()}"
         return Holder(owner, self.token, self.command, self.started, now).text()
 
     def holder(self) -> Holder | None:
-        """Who holds the lease now (None: nobody, or the file is being written)."""
+        """Who holds the lease now (None: nobody); UserError when the lease path is a directory."""
         try:
             text = self.fs.read_small(self.path)
         except Exception:  # noqa: BLE001 - released meanwhile, or unreadable
-            return None
+            if not self.fs.exists(self.path):
+                return None
+            if self.fs.is_dir(self.path):
+                raise UserError(
+                    f"the lease path {self.path} of {self.shown} is a directory, not a lease file: remove it"
+                ) from None
+            text = ""  # unreadable: aged by the file's time, as one being written
         found = Holder.parse(text)
         if found is None and self.fs.exists(self.path):
             # Created but not yet written (or its writer was killed right then): aged by the file's time.
@@ -127,9 +136,12 @@ class OutputLease:
                 break
             now = time.time()
             holder = self.holder()
-            if holder is None:
-                continue  # released (or rewritten) just now: try again
-            if now - holder.heartbeat > self.ttl:
+            if holder is None:  # released just now: try again, without spinning, within the deadline
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise UserError(f"could not take the lease {self.path} on {self.shown} within {wait:.0f}s")
+                time.sleep(_RETRY)
+                continue
+            if now - holder.heartbeat > self.ttl or _dead_here(holder):
                 self._take_over(holder)
                 continue
             busy = (
@@ -167,17 +179,19 @@ class OutputLease:
         interval = max(0.2, self.ttl / 4)
         while not self._stop.wait(interval):
             try:
-                holder = self.holder()
-                if holder is not None and holder.token not in (self.token, ""):
-                    self._lost = holder
-                    return
-                self.fs.replace_text(self.path, self._record(time.time()))
+                with self._io:
+                    holder = self.holder()
+                    if holder is not None and holder.token not in (self.token, ""):
+                        self._lost = holder
+                        return
+                    self.fs.replace_text(self.path, self._record(time.time()))
             except Exception:  # noqa: BLE001 - a transient fault: the next beat tries again
                 continue
 
     def check(self) -> None:
         """RunFailed when the lease is no longer this run's (it expired and another run took it over)."""
-        holder = self._lost or self.holder()
+        with self._io:  # not while the heartbeat rewrites the file (a plain overwrite on Hadoop file systems)
+            holder = self._lost or self.holder()
         if holder is None or holder.token != self.token:
             who = f" to {holder.describe(time.time())}" if holder is not None else ""
             raise RunFailed(
@@ -195,6 +209,20 @@ class OutputLease:
                 self.fs.remove(self.path)
         except Exception:  # noqa: BLE001 - cannot remove it: it expires after the TTL
             pass
+
+
+def _dead_here(holder: Holder) -> bool:
+    """Whether ``holder`` is a process of this host that no longer exists (killed: its lease is free)."""
+    host, _, pid = holder.owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, as another user's
+        return False
+    return False
 
 
 _HELD: dict[str, list[Any]] = {}  # lease path -> [lease, depth]: leases this process holds

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from image_transfer.errors import RunFailed, UserError
-from image_transfer.fs import COMMIT_MARKER, file_system
+from image_transfer.fs import COMMIT_MARKER, STREAM_MARKER, file_system
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
 from image_transfer.jobs.lease import OutputLease, hold
 
@@ -256,6 +256,8 @@ def replace_refusal(fs: Any, dest: str, *, command: str | None, path: str | None
     shown = path or dest
     if kind == "file":
         return f"{shown} is an existing file, not an output of image-transfer"
+    if kind == "foreign" and (fs.exists(fs.join(dest, STREAM_MARKER)) or fs.exists(fs.join(dest, "_spark_metadata"))):
+        return f"{shown} holds an incremental output (a streaming checkpoint's), not a batch output"
     if kind == "foreign":
         return f"{shown} exists and is not an output of image-transfer (it has no {COMMIT_MARKER} marker)"
     if kind == "output" and owner and command and owner != command:
@@ -388,17 +390,33 @@ def _move_files(fs: Any, source: str, target: str) -> None:
 
 @contextmanager
 def output_lease(
-    spark: Any, path: str, *, command: str | None = None, wait: float | None = None
+    spark: Any, path: str, *, command: str | None = None, wait: float | None = None, table: str | None = None
 ) -> Iterator[OutputLease]:
     """Hold the lease on the output ``path`` for the block (``lease.hold``): one writer per output at a time.
 
     Another run's live lease: UserError naming it at once, or after waiting ``wait`` seconds for it.
-    ``write_output`` takes it itself; a command takes it first to fail before any work.
+    ``write_output`` takes it itself; a command takes it first to fail before any work. With ``table``,
+    the table's lease is held too (``table_lease_path``).
     """
     fs, dest = file_system(spark, path)
     fs.mkdirs(fs.parent(dest))
     with hold(fs, dest, command=command, wait=wait, shown=path) as lease:
-        yield lease
+        if not table:
+            yield lease
+            return
+        with hold(fs, table_lease_path(fs, dest, table), command=command, wait=wait, shown=f"table {table}"):
+            yield lease
+
+
+def table_lease_path(fs: Any, dest: str, table: str) -> str:
+    """What the lease on ``table`` is taken on when it is written from the output ``dest``: ``TABLE.table``
+    in the output's folder (its lease file ``.TABLE.table.lease`` beside the output's own).
+
+    A path every writer of the output can reach, on Databricks too (a Volume, DBFS, cloud storage) and
+    under Spark Connect, where the metastore has no lock to offer: writers of one table whose outputs
+    share a folder exclude one another.
+    """
+    return fs.join(fs.parent(dest), f"{table.replace('`', '').lower()}.table")
 
 
 TABLE_PROPERTY = "image_transfer.command"  # what marks a table as a command's output (its name)
@@ -432,10 +450,28 @@ def check_table(spark: Any, table: str | None, *, command: str | None, overwrite
 
 
 def save_table(df: Any, table: str, *, command: str | None) -> None:
-    """Save ``df`` as ``table`` (replacing it: ``check_table`` first) marked as ``command``'s output."""
-    df.write.mode("overwrite").saveAsTable(table)
+    """Save ``df`` as ``table`` (replacing it: ``check_table`` first) marked as ``command``'s output.
+
+    The mark (``TABLE_PROPERTY``) is made with the table, in the same step: ``CREATE OR REPLACE TABLE
+    ... AS SELECT`` where the catalog has it (Delta, Unity Catalog); where it has not (the session
+    catalog's file tables), the old table is dropped first and the new one created with its mark, so a
+    run killed in between leaves no table (the next run creates it), never an unmarked one.
+    """
+    spark = df.sparkSession
+    provider = spark.conf.get("spark.sql.sources.default", "parquet")
     mark = command or "image-transfer"
-    df.sparkSession.sql(f"ALTER TABLE {_table_sql_name(table)} SET TBLPROPERTIES ('{TABLE_PROPERTY}' = '{mark}')")
+
+    def writer() -> Any:
+        return df.writeTo(table).using(provider).tableProperty(TABLE_PROPERTY, mark)
+
+    try:
+        writer().createOrReplace()
+        return
+    except Exception as exc:  # AnalysisException: this catalog does not replace tables as one step
+        if "TABLE_OPERATION" not in str(exc) and "REPLACE TABLE" not in str(exc):
+            raise
+    spark.sql(f"DROP TABLE IF EXISTS {_table_sql_name(table)}")
+    writer().create()
 
 
 def write_output(
@@ -456,11 +492,11 @@ def write_output(
     output) is refused with a UserError before anything is touched, unless ``overwrite``.
 
     One writer at a time: the write holds the output's lease (``output_lease``; another run's live lease
-    is a UserError naming it, or is waited for ``wait`` seconds). The data is written to a hidden staging
-    directory beside ``path``, counted (the Parquet footers' rows: with ``rows`` given, the staged rows
-    must equal it, else RunFailed and the previous output untouched), marked complete
-    (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until then. A failed
-    write leaves no staging data and the previous output (if any) untouched; what a killed run left
+    is a UserError naming it, or is waited for ``wait`` seconds), and ``table``'s lease with it. The data
+    is written to a hidden staging directory beside ``path``, counted (the Parquet footers' rows: with
+    ``rows`` given, the staged rows must equal it, else RunFailed and the previous output untouched),
+    marked complete (``_IMAGE_TRANSFER_COMPLETE``) and renamed into place; a previous output is kept until
+    then. A failed write leaves no staging data and the previous output (if any) untouched; what a killed run left
     behind is cleaned up by the next once the killed run's lease has expired (``_recover``). With
     ``table``, the written data is also saved as that table, replacing it; an existing table that is not
     an output of ``command`` is refused first, unless ``overwrite`` (``check_table``). On a classic
@@ -476,7 +512,7 @@ def write_output(
     spark = df.sparkSession
     if rows_per_file is not None and rows_per_file < 1:
         raise UserError(f"rows per file must be at least 1, got {rows_per_file}")
-    with output_lease(spark, path, command=command, wait=wait) as lease:
+    with output_lease(spark, path, command=command, wait=wait, table=table) as lease:
         return _write_leased(df, path, lease, table, rows_per_file, rows, command, overwrite)
 
 
@@ -510,7 +546,8 @@ def _write_leased(
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
         writer.parquet(staging)
-        staged = spark.read.parquet(staging).count()  # from the Parquet footers
+        # From the Parquet footers; the files by a glob, since Spark warns of (and ignores) a hidden folder named.
+        staged = spark.read.parquet(fs.join(staging, "*.parquet")).count()
         if rows is not None and staged != rows:
             raise RunFailed(
                 f"the staged output of {path} has {staged:,} rows, not the {rows:,} expected: "

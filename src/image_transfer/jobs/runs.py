@@ -16,7 +16,7 @@ from typing import Any
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.scoring.options import MODEL_ERROR
 from image_transfer.scoring.run import ScoringRun
-from image_transfer.scoring.stats import failed_fraction, worker_lines
+from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
 
 SAMPLE_ERRORS = 5
 
@@ -40,6 +40,7 @@ class RunSummary:
     threshold_exceeded: bool = False
     compute: dict[str, Any] = field(default_factory=dict)  # batch size, precision, jit, overlap
     rows_warned: int = 0  # rows whose decoding raised warnings (silenced: they never reach the console)
+    embedding: str = ""  # featurize: how the embedding is made when it is not a layer's own output (pooled)
 
     @property
     def images_per_second(self) -> float:
@@ -62,7 +63,9 @@ class RunSummary:
             f"({self.shipped})",
             *worker_lines(self.workers),
         ]
-        lines += [f"  failed: {e}" for e in self.errors_sample]
+        if self.embedding:
+            lines.append(f"  embedding: {self.embedding}")
+        lines += failed_lines(self.errors_sample, self.rows_failed)
         if self.rows_warned:
             lines.append(f"  {self.rows_warned} rows decoded with decoder warnings (not shown)")
         if self.threshold_exceeded:
@@ -166,6 +169,7 @@ def write_scored(
         errors_sample=sample,
         max_failed_fraction=run.max_failed_fraction,
         compute={**run.options.compute_summary(), "engine_used": run.engine},
+        embedding=run.model.info.embedding_note(),
     )
     summary.rows_warned = int(sum(w.get("rows_warned", 0) for w in summary.workers.values()))
     try:

@@ -37,6 +37,13 @@ class ModelInfo:
     size_bytes: int = 0
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
     probabilities: bool | None = None  # the outputs are probabilities (softmax/sigmoid); None: not checked
+    pooled_from: tuple[Any, ...] | None = None  # embeddings: the feature map's shape, pooled by its global average
+
+    def embedding_note(self) -> str:
+        """How the embedding is made, when it is not a layer's own output ("" otherwise)."""
+        if self.pooled_from is None:
+            return ""
+        return f"global average of the {self.pooled_from} feature map (as keras.applications' pooling='avg')"
 
     def label(self, index: int) -> str:
         """Class name of an output index (the index itself when the model has no class names)."""

@@ -10,7 +10,14 @@ from typing import Any
 
 from image_transfer.errors import UserError
 from image_transfer.models.artifact import ModelInfo, check_zip_members, model_kind, read_metadata, size_on_disk
-from image_transfer.models.load import embedding_model, io_shapes, load_model, outputs_in_unit_range, preprocess_fn
+from image_transfer.models.load import (
+    EMBEDDING_POOL,
+    embedding_model,
+    io_shapes,
+    load_model,
+    outputs_in_unit_range,
+    preprocess_fn,
+)
 from image_transfer.models.trust import check_keras_trust
 
 
@@ -40,15 +47,27 @@ def inspect_model(
         if probabilities is None and not embed:
             probabilities = _loaded_probabilities(model)
         if shapes is None:
-            shapes = io_shapes(embedding_model(model, layer) if embed else model)
+            cut = embedding_model(model, layer) if embed else model
+            shapes = io_shapes(cut)
+            if embed and cut.layers[-1].name == EMBEDDING_POOL:  # a feature map embedding_model pools
+                shapes = (shapes[0], tuple(cut.layers[-1].input.shape))
     in_shape, out_shape = shapes
     if len(in_shape) != 4 or in_shape[-1] != 3 or not all(isinstance(d, int) for d in in_shape[1:3]):
         raise UserError(
             f"the model's input {in_shape} is not a batch of fixed-size RGB images [None, height, width, 3]"
         )
+    pooled_from = None
+    if embed and len(out_shape) == 4 and isinstance(out_shape[3], int):
+        pooled_from, out_shape = tuple(out_shape), (out_shape[0], out_shape[3])  # embedding_model pools it
     if len(out_shape) != 2 or not isinstance(out_shape[1], int):
-        what = "embedding" if embed else "class scores"
-        raise UserError(f"the model's output {out_shape} is not a batch of {what} [None, n]")
+        if embed:
+            at = f"layer {layer!r}'s output" if layer else "the model's output"
+            raise UserError(
+                f"{at} {tuple(out_shape)} is neither a batch of embeddings [None, n] nor a spatial feature map "
+                "[None, height, width, channels] (pooled by its global average): name a layer with one of "
+                "those outputs (--layer, layer=)"
+            )
+        raise UserError(f"the model's output {tuple(out_shape)} is not a batch of class scores [None, n]")
     names = metadata.get("class_names")
     if names is not None and not embed and len(names) != out_shape[1]:
         raise UserError(f"the model has {out_shape[1]} outputs but its metadata names {len(names)} classes")
@@ -67,6 +86,7 @@ def inspect_model(
         size_bytes=size_on_disk(Path(path)),
         metadata=metadata,
         probabilities=probabilities,
+        pooled_from=pooled_from,
     )
     if classify:
         check_classifier(info)
@@ -84,7 +104,7 @@ def check_classifier(info: ModelInfo) -> None:
         return
     if info.class_names is None:
         raise UserError(
-            f"{info.path} is not a classifier: its {info.output_width} outputs are not class probabilities "
+            f"{info.path} is not a classifier: its output (None, {info.output_width}) is not class probabilities "
             "(no softmax or sigmoid at the end) and it has no class names. It looks like a feature extractor: "
             "use featurize (image-transfer featurize, featurize_images) for its embeddings, "
             "or train a classification head on it (image-transfer train --backbone)"
@@ -304,18 +324,20 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
         tensors = [t for node in spec.get("inbound_nodes") or [] for t in _tensors(node)]
         return _shape(tensors[0].get("shape")) if len(tensors) == 1 else None
 
+    last = by_name.get(outputs[0][0])
+    model_out = _output_shape(last, inbound(last)) if last is not None else None
     if embed:
         if layer is None:
             out = inbound(layers[-1])
+            if out is not None and len(out) != 2:
+                out = model_out  # no classifier at the end: the backbone's own output, as embedding_model cuts
             return (in_shape, out) if out is not None else None
         chosen = by_name.get(layer)
         if chosen is None:
             return None  # loading names the layers there are
         out = consumed.get(layer) or _output_shape(chosen, inbound(chosen))
         return (in_shape, out) if out is not None else None
-    last = by_name.get(outputs[0][0])
-    out = _output_shape(last, inbound(last)) if last is not None else None
-    return (in_shape, out) if out is not None else None
+    return (in_shape, model_out) if model_out is not None else None
 
 
 def _sequential_shapes(
@@ -332,8 +354,8 @@ def _sequential_shapes(
     shape: Shape | None = in_shape
     for i, spec in enumerate(layers):
         shape = _shape((spec.get("build_config") or {}).get("input_shape")) or shape  # as built, when recorded
-        if embed and layer is None and i == len(layers) - 1:
-            return (in_shape, shape) if shape is not None else None  # the input of the last layer
+        if embed and layer is None and i == len(layers) - 1 and shape is not None and len(shape) == 2:
+            return (in_shape, shape)  # the input of the last layer (else its output: a headless backbone)
         shape = _output_shape(spec, shape)
         if embed and layer is not None and _layer_name(spec) == layer:
             break

@@ -188,8 +188,16 @@ def io_shapes(model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return tuple(model.inputs[0].shape), tuple(model.outputs[0].shape)
 
 
+EMBEDDING_POOL = "image_transfer_pool"  # the global average pooling added after a spatial feature map
+
+
 def embedding_model(model: Any, layer: str | None) -> Any:
-    """A Keras model from the input to ``layer``'s output, or to the input of the final classifier."""
+    """A Keras model from the input to ``layer``'s output, or by default to the input of the final
+    classifier (for a headless backbone, whose last layer's input is not ``[None, n]``: its own output).
+
+    A spatial feature map ``[None, h, w, c]`` is pooled to an embedding ``[None, c]`` by its global
+    average, as ``keras.applications`` models with ``pooling="avg"`` do.
+    """
     import keras
 
     if isinstance(model, _SavedModelCallable):
@@ -205,7 +213,11 @@ def embedding_model(model: Any, layer: str | None) -> Any:
         target = nodes[-1].output_tensors[0] if nodes else chosen.output
     else:
         target = model.layers[-1].input
+        if len(target.shape) != 2:
+            target = model.outputs[0]  # no classifier at the end: the backbone's own output
     try:
+        if len(target.shape) == 4:
+            target = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_POOL)(target)
         return keras.Model(model.inputs, target)
     except ValueError as exc:
         raise UserError(f"cannot cut the model at {layer or 'the input of its last layer'}: {exc}") from exc

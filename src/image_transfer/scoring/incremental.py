@@ -30,7 +30,7 @@ from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS, extension_glob
 from image_transfer.scoring.options import MODEL_ERROR, ScoringOptions
 from image_transfer.scoring.run import ScoringRun
-from image_transfer.scoring.stats import failed_fraction, worker_lines
+from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
 
 SOURCES = ("auto", "cloudFiles", "binaryFile")
 DEFAULT_MAX_FILES_PER_TRIGGER = 1000
@@ -86,7 +86,7 @@ class IncrementalResult:
             f"model {self.model_version} ({self.shipped})",
             *worker_lines(self.workers),
         ]
-        lines += [f"  failed: {e}" for e in self.errors_sample]
+        lines += failed_lines(self.errors_sample, self.rows_failed)
         lines += [f"  not scored: {n['path']}: {n['reason']}" for n in self.not_scored]
         if self.threshold_exceeded:
             lines.append(f"  more than {self.max_failed_fraction:.1%} of the rows failed: the run fails")
@@ -227,6 +227,112 @@ def _why_missing(spark: Any, path: str) -> str:
     return ZERO_BYTES if size == 0 else f"no output row for a file of {size} bytes"
 
 
+def _stop(query: Any) -> None:
+    """Stop a streaming query that is still running (what stopping raises is not the caller's error)."""
+    try:
+        if query.isActive:
+            query.stop()
+    except Exception:  # noqa: BLE001 - the error that ended the loop is the one to report
+        pass
+
+
+# ---- whose output: the checkpoint's own, or none yet --------------------------------------------------
+
+CHECKPOINT_PROPERTY = "image_transfer.checkpoint"  # on an incremental output table: its checkpoint's id
+
+
+def _checkpoint_id(spark: Any, checkpoint: str) -> str | None:
+    """The query id Spark records in the checkpoint (its ``metadata``); None before its first run."""
+    from image_transfer.fs import file_system
+
+    fs, path = file_system(spark, f"{checkpoint}/metadata")
+    try:
+        return str(json.loads(fs.read_text(path))["id"]) if fs.exists(path) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _refuse(output: str, what: str) -> UserError:
+    return UserError(
+        f"{output} {what}: an incremental run writes only into its own checkpoint's output (or a new or "
+        "empty one); give a new output, or the checkpoint that writes this one"
+    )
+
+
+def _check_own_output(spark: Any, output: str, checkpoint: str) -> None:
+    """UserError unless the Parquet ``output`` is missing, empty, or this checkpoint's own.
+
+    Its own: its ``STREAM_MARKER`` names this checkpoint's id, or (an output written before the marker)
+    the file sink's log has commits and the checkpoint has run. Anything else would be hidden: once the
+    file sink's ``_spark_metadata`` log is there, readers see only the files it lists.
+    """
+    from image_transfer.fs import COMMIT_MARKER, STREAM_MARKER, file_system
+
+    fs, where = file_system(spark, output)
+    if not fs.exists(where):
+        return
+    if not fs.is_dir(where):
+        raise _refuse(output, "is an existing file")
+    names = fs.names(where)
+    if STREAM_MARKER in names:
+        fields = dict(p.split("=", 1) for p in fs.read_text(fs.join(where, STREAM_MARKER)).split() if "=" in p)
+        if fields.get("checkpoint_id") == _checkpoint_id(spark, checkpoint):
+            return
+        raise _refuse(output, f"holds the output of another checkpoint ({fields.get('checkpoint', 'unknown')})")
+    if _last_batch(spark, f"{output}/_spark_metadata") >= 0:
+        if _last_batch(spark, f"{checkpoint}/offsets") >= 0:
+            return  # written before the marker: the checkpoint's, as far as can be told
+        # The file sink would skip the micro-batch ids its log already has: new files would be lost.
+        raise _refuse(output, "holds the output of another checkpoint")
+    if not any(not n.startswith(("_", ".")) for n in names):
+        return  # empty (at most an empty log)
+    if COMMIT_MARKER in names:
+        fields = dict(p.split("=", 1) for p in fs.read_text(fs.join(where, COMMIT_MARKER)).split() if "=" in p)
+        by = f"`image-transfer {fields['command']}`" if fields.get("command") else "image-transfer"
+        raise _refuse(output, f"holds a batch output of {by} (its rows would be hidden from readers)")
+    raise _refuse(output, "holds other data, not this checkpoint's output (its rows would be hidden from readers)")
+
+
+def _check_own_table(spark: Any, table: str | None, checkpoint: str) -> None:
+    """UserError unless ``table`` is missing, empty, or this checkpoint's own (its ``CHECKPOINT_PROPERTY``;
+    a table written before the property: the checkpoint has run and no batch command marked it)."""
+    from image_transfer.jobs.outputs import TABLE_PROPERTY, _table_sql_name
+
+    if not table or not spark.catalog.tableExists(table):
+        return
+    properties = {row[0]: row[1] for row in spark.sql(f"SHOW TBLPROPERTIES {_table_sql_name(table)}").collect()}
+    if TABLE_PROPERTY in properties:
+        raise _refuse(table, f"holds a batch output of `image-transfer {properties[TABLE_PROPERTY]}`")
+    own = properties.get(CHECKPOINT_PROPERTY)
+    if own is not None:
+        if own == _checkpoint_id(spark, checkpoint):
+            return
+        raise _refuse(table, "holds the output of another checkpoint")
+    if _last_batch(spark, f"{checkpoint}/offsets") >= 0 or spark.table(table).isEmpty():
+        return
+    raise _refuse(table, "holds other data, not this checkpoint's output")
+
+
+def _mark_own(spark: Any, output: str | None, table: str | None, checkpoint: str) -> None:
+    """Record, once, that ``output`` (or ``table``) is this checkpoint's (``_check_own_output``)."""
+    from image_transfer.fs import STREAM_MARKER, file_system
+    from image_transfer.jobs.outputs import _table_sql_name
+
+    ident = _checkpoint_id(spark, checkpoint)
+    if ident is None:
+        return
+    if output:
+        fs, where = file_system(spark, output)
+        marker = fs.join(where, STREAM_MARKER)
+        if fs.exists(where) and not fs.exists(marker):
+            fs.write_text(marker, f"checkpoint_id={ident} checkpoint={checkpoint}\n")
+    elif table and spark.catalog.tableExists(table):
+        name = _table_sql_name(table)
+        properties = {row[0]: row[1] for row in spark.sql(f"SHOW TBLPROPERTIES {name}").collect()}
+        if CHECKPOINT_PROPERTY not in properties:
+            spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{CHECKPOINT_PROPERTY}' = '{ident}')")
+
+
 # ---- the run --------------------------------------------------------------------------------------
 
 
@@ -287,11 +393,10 @@ def _run(
     fs, where = file_system(spark, images_dir)
     if not fs.exists(where):
         raise UserError(f"cannot read images from {images_dir}: the folder does not exist")
-    if output and _last_batch(spark, f"{output}/_spark_metadata") >= 0 > _last_batch(spark, f"{checkpoint}/offsets"):
-        # The file sink would skip the micro-batch ids its log already has: new files would be lost.
-        raise UserError(
-            f"{output} already holds the output of another checkpoint: give a new output with a new checkpoint"
-        )
+    if output:
+        _check_own_output(spark, output, checkpoint)
+    else:
+        _check_own_table(spark, output_table, checkpoint)
     stream = read_new_images(
         spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
     )
@@ -309,6 +414,7 @@ def _run(
     )
     started = time.perf_counter()
     batches: dict[int, int] = {}
+    query = None
     try:
         with run.settings():  # a stream plans its micro-batches with the settings it started with
             query = writer.toTable(output_table) if output_table else writer.format("parquet").start(output)
@@ -330,11 +436,14 @@ def _run(
             raise RunFailed(line[line.index(MODEL_ERROR) :].strip()) from exc
         raise
     finally:
+        if query is not None:
+            _stop(query)  # an error or Ctrl-C in the loop: the query must not run on
         run.close()
     seconds = time.perf_counter() - started
     committed_after = _last_batch(spark, f"{checkpoint}/commits")
     if output and _last_batch(spark, f"{output}/_spark_metadata") < 0:
         _readable_when_empty(spark, output, out.schema)
+    _mark_own(spark, output, output_table, checkpoint)
     written = _written(spark, output, output_table)
     files_new: int | None = None
     not_scored: list[dict[str, str]] = []

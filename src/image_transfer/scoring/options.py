@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.imaging.screen import ImageLimits
+from image_transfer.imaging.screen import ImageLimits, parse_size
 from image_transfer.models.artifact import ModelInfo, content_digest
 from image_transfer.models.inspection import inspect_model
 
@@ -24,6 +24,26 @@ OVERLAP_CHUNKS = 4  # an overlapped batch is decoded and run in this many chunks
 
 class ModelFailure(RuntimeError):
     """The model itself raised while scoring (not an undecodable image): the run fails with this reason."""
+
+
+def byte_size(text: str) -> int:
+    """argparse type: bytes, or a number with a unit (``24MiB``, ``24 MiB``, ``10MB``)."""
+    import argparse
+
+    try:
+        return parse_size(text, binary=True)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (24MiB, 10MB, 25165824): {text!r}") from exc
+
+
+def pixel_count(text: str) -> int:
+    """argparse type: a count, or a number with a unit (``64M``, ``1.5G``)."""
+    import argparse
+
+    try:
+        return parse_size(text, binary=False)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(f"not a count (64M, 64000000): {text!r}") from exc
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:
@@ -45,8 +65,12 @@ class ScoringOptions:
         ("path",), "column passed through to the output (repeatable)", flag="--key-column"
     )
     batch_size: int = _opt(64, "images per model call", type=int)
-    max_image_bytes: int | None = _opt(None, "refuse larger encoded images (default 24 MiB)", type=int)
-    max_pixels: int | None = _opt(None, "refuse images declaring more pixels (default 64 M)", type=int)
+    max_image_bytes: int | None = _opt(
+        None, "refuse larger encoded images: bytes, or with a unit (24MiB, 10MB) (default 24 MiB)", type=byte_size
+    )
+    max_pixels: int | None = _opt(
+        None, "refuse images declaring more pixels (64M, 64000000) (default 64M)", type=pixel_count
+    )
     broadcast_max_mb: float = _opt(
         256.0, "models up to this size are broadcast as bytes; larger ones load from the shared path", type=float
     )
@@ -85,6 +109,10 @@ class ScoringOptions:
         from image_transfer.scoring.gpu import check_precision
 
         object.__setattr__(self, "key_columns", tuple(self.key_columns))
+        for name, binary in (("max_image_bytes", True), ("max_pixels", False)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_size(value, binary=binary, option=name))
         if self.batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {self.batch_size}")
         check_precision(self.precision)

@@ -9,7 +9,7 @@ from typing import Any
 
 from image_transfer.errors import TooManyFailures
 from image_transfer.scoring.options import PreparedModel, ScoringOptions
-from image_transfer.scoring.stats import WorkerStats
+from image_transfer.scoring.stats import WorkerStats, failed_lines
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ScoringRun:
             totals = self.totals()
             rows, failed = totals["rows"], totals["rows_failed"]
         if rows and failed / rows > self.max_failed_fraction:
-            reasons = "".join(f"\n  {s}" for s in sample)
+            reasons = "".join("\n" + line for line in failed_lines(list(sample), failed)) if sample else ""
             raise TooManyFailures(
                 f"{failed} of {rows} rows failed ({failed / rows:.1%}), over the allowed "
                 f"{self.max_failed_fraction:.1%} (max_failed_fraction){reasons}"

@@ -405,6 +405,14 @@ def failed_fraction(rows_failed: int, rows_out: int) -> float:
     return round(rows_failed / rows_out, 6) if rows_out else 0.0
 
 
+def failed_lines(sample: list[str], rows_failed: int, *, where: str = "the output's error column") -> list[str]:
+    """The summaries' ``  failed: ...`` lines for a sample of the failed rows, and how many more there are."""
+    lines = [f"  failed: {e}" for e in sample]
+    if rows_failed > len(sample):
+        lines.append(f"  ... and {rows_failed - len(sample)} more (all in {where})")
+    return lines
+
+
 def worker_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
     """The summaries' per-worker lines: loads, traces and rows per ``host:pid``, and pinned GPUs if any."""
 

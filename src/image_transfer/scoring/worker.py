@@ -21,6 +21,7 @@ from image_transfer.scoring.stats import BatchReporter, count, set_worker_fact, 
 _CACHE_SIZE = 2  # traced scoring functions kept per worker process (least recently used goes)
 _CACHE: OrderedDict[tuple[Any, ...], Scorer] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+_LOADING: dict[tuple[Any, ...], threading.Lock] = {}  # cache key -> the lock its one load holds
 
 
 def _task_cores() -> int:
@@ -301,32 +302,48 @@ def _import_tensorflow(cores: int) -> None:
 
 
 def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
-    """The worker's cached Scorer for this model and mode, loading it on a miss."""
+    """The worker's cached Scorer for this model and mode, loading it on a miss.
+
+    Threads asking for one model wait for a single load (a lock per cache key); different models load
+    side by side.
+    """
     key = prepared.cache_key
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _CACHE_LOCK:
+            if key in _CACHE:  # another thread loaded it meanwhile
+                _CACHE.move_to_end(key)
+                return _CACHE[key]
+        try:
+            scorer = _load_scorer(prepared, shipped)
+            with _CACHE_LOCK:
+                _CACHE[key] = scorer
+                while len(_CACHE) > _CACHE_SIZE:
+                    _CACHE.popitem(last=False)
+        finally:
+            with _CACHE_LOCK:
+                _LOADING.pop(key, None)
+    return scorer
+
+
+def _load_scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
+    """Load the model of ``prepared`` into a Scorer (LiteRT's or TensorFlow's)."""
     from image_transfer.models.artifact import unpack
 
     prepare_worker()
     info = prepared.info
     if prepared.compute.engine == "litert":
-        return _cache(key, _lite_scorer(prepared, shipped))
+        return _lite_scorer(prepared, shipped)
     if shipped is None:
         path = info.path
     else:
         data = shipped.value if hasattr(shipped, "value") else shipped  # a broadcast, or bytes in the closure
         path = unpack(data, info.kind, prepared.digest)
-    return _cache(key, Scorer(prepared, path))
-
-
-def _cache(key: tuple[Any, ...], scorer: Scorer) -> Scorer:
-    with _CACHE_LOCK:
-        _CACHE[key] = scorer
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return scorer
+    return Scorer(prepared, path)
 
 
 def _lite_scorer(prepared: PreparedModel, shipped: Any) -> LiteScorer:

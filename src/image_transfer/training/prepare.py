@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd  # module level: pandas_udf resolves the type hints against these globals
 
 from image_transfer.errors import UserError
-from image_transfer.imaging.files import read_image_files
+from image_transfer.imaging.files import IMAGE_EXTENSIONS, read_image_files
 from image_transfer.imaging.screen import ImageLimits
 
 SPLITS = ("train", "validation")
@@ -46,6 +46,7 @@ class PrepareResult:
     validation_fraction: float = 0.2
     rejected_count: int = 0  # all of them (the dataset's rows with an ``error``)
     rejected_file: str | None = None  # CSV ``path,reason`` of every rejected file, when written
+    skipped: dict[str, Any] = field(default_factory=dict)  # files the read left out (SkippedFiles.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -71,6 +72,8 @@ class PrepareResult:
         if self.rejected_count > shown:
             where = self.rejected_file or "the dataset's error column"
             lines.append(f"  ... and {self.rejected_count - shown} more (all in {where})")
+        if self.skipped.get("text"):
+            lines.append(f"skipped {self.skipped['text']}")
         return "\n".join(lines)
 
 
@@ -221,7 +224,12 @@ def build_dataset(
     labelled = attach_labels(images, root, labels)
     names = _labels(labelled.where(F.col("label").isNotNull()))
     if not names:
-        raise UserError("no labelled images found")
+        how = (
+            "the labels name none of its files"
+            if labels is not None
+            else "prepare needs one sub-folder per class (e.g. cats/a.jpg, dogs/b.jpg), or --labels CSV"
+        )
+        raise UserError(f"no labelled images found under {root}: {how}")
     screened = labelled.withColumn("_s", _screen_udf(limits or ImageLimits.default())(F.col("content")))
     error = F.when(F.col("_s.error").isNotNull(), F.col("_s.error")).when(F.col("label").isNull(), F.lit("no label"))
     out = screened.select(
@@ -307,7 +315,7 @@ def prepare(
     output_table: str | None = None,
     labels: str | None = None,
     validation_fraction: float = 0.2,
-    extensions: Sequence[str] = ("jpg", "jpeg", "png"),
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
     limits: ImageLimits | None = None,
     rejected_file: str | None = None,
     overwrite: bool = False,
@@ -329,7 +337,7 @@ def prepare(
     exts = [e.strip().lstrip(".") for e in extensions if e.strip()]
     if not exts:
         raise UserError("--extensions names no extension")
-    with output_lease(spark, output, command="prepare", wait=wait):
+    with output_lease(spark, output, command="prepare", wait=wait, table=output_table):
         return _prepare_leased(
             spark, images_dir, output, output_table, labels, validation_fraction, exts, limits, rejected_file, overwrite
         )
@@ -350,16 +358,16 @@ def _prepare_leased(
     """``prepare``'s work, holding the output's lease."""
     from pyspark.sql import functions as F
 
-    from image_transfer.imaging.files import describe_skipped, skipped_files
+    from image_transfer.imaging.files import skipped_files
     from image_transfer.jobs.outputs import check_table, save_table, write_output
 
     check_table(spark, output_table, command="prepare", overwrite=overwrite)
     images = read_image_files(spark, images_dir, extensions=exts)
+    skipped = skipped_files(spark, images_dir, extensions=exts)
     if images.isEmpty():
-        skipped = describe_skipped(skipped_files(spark, images_dir, extensions=exts))
         raise UserError(
             f"no files with extensions {', '.join(exts)} under {images_dir}"
-            + (f" (skipped {skipped}; --extensions chooses what to read)" if skipped else "")
+            + (f" (skipped {skipped.describe()}; --extensions chooses what to read)" if skipped else "")
         )
     label_df = read_labels(spark, labels) if labels else None
     root = _qualified_root(spark, images_dir)
@@ -385,7 +393,8 @@ def _prepare_leased(
         written = write_output(_renumber(written, usable_names), output, rows=written.count(), command="prepare")
     if output_table:
         save_table(written, output_table, command="prepare")
-    return summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
+    result = summarize(written, output=output, validation_fraction=validation_fraction, rejected_file=rejected_file)
+    return replace(result, skipped={**skipped.to_dict(), "text": skipped.describe()})
 
 
 def usable(df: Any, split: str | None = None) -> Any:

@@ -510,9 +510,10 @@ def _evaluate_split(model: Any, feed: Any, *, batch_size: int, image_size: int) 
     return correct / total if total else 0.0
 
 
-def _check_output_model(output_model: str, backbone: str) -> None:
+def check_output_model(output_model: str, backbone: str, *, overwrite: bool = False) -> None:
     """UserError before any training unless ``output_model`` is a ``.keras`` file path whose save would
-    not replace the backbone file it trains from, nor a directory (a SavedModel, a dataset)."""
+    not replace the backbone file it trains from, nor a directory (a SavedModel, a dataset), nor (unless
+    ``overwrite``) any existing file."""
     if not output_model.endswith(".keras"):
         raise UserError(f"--output-model must be a .keras file path, got {output_model}")
     out = Path(output_model)
@@ -520,6 +521,8 @@ def _check_output_model(output_model: str, backbone: str) -> None:
         raise UserError(f"--output-model {output_model} is a directory: give a .keras file path")
     if backbone.endswith(".keras") and out.exists() and Path(backbone).exists() and out.samefile(backbone):
         raise UserError(f"--output-model {output_model} is the backbone file: saving would replace it")
+    if out.exists() and not overwrite:
+        raise UserError(f"--output-model {output_model} exists: not replaced (--overwrite replaces it)")
 
 
 def train(
@@ -533,9 +536,12 @@ def train(
     strategy: Any = None,
     workers: int | None = None,
     worker_callbacks: WorkerCallbacks | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
 
+    An existing ``output_model`` is refused before any training unless ``overwrite`` (never the backbone
+    file it trains from).
     The feed caches are deleted when this returns or raises. ``callbacks`` are extra Keras callbacks.
     With a tracking server the run is logged to MLflow; ``register_as`` also registers the model as a
     new version of that name (``catalog.schema.model`` on Unity Catalog).
@@ -560,7 +566,7 @@ def train(
     config = absolute_paths(config)
     output_model = local_absolute(output_model)
     metrics_path = local_absolute(metrics_path) if metrics_path else None
-    _check_output_model(output_model, config.backbone)
+    check_output_model(output_model, config.backbone, overwrite=overwrite)
     if register_as:  # before training, not after
         from image_transfer.lifecycle.uris import require_tracking
 
