@@ -298,8 +298,10 @@ def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spa
 
 
 def test_two_workers_train_together_and_a_killed_worker_resumes_from_its_backup(tmp_path):
-    """On local-cluster[2,1,2048] (a session of its own, in a subprocess): one worker, two workers, and two
-    workers where task 1 dies after epoch 1 on its first attempt."""
+    """On local-cluster[2,1,2048] (a session of its own, in a subprocess), with a user's defaults (dropout,
+    augmentation, the head on features, then fine-tuning): one worker, two workers through the CLI with
+    relative paths, two workers where task 1 dies after its first epoch on its first attempt, and two
+    workers that cannot read the backbone file."""
     import os
     import subprocess
     import sys
@@ -316,14 +318,144 @@ def test_two_workers_train_together_and_a_killed_worker_resumes_from_its_backup(
     result = json.loads(line[len("RESULT ") :])
     one, two, killed = result["one"], result["two"], result["killed"]
     assert one["workers"] == 1 and two["workers"] == 2 and killed["workers"] == 2
+    phases = ["head", "head", "fine_tune", "fine_tune"]
+    assert one["phases"] == two["phases"] == phases
     # Both workers take every step (each its own shard), and end with identical weights.
     assert two["worker_steps"][0] == two["worker_steps"][1] > 0
     assert len(two["digests"]) == 2 and two["digests"][0] == two["digests"][1]
-    assert two["metrics"] == 2  # the metrics JSON records each worker
-    assert [e for e, _ in two["epochs"]] == [1, 2, 3]
+    assert [e for e, _ in two["epochs"]] == [1, 2, 3, 4]
     assert abs(two["accuracy"] - one["accuracy"]) <= 0.15, (one["accuracy"], two["accuracy"])
-    # The killed run: Spark retried the stage, which resumed from the backup after epoch 1 (not from epoch 0):
-    # the retried attempt ran epochs 2 and 3 only, and both workers end with the same weights.
-    assert killed["epochs"] == [[2, 1], [3, 1]]
-    assert killed["worker_steps"] == [s * 2 // 3 for s in two["worker_steps"]]
+    # The CLI's relative paths reached the workers absolute; the defaults held.
+    backbone = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "backbone.keras"
+    assert two["config"]["backbone"] == str(backbone) and two["config"]["dropout"] == 0.2
+    assert two["config"]["weights"] == "from the backbone file" and two["config"]["augment"] is True
+    # The killed run: Spark retried the stage, which resumed from the backup after fine-tuning's first
+    # epoch (not from its start): the retried attempt ran epoch 4 only; both workers end with the same weights.
+    assert killed["epochs"] == [[1, 0], [2, 0], [4, 1]]
+    assert killed["worker_steps"] == [s // 2 for s in two["worker_steps"]]
     assert killed["digests"][0] == killed["digests"][1]
+    # A file the workers cannot read: one line naming it, raised as a UserError (exit 2), no retried stage.
+    assert result["gone"]["error"].startswith("on training worker "), result["gone"]
+    assert "gone-backbone.keras" in result["gone"]["error"] and "\n" not in result["gone"]["error"]
+
+
+def test_a_barrier_task_leaves_its_python_worker_environment_as_it_found_it(spark, tmp_path, monkeypatch):
+    """TF_CONFIG and CUDA_VISIBLE_DEVICES are the task's own: Spark reuses the Python workers afterwards."""
+    import os
+
+    from image_transfer.training.distributed import run_stage, scoped_environ
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with scoped_environ({"CUDA_VISIBLE_DEVICES": "", "TF_CONFIG": "{}"}):
+        assert (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["TF_CONFIG"]) == ("", "{}")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7" and "TF_CONFIG" not in os.environ  # unset stays unset
+
+    def probe() -> dict:
+        rdd = spark.sparkContext.parallelize(range(4), 4)
+        seen = rdd.map(lambda _: (os.getpid(), os.environ.get("TF_CONFIG"), os.environ.get("CUDA_VISIBLE_DEVICES")))
+        return {pid: env for pid, *env in seen.collect()}
+
+    def main(spec, *, index, attempt):
+        return {"index": index, "pid": os.getpid(), "tf_config": os.environ.get("TF_CONFIG")}
+
+    before = probe()
+    reports = run_stage(spark, 2, {"backup_dir": str(tmp_path)}, main)
+    after = probe()
+    assert [json.loads(r["tf_config"])["task"]["index"] for r in reports] == [0, 1]
+    reused = {r["pid"] for r in reports} & set(after)
+    assert reused, "no later task ran in a barrier task's Python worker"
+    assert {tuple(after[pid]) for pid in reused} <= {tuple(env) for env in before.values()}
+    assert all(env[0] is None for env in after.values())
+
+
+def test_a_user_error_on_one_barrier_worker_ends_the_stage_with_its_line_and_no_retry(spark, tmp_path):
+    from image_transfer.training.distributed import run_stage
+
+    calls = tmp_path / "checks"
+    calls.mkdir()
+
+    def check(spec):
+        import uuid
+
+        from pyspark import BarrierTaskContext
+
+        index = BarrierTaskContext.get().partitionId()
+        (calls / f"{index}-{uuid.uuid4().hex}").touch()
+        if index == 1:
+            raise UserError("backbone /gone.keras is not a valid .keras file: [Errno 2] No such file or directory")
+
+    def main(spec, *, index, attempt):
+        raise RuntimeError("main ran after a refused check")
+
+    with pytest.raises(UserError) as refused:
+        run_stage(spark, 2, {"backup_dir": str(tmp_path / "backup")}, main, check=check)
+    assert str(refused.value) == (
+        "on training worker 1: backbone /gone.keras is not a valid .keras file: [Errno 2] No such file or directory"
+    )
+    assert sorted(p.name[0] for p in calls.iterdir()) == ["0", "1"]  # one attempt of each task: no retry
+
+
+def test_train_announces_each_phase_numbers_its_epochs_from_one_and_records_the_weights_used(
+    spark, backbone_model, tmp_path, monkeypatch, capsys
+):
+    """Relative paths through the CLI: the head, then fine-tuning, each with its line and its Epoch 1/N."""
+    import os
+    import shutil
+
+    shutil.copyfile(backbone_model, tmp_path / "backbone.keras")
+    shutil.copytree(fixture_dataset(spark), tmp_path / "data.parquet")
+    monkeypatch.chdir(tmp_path)
+    code = cli.run(
+        ["train", "--data", "data.parquet", "--output-model", "out/model.keras", "--backbone", "backbone.keras"]
+        + ["--epochs", "2", "--fine-tune-layers", "1", "--batch-size", "32", "--learning-rate", "0.01"]
+        + ["--cache-dir", ".", "--metrics", "out/train.json"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith(("train: training", "train: fine-tuning", "Epoch "))]
+    assert lines == [
+        "train: training the new head (backbone frozen) for 2 epochs at learning rate 0.01, on cached features",
+        "Epoch 1/2",
+        "Epoch 2/2",
+        "train: fine-tuning the top 1 backbone layers for 2 epochs at learning rate 0.001, on images",
+        "Epoch 1/2",
+        "Epoch 2/2",
+    ]
+    metrics = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert [(e["epoch"], e["phase"]) for e in metrics["epochs"]] == [
+        (1, "head"),
+        (2, "head"),
+        (3, "fine_tune"),
+        (4, "fine_tune"),
+    ]
+    # What was used: the file's own weights (--weights imagenet, the default, does not apply), absolute paths.
+    assert metrics["config"]["weights"] == "from the backbone file"
+    assert metrics["config"]["backbone"] == str(tmp_path / "backbone.keras")
+    assert metrics["model_path"] == str(tmp_path / "out" / "model.keras") and os.path.isfile(metrics["model_path"])
+
+
+def test_local_relative_paths_become_absolute_and_uris_stay():
+    import os
+
+    from image_transfer.fs import local_absolute
+
+    here = os.getcwd()
+    assert local_absolute("fixtures/model/backbone.keras") == os.path.join(here, "fixtures/model/backbone.keras")
+    for uri in ("dbfs:/tmp/x", "s3://bucket/x", "file:/tmp/x", "file:///tmp/x", "models:/m/1", "runs:/abc/model"):
+        assert local_absolute(uri) == uri
+    assert local_absolute("/Volumes/c/s/v/x") == "/Volumes/c/s/v/x"
+    args = cli.build_parser().parse_args(
+        ["train", "--data", "d", "--output-model", "m.keras", "--backbone", "mobilenet_v2", "--weights", "w.h5"]
+    )
+    args = cli.absolute_paths(args)
+    assert (args.data, args.output_model, args.weights) == tuple(
+        os.path.join(here, p) for p in ("d", "m.keras", "w.h5")
+    )
+    assert args.backbone == "mobilenet_v2"
+    args = cli.absolute_paths(cli.build_parser().parse_args(["score", "--input", "in", "--model", "models:/m@prod"]))
+    assert (args.input, args.model) == (os.path.join(here, "in"), "models:/m@prod")
+    args = cli.absolute_paths(
+        cli.build_parser().parse_args(["score", "--input", "main.ml.images", "--model", "m.keras"])
+    )
+    assert (args.input, args.model) == ("main.ml.images", os.path.join(here, "m.keras"))  # a table name, as typed

@@ -17,6 +17,15 @@ def _qualified(path: str) -> str:
     return path if re.match(r"^[A-Za-z][\w+.-]*:/", path) else os.path.abspath(path)
 
 
+def local_absolute(path: str) -> str:
+    """A local relative path made absolute against this process's directory (executors and Spark's JVM
+    run in others); a URI (``file:...``, ``dbfs:/``, ``s3://``, ``models:/``, ``runs:/``) or an absolute
+    path is returned as it is."""
+    if re.match(r"^[A-Za-z][\w+.-]+:", path) or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
 COMMIT_MARKER = "_IMAGE_TRANSFER_COMPLETE"  # in an output directory: its data files, counted when written
 STREAM_MARKER = "_IMAGE_TRANSFER_STREAM"  # in an incremental output directory: the checkpoint that writes it
 

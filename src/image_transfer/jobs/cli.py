@@ -779,6 +779,51 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else 1
 
 
+# Options naming local files or folders: made absolute on the driver before any work (``absolute_paths``).
+PATH_OPTIONS = (
+    "data",
+    "output_model",
+    "cache_dir",
+    "metrics",
+    "input",
+    "images",
+    "checkpoint",
+    "output",
+    "summary",
+    "rejected",
+    "model",
+)
+
+
+def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every local relative path made absolute against this directory (``fs.local_absolute``):
+    executors, barrier training workers and Spark's JVM may run in others. URIs (``dbfs:/``, ``s3://``,
+    ``file:``, ``models:/``, ``runs:/``), backbone names, ``--weights imagenet|none`` and an input spelled like a
+    table name (``schema.table``) that is no local path stay as typed."""
+    import os
+
+    from image_transfer.fs import local_absolute
+    from image_transfer.jobs.outputs import looks_like_table
+
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str) or not value:
+            continue
+        if name in ("data", "input") and looks_like_table(value) and not os.path.exists(value):
+            continue  # as typed: reading it fails with a hint to give it as a table
+        setattr(args, name, local_absolute(value))
+    backbone = getattr(args, "backbone", None)
+    if isinstance(backbone, str) and backbone.endswith(".keras"):
+        args.backbone = local_absolute(backbone)
+    weights = getattr(args, "weights", None)
+    if isinstance(weights, str) and weights not in ("imagenet", "none"):
+        args.weights = local_absolute(weights)
+    labels = getattr(args, "labels", None)
+    if isinstance(labels, str) and labels.lower().endswith(".csv"):
+        args.labels = local_absolute(labels)
+    return args
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the exit status.
 
@@ -787,7 +832,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     summary are written).
     """
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = absolute_paths(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
     handler: Handler = args.handler
     try:
         return handler(args)

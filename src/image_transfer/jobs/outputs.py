@@ -59,6 +59,11 @@ def read_input(
         raise UserError(f"cannot read input {path or table}: {reason}") from exc
 
 
+def looks_like_table(name: str) -> bool:
+    """``name`` is spelled like a table name (``schema.table`` or ``catalog.schema.table``)."""
+    return bool(_TABLE_NAME.match(name))
+
+
 def _read_error(exc: BaseException, images_hint: str | None) -> str:
     """One line for a failed read: the Spark error class and what it means, without the JVM stack."""
     text = str(exc)

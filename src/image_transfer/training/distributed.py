@@ -13,22 +13,26 @@ N tasks (``rdd.barrier().mapPartitions``: classic sessions only; Spark Connect h
 - keeps ``BackupAndRestore`` checkpoints per phase on the shared cache dir, so a retried barrier stage
   (Spark retries the whole stage) resumes from its last finished epoch, not from epoch 0.
 
+Before any collective work every task runs the stage's ``check`` (``training.train.worker_check``:
+the files it reads are there) and the tasks share its outcome: a ``UserError`` on any of them (a
+file the executors cannot read) ends every task at once, and the driver raises it, one line, with no
+retried stage; a ``UserError`` later, once the workers train together, fails the stage as any error
+does (Spark retries it). The environment a task sets (``TF_CONFIG``, ``CUDA_VISIBLE_DEVICES``) is restored
+when it ends, as Spark reuses its Python workers.
+
 The chief (task 0) saves the model and returns the per-epoch metrics; every task returns its steps.
-``IMAGE_TRANSFER_TEST_KILL`` (``TASK:EPOCH``) makes attempt 0 of that task exit after that epoch: the
-tests' deterministic worker failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from image_transfer.errors import UserError
-
-KILL_ENV = "IMAGE_TRANSFER_TEST_KILL"
 
 
 def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
@@ -62,48 +66,82 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-Main = Callable[..., dict[str, Any]]  # main(spec, *, index, attempt, kill) -> the worker's report
+Main = Callable[..., dict[str, Any]]  # main(spec, *, index, attempt) -> the worker's report
+Check = Callable[[dict[str, Any]], None]  # check(spec): raises UserError for what this worker cannot do
 
 
-def run_stage(spark: Any, workers: int, spec: dict[str, Any], main: Main) -> list[dict[str, Any]]:
+def run_stage(
+    spark: Any, workers: int, spec: dict[str, Any], main: Main, check: Check | None = None
+) -> list[dict[str, Any]]:
     """Run ``main(spec)`` (``training.train.worker_main``) in a barrier stage of ``workers`` tasks; returns each
-    task's report. ``main`` is passed in so that this module does not import the training code."""
+    task's report. ``main`` is passed in so that this module does not import the training code.
+
+    ``check(spec)`` runs on every task first; a ``UserError`` it raises on any task ends the stage without
+    running ``main`` (nor retrying the stage) and is raised here, naming the worker.
+    """
     payload = json.dumps(spec)
 
     def task(_: Any) -> Any:
-        yield json.dumps(_barrier_task(payload, main))
+        yield json.dumps(_barrier_task(payload, main, check))
 
     rdd = spark.sparkContext.parallelize(range(workers), workers)
     # The shuffle after it makes the barrier stage a map stage: Spark retries a failed barrier map stage
     # whole, and aborts a failed barrier result stage ("Could not recover from a failed barrier ResultStage").
-    reports = rdd.barrier().mapPartitions(task).repartition(1).collect()
-    return [json.loads(r) for r in reports]
+    reports = [json.loads(r) for r in rdd.barrier().mapPartitions(task).repartition(1).collect()]
+    refused = sorted((r for r in reports if r.get("user_error")), key=lambda r: r["index"])
+    if refused:
+        raise UserError(f"on training worker {refused[0]['index']}: {refused[0]['user_error']}")
+    return reports
 
 
-def _barrier_task(payload: str, main: Main) -> dict[str, Any]:
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block; then put back what was there (unset stays unset)."""
+    previous = {key: os.environ.get(key) for key in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _barrier_task(payload: str, main: Main, check: Check | None) -> dict[str, Any]:
     from pyspark import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
     index = ctx.partitionId()
     gpus = ctx.resources().get("gpu")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses) if gpus else ""
-    hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
-    ports = ctx.allGather(str(_free_port()))
-    os.environ["TF_CONFIG"] = json.dumps(
-        {
-            "cluster": {"worker": [f"{h}:{p}" for h, p in zip(hosts, ports, strict=True)]},
+    spec = json.loads(payload)
+    with scoped_environ({"CUDA_VISIBLE_DEVICES": ",".join(gpus.addresses) if gpus else ""}):
+        problem = ""
+        if check is not None:
+            try:
+                check(spec)
+            except UserError as exc:
+                problem = str(exc)
+        # Every task learns every task's port and problem: all go on, or all stop here (no collective started).
+        shared = [json.loads(m) for m in ctx.allGather(json.dumps({"port": _free_port(), "problem": problem}))]
+        if any(m["problem"] for m in shared):
+            ctx.barrier()
+            return {"index": index, "user_error": problem}
+        hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
+        tf_config = {
+            "cluster": {"worker": [f"{h}:{m['port']}" for h, m in zip(hosts, shared, strict=True)]},
             "task": {"type": "worker", "index": index},
         }
-    )
-    spec = json.loads(payload)
-    kill = os.environ.get(KILL_ENV) or spec.get("kill")
-    # A retried barrier stage starts its tasks' attempt numbers afresh: count this task's starts on shared storage.
-    starts = os.path.join(spec["backup_dir"], "starts")
-    os.makedirs(starts, exist_ok=True)
-    attempt = sum(1 for f in os.listdir(starts) if f.startswith(f"task-{index}-"))
-    open(os.path.join(starts, f"task-{index}-{attempt}"), "w").close()
-    report = main(spec, index=index, attempt=attempt, kill=kill)
-    ctx.barrier()
+        with scoped_environ({"TF_CONFIG": json.dumps(tf_config)}):
+            # A retried barrier stage starts its tasks' attempt numbers afresh: count this task's starts on
+            # shared storage.
+            starts = os.path.join(spec["backup_dir"], "starts")
+            os.makedirs(starts, exist_ok=True)
+            attempt = sum(1 for f in os.listdir(starts) if f.startswith(f"task-{index}-"))
+            open(os.path.join(starts, f"task-{index}-{attempt}"), "w").close()
+            report = main(spec, index=index, attempt=attempt)
+            ctx.barrier()
     return report
 
 

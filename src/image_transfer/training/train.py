@@ -28,12 +28,13 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
+from image_transfer.fs import local_absolute
 
 DEFAULT_IMAGE_SIZE = 224
 HEAD_INPUTS = ("features", "images")
@@ -91,6 +92,30 @@ class TrainConfig:
             raise UserError(f"image-size must be at least 32, got {self.image_size}")
         if self.backbone not in BACKBONES and not self.backbone.endswith(".keras"):
             raise UserError(f"unknown backbone {self.backbone!r}: one of {', '.join(BACKBONES)}, or a .keras file")
+
+
+FROM_BACKBONE_FILE = "from the backbone file"
+
+
+def weights_used(config: TrainConfig) -> str:
+    """The weights training starts from, as recorded: a file backbone's own unless a weights file is given."""
+    if config.backbone.endswith(".keras") and config.weights in ("imagenet", "none"):
+        return FROM_BACKBONE_FILE
+    return config.weights
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its local relative paths (a backbone or weights file, the cache and checkpoint dirs)
+    made absolute: barrier workers and executors run in other directories. URIs stay as they are."""
+    changes: dict[str, Any] = {}
+    if config.backbone.endswith(".keras"):
+        changes["backbone"] = local_absolute(config.backbone)
+    if config.weights not in ("imagenet", "none"):
+        changes["weights"] = local_absolute(config.weights)
+    for name in ("cache_dir", "checkpoint_dir"):
+        if getattr(config, name):
+            changes[name] = local_absolute(getattr(config, name))
+    return replace(config, **changes)
 
 
 @dataclass
@@ -222,8 +247,31 @@ def build_backbone(
     return net, [], int(shape[1])
 
 
-def build_classifier(backbone: Any, preprocess: Sequence[Any], *, classes: int, size: int, dropout: float) -> Any:
-    """Frozen ``backbone`` under a new softmax head: float RGB 0..255 [None, size, size, 3] -> [None, classes]."""
+def head_dropout(rate: float) -> Any:
+    """The head's Dropout layer (``head_dropout``).
+
+    Under ``MultiWorkerMirroredStrategy`` make it outside the strategy's scope and pass it to
+    ``build_classifier``: its random-seed variable is then the worker's own, not mirrored (Keras < 3.5 makes
+    it uint32, which the strategy cannot broadcast, and each worker may draw its own dropout masks).
+    """
+    import keras
+
+    return keras.layers.Dropout(rate, name="head_dropout")
+
+
+def build_classifier(
+    backbone: Any,
+    preprocess: Sequence[Any],
+    *,
+    classes: int,
+    size: int,
+    dropout: float,
+    dropout_layer: Any = None,
+) -> Any:
+    """Frozen ``backbone`` under a new softmax head: float RGB 0..255 [None, size, size, 3] -> [None, classes].
+
+    ``dropout_layer`` (``head_dropout(dropout)``, made elsewhere) replaces the one made here.
+    """
     import keras
 
     backbone.trainable = False
@@ -232,7 +280,7 @@ def build_classifier(backbone: Any, preprocess: Sequence[Any], *, classes: int, 
     for layer in preprocess:
         x = layer(x)
     x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuned
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    x = (dropout_layer if dropout_layer is not None else head_dropout(dropout))(x)
     # float32 softmax also under a mixed policy (float16 probabilities lose the small ones)
     outputs = keras.layers.Dense(classes, activation="softmax", name="classifier", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="image_transfer_classifier")
@@ -275,6 +323,26 @@ def _throughput_callback(batch_size: int, log: list[dict[str, Any]]) -> Any:
     return Throughput()
 
 
+def _phases(config: TrainConfig, *, head: bool = True) -> list[tuple[str, int, float]]:
+    """(phase, epochs, learning rate) of each phase to run: the head's (unless ``head`` is false), then
+    fine-tuning's at a tenth of the learning rate when ``fine_tune_layers``."""
+    phases = [("head", config.epochs, config.learning_rate)] if head else []
+    if config.fine_tune_layers:
+        phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
+    return phases
+
+
+def _phase_line(config: TrainConfig, phase: str, epochs: int, learning_rate: float, *, on: str) -> str:
+    """The line printed as a phase begins (Keras then numbers its epochs from 1)."""
+    what = (
+        "training the new head (backbone frozen)"
+        if phase == "head"
+        else f"fine-tuning the top {config.fine_tune_layers} backbone layers"
+    )
+    count = f"{epochs} epoch" + ("" if epochs == 1 else "s")
+    return f"train: {what} for {count} at learning rate {learning_rate:g}, on {on}"
+
+
 def _fit_phase(
     model: Any,
     train_ds: Any,
@@ -291,7 +359,10 @@ def _fit_phase(
     callbacks: Sequence[Any],
     batch_size: int,
 ) -> tuple[list[dict[str, Any]], float | None]:
-    """One ``fit`` phase; restores the best weights seen so far (this phase's or ``best`` before it)."""
+    """One ``fit`` phase; restores the best weights seen so far (this phase's or ``best`` before it).
+
+    Its rows number the epochs of the whole run: ``first_epoch`` + 1 on.
+    """
     import keras
 
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
@@ -305,10 +376,9 @@ def _fit_phase(
         initial_value_threshold=best,
     )
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=config.patience)
-    history = model.fit(
+    history = model.fit(  # epochs numbered from 1 in each phase, as its line says (_phase_line)
         train_ds,
-        epochs=first_epoch + epochs,
-        initial_epoch=first_epoch,
+        epochs=epochs,
         steps_per_epoch=steps,
         validation_data=val_ds,
         validation_steps=val_steps if val_ds is not None else None,
@@ -340,11 +410,13 @@ def _train_across(
     epochs: list[dict[str, Any]],
     tmp: Path,
     output_model: str,
+    worker_callbacks: WorkerCallbacks | None = None,
 ) -> tuple[list[dict[str, Any]], list[int], int, int]:
     """The image phases on ``config.workers`` barrier tasks; the chief's model lands at ``tmp/across.keras``.
 
     Returns (all epochs' rows, each worker's steps, replicas, global batch).
     """
+    import functools
     import shutil
 
     import numpy as np
@@ -362,7 +434,6 @@ def _train_across(
         "backup_dir": str(shared / "backup"),
         "model_path": str(shared / "model.keras"),
         "first_epoch": len(epochs),
-        "kill": os.environ.get(distributed.KILL_ENV),  # the tests' failure: executors lack the driver's env
         "extra": {"backbone": config.backbone, "trained_by": "image-transfer train"},
     }
     if head is not None:  # the head trained on features here: the workers start from it
@@ -370,8 +441,12 @@ def _train_across(
         np.savez(shared / "head.npz", kernel=weights[0], bias=weights[1])
         spec["head_weights"] = str(shared / "head.npz")
     print(f"train: the image phases across {config.workers} workers (MultiWorkerMirroredStrategy, barrier stage)")
+    for phase, n_epochs, lr in _phases(config, head=head is None):
+        print(_phase_line(config, phase, n_epochs, lr, on=f"images, across {config.workers} workers"))
+    main = functools.partial(worker_main, callbacks=worker_callbacks)
     try:
-        reports = sorted(distributed.run_stage(spark, config.workers, spec, worker_main), key=lambda r: r["index"])
+        reports = distributed.run_stage(spark, config.workers, spec, main, check=worker_check)
+        reports.sort(key=lambda r: r["index"])
         shutil.copyfile(shared / "model.keras", tmp / "across.keras")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -460,6 +535,7 @@ def train(
     register_as: str | None = None,
     strategy: Any = None,
     workers: int | None = None,
+    worker_callbacks: WorkerCallbacks | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
     """Train on a prepared dataset's ``train`` split, validate on ``validation``, save the model.
@@ -473,6 +549,10 @@ def train(
     many MultiWorkerMirroredStrategy workers (``training.distributed``; classic sessions only).
     ``strategy`` is a ``tf.distribute`` strategy (default: ``gpu.training_strategy()``, mirrored over
     the GPUs when there are several); ``config.batch_size`` is per replica.
+    ``worker_callbacks(index, attempt)`` gives extra Keras callbacks for each barrier worker (see
+    ``worker_main``); ``callbacks`` apply to the phases trained here.
+    Local relative paths (the backbone or weights file, the cache and checkpoint dirs, ``output_model``,
+    ``metrics_path``) are made absolute here: executors and barrier workers run in other directories.
     """
     import keras
 
@@ -483,6 +563,9 @@ def train(
     from image_transfer.training.feed import open_features, open_feed
     from image_transfer.training.prepare import class_names, usable
 
+    config = absolute_paths(config)
+    output_model = local_absolute(output_model)
+    metrics_path = local_absolute(metrics_path) if metrics_path else None
     check_output_model(output_model, config.backbone, overwrite=overwrite)
     if register_as:  # before training, not after
         from image_transfer.lifecycle.uris import require_tracking
@@ -573,21 +656,28 @@ def train(
             )
         epochs: list[dict[str, Any]] = []
         best: float | None = None
-        phases = [("head", config.epochs, config.learning_rate)]
-        if config.fine_tune_layers:
-            phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
         worker_steps = None
-        for phase, n_epochs, lr in phases:
+        for phase, n_epochs, lr in _phases(config):
             on_features = features is not None and phase == "head"
             if across and not on_features:  # this and any later phase: on the workers
                 epochs, worker_steps, replicas, batch = _train_across(
-                    df.sparkSession, config, train_feed, val_feed, names, head, epochs, tmp, output_model
+                    df.sparkSession,
+                    config,
+                    train_feed,
+                    val_feed,
+                    names,
+                    head,
+                    epochs,
+                    tmp,
+                    output_model,
+                    worker_callbacks,
                 )
                 model = load_keras(str(tmp / "across.keras"))
                 break
             fitted = head if on_features else model
             if phase == "fine_tune":
                 unfreeze_top(backbone, config.fine_tune_layers)
+            print(_phase_line(config, phase, n_epochs, lr, on="cached features" if on_features else "images"))
             with strategy.scope():
                 optimizer = keras.optimizers.Adam(lr)
                 if policy == "mixed_float16":
@@ -670,7 +760,7 @@ def train(
         final_validation_accuracy=final,
         images_per_second=images / train_seconds if train_seconds > 0 else 0.0,
         seconds=seconds,
-        config=asdict(replace(config, image_size=size)),
+        config=asdict(replace(config, image_size=size, weights=weights_used(config))),
         replicas=replicas,
         global_batch_size=batch,
         precision=policy,
@@ -789,8 +879,43 @@ def _synced_logs(model: Any) -> Any:
     return Synced(model)
 
 
-def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str | None = None) -> dict[str, Any]:
-    """One MultiWorkerMirroredStrategy worker: build the model, train the image phases, the chief saves."""
+WorkerCallbacks = Callable[[int, int], Sequence[Any]]  # (worker index, attempt) -> extra Keras callbacks
+
+
+def worker_check(spec: dict[str, Any]) -> None:
+    """What a worker checks before any collective work, without starting TensorFlow (MultiWorkerMirroredStrategy
+    must configure it first): the files it reads are there on this executor (the backbone or weights file,
+    the training cache). A ``UserError`` otherwise, which ``distributed.run_stage`` reports."""
+    config = TrainConfig(**spec["config"])
+    files = [("backbone", config.backbone if config.backbone.endswith(".keras") else None)]
+    files.append(("weights", config.weights if config.weights not in ("imagenet", "none") else None))
+    for what, path in files:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UserError(
+                f"cannot read the {what} file {path} on this executor ({exc.strerror or exc}): give a path "
+                "every node reads (e.g. /Volumes/...)"
+            ) from exc
+    for split in ("train", "validation"):
+        if spec.get(split) and not os.path.isdir(spec[split]["local"]):
+            raise UserError(
+                f"the training cache {spec[split]['local']} is not visible on this executor: give --cache-dir "
+                "on storage every node reads (a /Volumes/... path)"
+            )
+
+
+def worker_main(
+    spec: dict[str, Any], *, index: int, attempt: int = 0, callbacks: WorkerCallbacks | None = None
+) -> dict[str, Any]:
+    """One MultiWorkerMirroredStrategy worker: build the model, train the image phases, the chief saves.
+
+    ``callbacks(index, attempt)`` gives extra Keras callbacks for this worker's ``fit`` calls (after the
+    backup's): it travels to the executors pickled, so it must be importable there or defined in ``__main__``.
+    """
     import keras
     import tensorflow as tf
 
@@ -802,12 +927,18 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
     config = TrainConfig(**spec["config"])
     workers = strategy.cluster_resolver.cluster_spec().num_tasks("worker")
     keras.utils.set_random_seed(config.seed)
+    dropout = head_dropout(config.dropout)  # outside the scope: see head_dropout
     with strategy.scope():
         backbone, preprocess, size = build_backbone(
             config.backbone, weights=config.weights, image_size=config.image_size, trust=config.trust_model_code
         )
         model = build_classifier(
-            backbone, preprocess, classes=len(spec["class_names"]), size=size, dropout=config.dropout
+            backbone,
+            preprocess,
+            classes=len(spec["class_names"]),
+            size=size,
+            dropout=config.dropout,
+            dropout_layer=dropout,
         )
         if spec.get("head_weights"):
             import numpy as np
@@ -826,10 +957,15 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
     steps = -(-train_feed.rows // global_batch)
     val_steps = -(-val_feed.rows // global_batch) if val_feed else 0
     log: list[dict[str, Any]] = []
-    kill_task, kill_epoch = (int(x) for x in kill.split(":")) if kill else (-1, -1)
+    extra = list(callbacks(index, attempt)) if callbacks else []
 
     class Record(keras.callbacks.Callback):
-        """Epoch numbers as Keras ran them (a resumed stage starts past 0) and this worker's steps."""
+        """Epoch numbers of the whole run (Keras counts each phase from 1; a resumed stage starts past it)
+        and this worker's steps."""
+
+        def __init__(self, phase: str, first: int) -> None:
+            super().__init__()
+            self.phase, self.first = phase, first
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.steps, self.start, self.end = 0, time.perf_counter(), None
@@ -840,12 +976,10 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds = (self.end or time.perf_counter()) - self.start  # validation excluded
-            row = {"epoch": epoch + 1, "phase": self.phase, "steps": self.steps, "attempt": attempt}
+            row = {"epoch": self.first + epoch + 1, "phase": self.phase, "steps": self.steps, "attempt": attempt}
             row["train_seconds"] = seconds
             row.update({k: float(v) for k, v in (logs or {}).items()})
             log.append(row)
-            if index == kill_task and attempt == 0 and epoch + 1 == kill_epoch:
-                os._exit(17)  # the deterministic failure of the resume test
 
     def datasets(feed: Any, training: bool, seed: int) -> Any:
         # This worker's share, batched at the global batch: the strategy rebatches it into per-replica
@@ -862,29 +996,25 @@ def worker_main(spec: dict[str, Any], *, index: int, attempt: int = 0, kill: str
             options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
             return ds.with_options(options)
 
-    phases = [] if spec.get("head_weights") else [("head", config.epochs, config.learning_rate)]
-    if config.fine_tune_layers:
-        phases.append(("fine_tune", config.fine_tune_epochs or config.epochs, config.learning_rate / 10))
     first = spec.get("first_epoch", 0)
-    for phase, n_epochs, lr in phases:
+    for phase, n_epochs, lr in _phases(config, head=not spec.get("head_weights")):
         if phase == "fine_tune":
             unfreeze_top(backbone, config.fine_tune_layers)
+        if index == 0:
+            print(_phase_line(config, phase, n_epochs, lr, on="images"), flush=True)
         with strategy.scope():
             trainer.compile(
                 optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
             )
-        record = Record()
-        record.phase = phase
         backup = keras.callbacks.BackupAndRestore(os.path.join(spec["backup_dir"], phase, f"worker-{index}"))
         with strategy.scope():  # a resumed stage's BackupAndRestore loads the weights: in the scope
             trainer.fit(
                 datasets(train_feed, True, config.seed + first),
-                epochs=first + n_epochs,
-                initial_epoch=first,
+                epochs=n_epochs,
                 steps_per_epoch=steps,
                 validation_data=datasets(val_feed, False, 0) if val_feed else None,
                 validation_steps=val_steps if val_feed else None,
-                callbacks=[backup, record],
+                callbacks=[backup, Record(phase, first), *extra],
                 verbose=2 if index == 0 else 0,
             )
         first += n_epochs
