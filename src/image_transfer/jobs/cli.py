@@ -237,11 +237,11 @@ def session(args: argparse.Namespace, what: str) -> Any:
     """The command's session (``get_spark``) from its ``--master``, ``--conf`` and ``--remote``."""
     conf = parse_conf(getattr(args, "conf", None))
     spark = get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
-    _quiet_interrupts(spark)
+    quiet_interrupts(spark)
     return spark
 
 
-def _quiet_interrupts(spark: Any) -> None:
+def quiet_interrupts(spark: Any) -> None:
     """On Ctrl-C, cancel the session's jobs without the driver's log of every cancelled task.
 
     Replaces PySpark's SIGINT handler, which cancels all jobs over the main thread's Py4J connection

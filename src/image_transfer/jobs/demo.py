@@ -110,7 +110,10 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
     overwrite = bool(getattr(args, "overwrite", False))
     check_workdir(workdir, fixtures, overwrite=overwrite)
+    from image_transfer.jobs.cli import quiet_interrupts
+
     spark = get_spark("image-transfer demo", master=args.master or "local[2]", conf=parse_conf(args.conf))
+    quiet_interrupts(spark)
     images = workdir / "images.parquet"
     n = write_output(
         api.read_images(spark, str(fixtures / "images")), str(images), command="demo", overwrite=overwrite
