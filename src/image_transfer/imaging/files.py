@@ -98,12 +98,14 @@ def _unlisted_files(spark: Any, local: tuple[str, str], pattern: str, schema: An
 
         for _ in batches:
             found = [_spark_path(p, prefix) for p in unlisted_files(root, pattern)]
-            yield pd.DataFrame({"path": found, "content": [None] * len(found)})
+            if found:  # no empty frame: pyspark 4.1 cannot convert one (StructArray from a ChunkedArray)
+                yield pd.DataFrame({"path": found, "content": [None] * len(found)})
 
     def reading(batches: Iterator[Any]) -> Iterator[Any]:
         for batch in batches:
-            batch["content"] = [_read_local(_local_path(p, prefix)) for p in batch["path"]]
-            yield batch
+            if len(batch):
+                batch["content"] = [_read_local(_local_path(p, prefix)) for p in batch["path"]]
+                yield batch
 
     listed = spark.range(1).mapInPandas(listing, schema)
     return listed.repartition(UNLISTED_READ_TASKS).mapInPandas(reading, schema)
