@@ -19,7 +19,7 @@ from image_transfer import __version__
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
 from image_transfer.scoring.options import ScoringOptions
-from image_transfer.session import get_spark, parse_conf
+from image_transfer.session import get_spark, parse_conf, quiet_interrupts
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -239,52 +239,6 @@ def session(args: argparse.Namespace, what: str) -> Any:
     spark = get_spark(f"image-transfer {what}", master=args.master, conf=conf, remote=getattr(args, "remote", None))
     quiet_interrupts(spark)
     return spark
-
-
-def quiet_interrupts(spark: Any) -> None:
-    """On Ctrl-C, cancel the session's jobs without the driver's log of every cancelled task.
-
-    Replaces PySpark's SIGINT handler, which cancels all jobs over the main thread's Py4J connection
-    (already busy with the call that was interrupted: Py4J then logs its reentrant-call trace) while the
-    driver logs every cancelled task's Java trace. Here another thread turns the driver's log off and
-    cancels the jobs (under Spark Connect: interrupts the session's operations), Py4J's logging of the
-    interrupted call is dropped, and KeyboardInterrupt goes up through the commands' own cleanup (staging
-    data, leases) to ``run``, which prints one line and exits 130.
-    """
-    import logging
-    import signal
-    import threading
-
-    from image_transfer.session import is_connect
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    connect = is_connect(spark)
-
-    def cancel() -> None:
-        try:
-            if connect:
-                spark.interruptAll()
-            else:
-                spark.sparkContext.setLogLevel("OFF")
-                spark.sparkContext.cancelAllJobs()
-        except Exception:  # noqa: BLE001 - the session is going away: interrupting is all that matters
-            pass
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
-        logging.getLogger().addFilter(_drop_py4j_interrupt_records)
-        worker = threading.Thread(target=cancel, name="image-transfer-interrupt", daemon=True)
-        worker.start()
-        worker.join(timeout=10)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_interrupt)
-
-
-def _drop_py4j_interrupt_records(record: Any) -> bool:
-    """Py4J logs an interrupted call through the root logger ("... while sending command."): not the user's news."""
-    return not str(record.msg).endswith("while sending command.")
 
 
 def _checked_session(

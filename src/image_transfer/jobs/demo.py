@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.session import get_spark, parse_conf
+from image_transfer.session import get_spark, parse_conf, quiet_interrupts
 
 # Each output in the work folder, and the command its marker records.
 OUTPUTS = {
@@ -110,8 +110,6 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"no fixture model at {model_path}; run `python fixtures/make_fixtures.py`")
     overwrite = bool(getattr(args, "overwrite", False))
     check_workdir(workdir, fixtures, overwrite=overwrite)
-    from image_transfer.jobs.cli import quiet_interrupts
-
     spark = get_spark("image-transfer demo", master=args.master or "local[2]", conf=parse_conf(args.conf))
     quiet_interrupts(spark)
     images = workdir / "images.parquet"
