@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,10 +85,17 @@ def test_what_is_left_out_is_counted_with_reasons_and_names(spark, camera_folder
     assert hidden == 5  # _DSC0001, .hidden, _scan_001, _empty, _thumbs/t1
 
 
-def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder, tmp_path, capsys):
+def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder, tmp_path):
+    """In a process of its own, so the JVM's console is seen too: no WARN about the hidden staging folder."""
     out = tmp_path / "ingested"
-    assert cli.run(["ingest", "--images", str(camera_folder), "--output", str(out), "--extensions", "*"]) == 0
-    printed = capsys.readouterr().out
+    argv = ["ingest", "--images", str(camera_folder), "--output", str(out), "--extensions", "*", "--master", "local[1]"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run(
+        [sys.executable, "-m", "image_transfer", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "All paths were ignored" not in done.stderr and "staging" not in done.stderr, done.stderr[-3000:]
+    printed = done.stdout
     assert f"ingested {len(READ) + 1} files" in printed, printed  # notes.txt too
     assert "skipped 3 files: 2 files in hidden or Spark bookkeeping folders" in printed, printed
     assert "1 file being copied" in printed and "reads every file" not in printed, printed
