@@ -280,6 +280,8 @@ def build_classifier(
     for layer in preprocess:
         x = layer(x)
     x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuned
+    if isinstance(x, (list, tuple)) and len(x) == 1:  # Keras 3.12+: a file saved as [output] calls as a list
+        x = x[0]
     x = (dropout_layer if dropout_layer is not None else head_dropout(dropout))(x)
     # float32 softmax also under a mixed policy (float16 probabilities lose the small ones)
     outputs = keras.layers.Dense(classes, activation="softmax", name="classifier", dtype="float32")(x)
