@@ -55,3 +55,14 @@ def shapes_model() -> Path:
 @pytest.fixture(scope="session")
 def backbone_model() -> Path:
     return FIXTURES / "model" / "backbone.keras"
+
+
+@pytest.fixture
+def no_spark(monkeypatch):
+    """Fail the test if the CLI asks for a SparkSession."""
+    from image_transfer.jobs import cli
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a SparkSession was asked for")
+
+    monkeypatch.setattr(cli, "session", refuse)

@@ -22,16 +22,6 @@ from image_transfer.scoring.options import ScoringOptions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def no_spark(monkeypatch):
-    """Fail the test if the CLI asks for a SparkSession."""
-
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("a SparkSession was asked for")
-
-    monkeypatch.setattr(cli, "session", refuse)
-
-
 @pytest.mark.parametrize(
     ("given", "expected"),
     [("24MiB", 24 * 2**20), ("24 MiB", 24 * 2**20), ("10MB", 10_000_000), ("2M", 2 * 2**20), ("5000", 5000)],

@@ -37,16 +37,6 @@ def images(fixtures_dir, tmp_path) -> Path:
     return folder
 
 
-@pytest.fixture
-def no_spark(monkeypatch):
-    """Fail the test if the CLI asks for a SparkSession."""
-
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("a SparkSession was asked for")
-
-    monkeypatch.setattr(cli, "session", refuse)
-
-
 # ---- 1: an output is, contains or lies inside the input: refused, nothing touched --------------------------
 
 
