@@ -474,6 +474,31 @@ def save_table(df: Any, table: str, *, command: str | None) -> None:
     writer().create()
 
 
+def _discard(fs: Any, path: str) -> None:
+    """Delete a failed write's staging data; a failure here never hides the write's own error.
+
+    After Ctrl-C the main thread's Py4J connection may be the interrupted one: a second try runs on a
+    thread of its own (a connection of its own). What stays is cleaned up by the next run (``_recover``).
+    """
+    import threading
+
+    try:
+        fs.delete(path)
+        return
+    except Exception:  # noqa: BLE001 - try once more off this thread
+        pass
+    retry = threading.Thread(target=lambda: _ignore_errors(fs.delete, path), name="image-transfer-cleanup")
+    retry.start()
+    retry.join(timeout=30)
+
+
+def _ignore_errors(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - best effort: the next run cleans up
+        pass
+
+
 def write_output(
     df: Any,
     path: str,
@@ -546,8 +571,10 @@ def _write_leased(
         writer = writer.option("maxRecordsPerFile", rows_per_file)
     try:
         writer.parquet(staging)
-        # From the Parquet footers; the files by a glob, since Spark warns of (and ignores) a hidden folder named.
-        staged = spark.read.parquet(fs.join(staging, "*.parquet")).count()
+        # From the Parquet footers, of the part files named one by one: Spark warns of (and ignores) a hidden
+        # folder named as the path, and Spark 4 logs a trace for a glob.
+        parts = [fs.join(staging, rel) for rel, _ in fs.files(staging) if rel.endswith(".parquet") and "/" not in rel]
+        staged = spark.read.parquet(*parts).count() if parts else 0
         if rows is not None and staged != rows:
             raise RunFailed(
                 f"the staged output of {path} has {staged:,} rows, not the {rows:,} expected: "
@@ -556,7 +583,7 @@ def _write_leased(
         _mark_complete(fs, staging, command, staged)
         lease.check()
     except BaseException:
-        fs.delete(staging)
+        _discard(fs, staging)
         raise
     had_previous = fs.exists(dest)
     if had_previous and not fs.rename(dest, backup):
