@@ -411,3 +411,161 @@ def test_training_weights_are_a_variable_and_documented():
     assert parse(run_time_values(job, train)).weights == volume_file
     text = " ".join(DOCS.read_text().split())
     assert "outbound internet" in text and "--weights" in text and "backbone_weights" in text
+
+
+# Databricks Runtime 18 LTS ML: the dbr18 target, as the CLI merges it.
+
+KEYED_LISTS = {"tasks": "task_key", "job_clusters": "job_cluster_key"}
+
+
+def _merge(base, override):
+    """The CLI's merge of a target into the root: maps key by key, sequences appended, scalars replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _merge(base[key], value) if key in base else value
+        return out
+    if isinstance(base, list) and isinstance(override, list):
+        return base + override
+    return override if override is not None else base
+
+
+def _combine_by_key(job: dict) -> dict:
+    """Then tasks and job clusters of the same key become one (their libraries appended), in first-seen order."""
+    job = dict(job)
+    for field, key in KEYED_LISTS.items():
+        combined: dict = {}
+        for item in job.get(field, []):
+            combined[item[key]] = _merge(combined[item[key]], item) if item[key] in combined else item
+        if field in job:
+            job[field] = list(combined.values())
+    return job
+
+
+def target_jobs(target: str) -> dict:
+    """Every job ``databricks bundle deploy -t target`` creates: resources/ merged with the target's block,
+    variables resolved."""
+    jobs = {key: job for path in JOB_FILES for key, job in jobs_of(path).items()}
+    overrides = ((BUNDLE["targets"][target] or {}).get("resources") or {}).get("jobs") or {}
+    for key, override in overrides.items():
+        if key in jobs:
+            # An override naming no task of the job would add a task with no type: a broken bundle.
+            tasks = {t["task_key"] for t in jobs[key]["tasks"]}
+            added = {t["task_key"] for t in override.get("tasks", [])}
+            assert added <= tasks, (target, key, added - tasks)
+        jobs[key] = _merge(jobs.get(key), override)
+    return {key: resolved(target, _combine_by_key(job)) for key, job in jobs.items()}
+
+
+def ci_pins(name: str = "dbr18") -> dict[str, str]:
+    """``.ci/NAME-requirements.in`` as {distribution: specifier}."""
+    pins = {}
+    for line in (ROOT / ".ci" / f"{name}-requirements.in").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(.*)", line)
+            pins[match.group(1).lower()] = match.group(3).replace(" ", "")
+    return pins
+
+
+DBR18 = variables("dbr18")
+GPU_TF = [
+    {"pypi": {"package": f"tensorflow[and-cuda]=={DBR18['tensorflow_version']}"}},
+    {"pypi": {"package": f"keras=={DBR18['keras_version']}"}},
+    {"pypi": {"package": DBR18["protobuf_requirement"]}},
+]
+CPU_TF = [
+    {"pypi": {"package": f"tensorflow=={DBR18['tensorflow_version']}"}},
+    {"pypi": {"package": f"keras=={DBR18['keras_version']}"}},
+    {"pypi": {"package": DBR18["protobuf_requirement"]}},
+    {"pypi": {"package": f"ai-edge-litert=={DBR18['litert_version']}"}},
+]
+
+
+def test_the_dbr18_pins_are_the_versions_ci_tests():
+    """One definition of each version (the bundle variables), equal to CI's Runtime-18-like environment."""
+    ci = ci_pins()
+    # CI installs tensorflow-cpu (no CUDA libraries to download); the same version of the same package.
+    assert ci["tensorflow-cpu"] == f"=={DBR18['tensorflow_version']}" == "==2.21.0"
+    assert ci["keras"] == f"=={DBR18['keras_version']}"
+    assert ci["ai-edge-litert"] == f"=={DBR18['litert_version']}"
+    assert ci["protobuf"] == DBR18["protobuf_requirement"].removeprefix("protobuf")
+    assert ci["mlflow-skinny"] == "==3.8.1"  # Runtime 18's, which needs protobuf < 7
+    for name in ("tensorflow_version", "keras_version", "litert_version", "protobuf_requirement"):
+        assert all(name not in (t or {}).get("variables", {}) for t in BUNDLE["targets"].values()), name
+    # The wheel itself stays loose: it never replaces a runtime's own TensorFlow.
+    if tomllib is not None:
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        assert extras["tf"] == ["tensorflow>=2.16"]
+
+
+def test_the_dbr18_job_clusters_use_runtime_18_and_the_right_node_types():
+    jobs = target_jobs("dbr18")
+    assert sorted(jobs) == sorted([*(k for p in JOB_FILES for k in jobs_of(p)), "batch_inference_cpu"])
+    for key, job in jobs.items():
+        for cluster in job["job_clusters"]:
+            spec, where = cluster["new_cluster"], f"{key}.{cluster['job_cluster_key']}"
+            nodes = [spec["node_type_id"], spec.get("driver_node_type_id", spec["node_type_id"])]
+            if key == "batch_inference_cpu":
+                assert spec["spark_version"] == "18.0.x-cpu-ml-scala2.13", where
+                assert not any(GPU_FAMILY.match(n) for n in nodes), (where, nodes)
+                assert nodes[0] == BUNDLE["variables"]["cpu_node_type_id"]["default"], where
+            else:
+                assert spec["spark_version"] == "18.0.x-gpu-ml-scala2.13", where
+                assert GPU_FAMILY.match(spec["node_type_id"]), (where, nodes)
+                assert spec["node_type_id"] == BUNDLE["variables"]["node_type_id"]["default"], where
+            assert {cloud(n) for n in nodes} == {"aws"}, (where, nodes)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gpu_scheduling_only_on_gpu_nodes(target):
+    """Spark refuses spark.task.resource.gpu.amount on an executor without GPUs: the reason the GPU jobs
+    cannot move to CPU nodes by a target override (an override cannot remove a key)."""
+    for key, job in target_jobs(target).items():
+        for cluster in job["job_clusters"]:
+            spec = cluster["new_cluster"]
+            if "spark.task.resource.gpu.amount" in spec["spark_conf"]:
+                assert GPU_FAMILY.match(spec["node_type_id"]) and "-gpu-ml-" in spec["spark_version"], key
+            if not GPU_FAMILY.match(spec["node_type_id"]):
+                assert "-cpu-ml-" in spec["spark_version"], key
+                assert not any(k.startswith("spark.task.resource.gpu") for k in spec["spark_conf"]), key
+
+
+def test_every_dbr18_task_installs_the_wheel_and_the_pinned_tensorflow():
+    for key, job in target_jobs("dbr18").items():
+        for task in job["tasks"]:
+            where, libraries = f"{key}.{task['task_key']}", task["libraries"]
+            assert sum("whl" in lib for lib in libraries) == 1, where
+            want = CPU_TF if key == "batch_inference_cpu" else GPU_TF
+            assert [lib for lib in libraries if "pypi" in lib] == want, where
+    # Runtimes that ship TensorFlow install none.
+    for target in ("dev", "cpu", "prod"):
+        assert "pypi" not in str(target_jobs(target)), target
+
+
+def test_the_dbr18_cpu_job_is_the_cpu_targets_job():
+    """batch_inference_cpu is defined once (a YAML anchor in the cpu target); dbr18 adds only libraries."""
+    cpu, dbr18 = target_jobs("cpu")["batch_inference_cpu"], target_jobs("dbr18")["batch_inference_cpu"]
+    (cpu_task,), (dbr18_task,) = cpu["tasks"], dbr18["tasks"]
+    assert {k: v for k, v in dbr18_task.items() if k != "libraries"} == {
+        k: v for k, v in cpu_task.items() if k != "libraries"
+    }
+    assert dbr18_task["libraries"] == cpu_task["libraries"] + CPU_TF
+    strip = {"tasks", "job_clusters"}
+    assert {k: v for k, v in dbr18.items() if k not in strip} == {k: v for k, v in cpu.items() if k not in strip}
+    (cpu_cluster,), (dbr18_cluster,) = cpu["job_clusters"], dbr18["job_clusters"]
+    assert cpu_cluster["new_cluster"]["spark_version"] == "15.4.x-cpu-ml-scala2.12"
+    same = {"spark_version": "any"}
+    assert {**dbr18_cluster["new_cluster"], **same} == {**cpu_cluster["new_cluster"], **same}
+    args = parse(run_time_values(dbr18, dbr18_task))
+    assert args.command == "score" and args.engine == "auto"
+
+
+@pytest.mark.parametrize("target", ["dbr18", "cpu"])
+def test_target_jobs_pass_the_bundle_model(target):
+    from databricks.bundles.jobs import Job
+
+    for key, job in target_jobs(target).items():
+        model = Job.from_dict(job)
+        assert model.name and model.tasks, key
+        assert not re.findall(r"\$\{[^}]+\}", str(model.as_dict())), key

@@ -191,30 +191,3 @@ def test_mirrored_training_over_two_devices_matches_single_device(tmp_path):
     assert mixed["precision"] == "mixed_float16"
     np.testing.assert_allclose(mixed["loss"], single["loss"][:2], rtol=2e-2)
     assert mixed["saved_policies"] == ["float32"]  # saved float32: scoring chooses its own precision
-
-
-def test_the_dbr18_target_installs_tensorflow_from_the_tf_extra_range():
-    import tomllib
-    from test_bundle import BUNDLE, JOB_FILES, jobs_of, resolved
-
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tf"]
-    assert extra == ["tensorflow>=2.16"]
-    target = BUNDLE["targets"]["dbr18"]
-    requirement = resolved("dbr18", "${var.tensorflow_requirement}")
-    assert requirement.replace("[and-cuda]", "") == extra[0]  # the wheel's `tf` extra, with CUDA on GPUs
-    assert (
-        resolved("dbr18", "${var.spark_version}").startswith("18.")
-        and "-gpu-ml-" in target["variables"]["spark_version"]
-    )
-    overrides = target["resources"]["jobs"]
-    for path in JOB_FILES:
-        for key, job in jobs_of(path).items():
-            added = {t["task_key"]: t.get("libraries", []) for t in overrides[key]["tasks"]}
-            # An override naming no task of the job would add a task with no type: a broken bundle.
-            assert set(added) <= {t["task_key"] for t in job["tasks"]}, (key, set(added))
-            for task in resolved("dbr18", job)["tasks"]:
-                # The CLI merges a target's tasks by task_key and appends their libraries.
-                libraries = task["libraries"] + resolved("dbr18", added[task["task_key"]])
-                assert {"whl": "../dist/*.whl"} in libraries, task["task_key"]
-                assert {"pypi": {"package": requirement}} in libraries, task["task_key"]
-    assert "tensorflow" not in json.dumps(BUNDLE["targets"]["dev"]) + json.dumps(BUNDLE["targets"]["prod"])
