@@ -569,3 +569,13 @@ def test_target_jobs_pass_the_bundle_model(target):
         model = Job.from_dict(job)
         assert model.name and model.tasks, key
         assert not re.findall(r"\$\{[^}]+\}", str(model.as_dict())), key
+
+
+def test_deploy_docs_say_what_runs_on_gpu_on_runtime_18():
+    for path in (DOCS, ROOT / "README.md"):
+        text = " ".join(path.read_text().split())
+        assert "-t dbr18" in text, path.name
+        assert "issue 36" in text and "PyTorch engine" in text, path.name
+    text = " ".join(DOCS.read_text().split())
+    for phrase in ("tensorflow[and-cuda]==2.21.0", "untested on a GPU", "LiteRT", "CPU only", "19 ML"):
+        assert phrase in text, phrase
