@@ -43,8 +43,8 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="Keras model file (.keras) or SavedModel directory, or an MLflow URI: models:/NAME@ALIAS, "
-        "models:/NAME/VERSION, runs:/RUN/PATH",
+        help="Keras model file (.keras), SavedModel directory or LiteRT file (.tflite, its class names and "
+        "preprocessing in <file>.json), or an MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH",
     )
     p.add_argument(
         "--output",
@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_parsers(sub)
 
     p = sub.add_parser("inspect", help="check a model as scoring would, without Spark: input size, outputs, classes")
-    p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory, or an MLflow URI")
+    p.add_argument(
+        "--model", required=True, help="Keras model file (.keras), SavedModel directory, .tflite file, or an MLflow URI"
+    )
     p.add_argument("--layer", help="with --embed: the embedding layer (default: before the classifier)")
     p.add_argument("--embed", action="store_true", help="check it for featurize (default: for score, a classifier)")
     ScoringOptions.add_arguments(p, only=("trust_model_code",))
@@ -285,7 +287,7 @@ def _check_model_early(model: str, *, mode: str | None, layer: str | None = None
         return
     kind = model_kind(model)  # exists, and is a model file or SavedModel folder
     # A backbone's shapes are train's to check; a SavedModel is checked by loading it, which scoring does.
-    if mode is not None and kind == "keras":
+    if mode is not None and kind in ("keras", "tflite"):
         inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
 
 
@@ -534,7 +536,7 @@ def _add_training_parsers(sub: Any) -> None:
         "--register-as",
         help="register the model as a new version of this MLflow model (catalog.schema.model on Unity Catalog)",
     )
-    ScoringOptions.add_arguments(p, only=("trust_model_code",))  # for a --backbone file
+    ScoringOptions.add_arguments(p, only=("trust_model_code", "litert_cache"))  # a --backbone file; the features
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -630,6 +632,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         mixed_precision=args.mixed_precision,
         trust_model_code=bool(args.trust_model_code),
+        litert_cache=args.litert_cache,
         head_input=args.head_input,
         workers=args.workers,
     )
