@@ -201,3 +201,22 @@ def test_a_driver_given_a_tflite_or_a_shared_conversion_imports_no_tensorflow(
         assert (out[name]["engine"], out[name]["conversions"]) == ("litert-xnnpack", 0), name
     assert len(out["tflite"]["rows"]) == 6 and all(row[2] is None for row in out["tflite"]["rows"].values())
     assert out["tflite"]["rows"] == out["keras"]["rows"]
+
+
+def test_the_cli_checks_a_tflite_before_spark(shapes_tflite, tmp_path, capsys, no_spark):
+    from image_transfer.jobs import cli
+
+    base = ["--input", str(tmp_path / "in"), "--model", str(shapes_tflite), "--output", str(tmp_path / "o")]
+    assert cli.run(["featurize", *base, "--layer", "shapes_backbone"]) == 2
+    assert "cannot be cut at a layer" in capsys.readouterr().err
+    assert cli.run(["score", *base, "--engine", "tensorflow", "--litert-cache", str(tmp_path / "c")]) == 2
+    assert "runs only on LiteRT" in capsys.readouterr().err
+    assert cli.run(["inspect", "--model", str(shapes_tflite)]) == 0
+    assert "circle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("model", "layer"), [("shapes", None), ("shapes", "shapes_backbone"), ("backbone", None)])
+def test_embedding_conversions_pass_the_shared_cache_check(shapes_model, backbone_model, model, layer):
+    prepared = prepare_model(str(shapes_model if model == "shapes" else backbone_model), mode="embed", layer=layer)
+    info = prepared.info
+    engine.check_flatbuffer(converted(prepared)[0], info.height, info.width, outputs=info.output_width)

@@ -276,9 +276,12 @@ def _checked_session(
     return spark
 
 
-def _check_model_early(model: str, *, mode: str | None, layer: str | None = None, trust: bool = False) -> None:
+def _check_model_early(
+    model: str, *, mode: str | None, layer: str | None = None, trust: bool = False, options: Any = None
+) -> None:
     """A model file checked before Spark starts (as flags are): a missing or unusable file is exit 2 in a
-    second, not after the session's start. MLflow URIs are resolved later, once (they download)."""
+    second, not after the session's start; a ``.tflite`` also against the engine ``options`` ask for.
+    MLflow URIs are resolved later, once (they download)."""
     from image_transfer.lifecycle.uris import is_model_uri
     from image_transfer.models.artifact import model_kind
     from image_transfer.models.inspection import inspect_model
@@ -289,6 +292,11 @@ def _check_model_early(model: str, *, mode: str | None, layer: str | None = None
     # A backbone's shapes are train's to check; a SavedModel is checked by loading it, which scoring does.
     if mode is not None and kind in ("keras", "tflite"):
         inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
+    if kind == "tflite" and options is not None:
+        from image_transfer.scoring.engine import refuse_flatbuffer_settings
+        from image_transfer.scoring.options import Compute
+
+        refuse_flatbuffer_settings(model, options.engine, Compute.of(options))
 
 
 def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
@@ -312,7 +320,9 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     command = "score" if mode == "classify" else "featurize"
 
     def check_model() -> None:
-        _check_model_early(args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code)
+        _check_model_early(
+            args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code, options=options
+        )
 
     if args.images is not None:
         return _run_incremental(args, mode, options, check_model)
@@ -688,7 +698,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.tolerance < 0:
         raise UserError(f"--tolerance must be at least 0, got {args.tolerance}")
     options = ScoringOptions.from_args(args)
-    _check_model_early(args.model, mode="classify", trust=options.trust_model_code)
+    _check_model_early(args.model, mode="classify", trust=options.trust_model_code, options=options)
     spark = session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     if args.promote_to is None:

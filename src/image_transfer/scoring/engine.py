@@ -443,15 +443,7 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
 def _flatbuffer_engine(prepared: Any, requested: str, spark: Any) -> tuple[str, bytes, bool]:
     """A ``.tflite`` model runs on LiteRT only, its own bytes shipped; UserError for a setting only
     TensorFlow honours. ``auto`` on a cluster with GPUs says in one line that they stay unused."""
-    compute = prepared.compute
-    where = f"{prepared.info.path} is a LiteRT flatbuffer (.tflite): it runs only on LiteRT"
-    if requested == "tensorflow":
-        raise UserError(f"{where}, not on --engine tensorflow: use --engine litert or auto")
-    reason = tensorflow_only(compute.precision, compute.jit, compute.overlap)
-    if reason is not None:
-        raise UserError(f"{where}, and {reason}: leave it out")
-    if not interpreter_available():
-        raise UserError(f"{where}, and no LiteRT interpreter is installed (ai_edge_litert or tf.lite)")
+    refuse_flatbuffer_settings(prepared.info.path, requested, prepared.compute)
     if requested == "auto" and cluster_gpus(spark):
         line = "image-transfer: engine auto runs LiteRT on the CPUs: a .tflite model runs only on LiteRT"
         if (prepared.digest, line) not in _SAID:
@@ -459,3 +451,16 @@ def _flatbuffer_engine(prepared: Any, requested: str, spark: Any) -> tuple[str, 
             print(line, file=sys.stderr)
     data, _ = converted(prepared)
     return "litert", data, False
+
+
+def refuse_flatbuffer_settings(path: str, requested: str, compute: Any) -> None:
+    """UserError when a ``.tflite`` model at ``path`` is asked to run on TensorFlow, or with a setting only
+    TensorFlow honours, or no LiteRT interpreter is installed."""
+    where = f"{path} is a LiteRT flatbuffer (.tflite): it runs only on LiteRT"
+    if requested == "tensorflow":
+        raise UserError(f"{where}, not on --engine tensorflow: use --engine litert or auto")
+    reason = tensorflow_only(compute.precision, compute.jit, compute.overlap)
+    if reason is not None:
+        raise UserError(f"{where}, and {reason}: leave it out")
+    if not interpreter_available():
+        raise UserError(f"{where}, and no LiteRT interpreter is installed (ai_edge_litert or tf.lite)")
