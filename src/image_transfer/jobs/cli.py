@@ -43,8 +43,8 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="Keras model file (.keras) or SavedModel directory, or an MLflow URI: models:/NAME@ALIAS, "
-        "models:/NAME/VERSION, runs:/RUN/PATH",
+        help="Keras model file (.keras), SavedModel directory or LiteRT file (.tflite, its class names and "
+        "preprocessing in <file>.json), or an MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH",
     )
     p.add_argument(
         "--output",
@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_parsers(sub)
 
     p = sub.add_parser("inspect", help="check a model as scoring would, without Spark: input size, outputs, classes")
-    p.add_argument("--model", required=True, help="Keras model file (.keras) or SavedModel directory, or an MLflow URI")
+    p.add_argument(
+        "--model", required=True, help="Keras model file (.keras), SavedModel directory, .tflite file, or an MLflow URI"
+    )
     p.add_argument("--layer", help="with --embed: the embedding layer (default: before the classifier)")
     p.add_argument("--embed", action="store_true", help="check it for featurize (default: for score, a classifier)")
     ScoringOptions.add_arguments(p, only=("trust_model_code",))
@@ -274,9 +276,12 @@ def _checked_session(
     return spark
 
 
-def _check_model_early(model: str, *, mode: str | None, layer: str | None = None, trust: bool = False) -> None:
+def _check_model_early(
+    model: str, *, mode: str | None, layer: str | None = None, trust: bool = False, options: Any = None
+) -> None:
     """A model file checked before Spark starts (as flags are): a missing or unusable file is exit 2 in a
-    second, not after the session's start. MLflow URIs are resolved later, once (they download)."""
+    second, not after the session's start; a ``.tflite`` also against the engine ``options`` ask for.
+    MLflow URIs are resolved later, once (they download)."""
     from image_transfer.lifecycle.uris import is_model_uri
     from image_transfer.models.artifact import model_kind
     from image_transfer.models.inspection import inspect_model
@@ -285,8 +290,13 @@ def _check_model_early(model: str, *, mode: str | None, layer: str | None = None
         return
     kind = model_kind(model)  # exists, and is a model file or SavedModel folder
     # A backbone's shapes are train's to check; a SavedModel is checked by loading it, which scoring does.
-    if mode is not None and kind == "keras":
+    if mode is not None and kind in ("keras", "tflite"):
         inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
+    if kind == "tflite" and options is not None:
+        from image_transfer.scoring.engine import refuse_flatbuffer_settings
+        from image_transfer.scoring.options import Compute
+
+        refuse_flatbuffer_settings(model, options.engine, Compute.of(options))
 
 
 def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
@@ -310,7 +320,9 @@ def _run_scoring(args: argparse.Namespace, mode: str) -> int:
     command = "score" if mode == "classify" else "featurize"
 
     def check_model() -> None:
-        _check_model_early(args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code)
+        _check_model_early(
+            args.model, mode=mode, layer=getattr(args, "layer", None), trust=options.trust_model_code, options=options
+        )
 
     if args.images is not None:
         return _run_incremental(args, mode, options, check_model)
@@ -534,7 +546,7 @@ def _add_training_parsers(sub: Any) -> None:
         "--register-as",
         help="register the model as a new version of this MLflow model (catalog.schema.model on Unity Catalog)",
     )
-    ScoringOptions.add_arguments(p, only=("trust_model_code",))  # for a --backbone file
+    ScoringOptions.add_arguments(p, only=("trust_model_code", "litert_cache"))  # a --backbone file; the features
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -630,6 +642,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         mixed_precision=args.mixed_precision,
         trust_model_code=bool(args.trust_model_code),
+        litert_cache=args.litert_cache,
         head_input=args.head_input,
         workers=args.workers,
     )
@@ -685,7 +698,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.tolerance < 0:
         raise UserError(f"--tolerance must be at least 0, got {args.tolerance}")
     options = ScoringOptions.from_args(args)
-    _check_model_early(args.model, mode="classify", trust=options.trust_model_code)
+    _check_model_early(args.model, mode="classify", trust=options.trust_model_code, options=options)
     spark = session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     if args.promote_to is None:

@@ -21,6 +21,7 @@ from image_transfer.errors import UserError
 
 METADATA_NAME = "image_transfer.json"
 PREPROCESSING = ("none", "scale_0_1", "scale_-1_1", "caffe")
+TFLITE_IDENTIFIER = b"TFL3"  # a LiteRT flatbuffer's file identifier, at bytes 4..8
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ModelInfo:
     """What the driver learned about a model before scheduling any work."""
 
     path: str
-    kind: str  # "keras" or "savedmodel"
+    kind: str  # "keras", "savedmodel" or "tflite" (a LiteRT flatbuffer: runs on LiteRT only)
     height: int
     width: int
     output_width: int
@@ -51,7 +52,8 @@ class ModelInfo:
 
 
 def model_kind(path: str | os.PathLike[str]) -> str:
-    """``keras`` for a ``.keras`` file, ``savedmodel`` for a SavedModel directory; UserError otherwise."""
+    """``keras`` for a ``.keras`` file, ``savedmodel`` for a SavedModel directory, ``tflite`` for a LiteRT
+    flatbuffer; UserError otherwise."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"model not found: {path}")
@@ -63,7 +65,22 @@ def model_kind(path: str | os.PathLike[str]) -> str:
         if not zipfile.is_zipfile(p):
             raise UserError(f"{path} is not a valid .keras file (not a zip archive)")
         return "keras"
-    raise UserError(f"unsupported model format {p.suffix or p.name!r}: use a .keras file or a SavedModel directory")
+    if p.suffix == ".tflite":
+        with open(p, "rb") as fh:
+            if not is_flatbuffer(fh.read(8)):
+                raise UserError(
+                    f"{path} is not a LiteRT flatbuffer (no {TFLITE_IDENTIFIER.decode()} identifier at byte 4)"
+                )
+        return "tflite"
+    raise UserError(
+        f"unsupported model format {p.suffix or p.name!r}: use a .keras file, a SavedModel directory "
+        "or a LiteRT .tflite file"
+    )
+
+
+def is_flatbuffer(head: bytes) -> bool:
+    """Whether bytes (a file's first 8 at least) carry LiteRT's flatbuffer identifier."""
+    return len(head) >= 8 and head[4:8] == TFLITE_IDENTIFIER
 
 
 def size_on_disk(path: Path) -> int:
@@ -73,12 +90,13 @@ def size_on_disk(path: Path) -> int:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Metadata stored inside the model, or beside it as ``<path>.json``; ``{}`` when there is none."""
+    """Metadata stored inside the model, or beside it as ``<path>.json`` (a ``.tflite`` file's sidecar:
+    ``{"class_names": [...], "preprocess": "scale_-1_1"}``); ``{}`` when there is none."""
     p = Path(path)
     try:
         if p.is_dir() and (p / METADATA_NAME).exists():
             return json.loads((p / METADATA_NAME).read_text())
-        if p.is_file() and zipfile.is_zipfile(p):
+        if p.is_file() and p.suffix != ".tflite" and zipfile.is_zipfile(p):  # a flatbuffer: only beside it
             with zipfile.ZipFile(p) as zf:
                 if METADATA_NAME in zf.namelist():
                     return json.loads(zf.read(METADATA_NAME))
@@ -121,8 +139,8 @@ def save_model(
 
 
 def pack(path: str, kind: str) -> bytes:
-    """The model as bytes for a broadcast: the ``.keras`` file, or a tar of the SavedModel directory."""
-    if kind == "keras":
+    """The model as bytes for a broadcast: the ``.keras`` or ``.tflite`` file, or a tar of the SavedModel directory."""
+    if kind in ("keras", "tflite"):
         return Path(path).read_bytes()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

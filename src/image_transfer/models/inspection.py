@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
+from image_transfer.models import lite
 from image_transfer.models.artifact import ModelInfo, check_zip_members, model_kind, read_metadata, size_on_disk
 from image_transfer.models.load import (
     EMBEDDING_POOL,
@@ -32,7 +33,8 @@ def inspect_model(
     the config cannot settle (a SavedModel, custom or Python-code layers, an unusual head) is loaded
     once here instead. With ``classify`` the outputs must be class probabilities (``check_classifier``).
     Unless ``trust``, a config naming code outside Keras is refused first, nothing it names imported
-    (``check_keras_trust``).
+    (``check_keras_trust``). A LiteRT ``.tflite`` file is loaded in LiteRT's interpreter (no TensorFlow
+    where ``ai_edge_litert`` is installed); its class names and preprocessing come from ``<path>.json``.
     """
     kind = model_kind(path)
     if kind == "keras":
@@ -41,8 +43,10 @@ def inspect_model(
     metadata = read_metadata(path)
     shapes = _config_shapes(path, layer=layer, embed=embed) if kind == "keras" else None
     probabilities = _config_probabilities(path) if kind == "keras" and not embed else None
-    model = None
-    if shapes is None or (classify and probabilities is None):
+    model = interpreter = None
+    if kind == "tflite":
+        interpreter, shapes = _flatbuffer_shapes(path, layer=layer, embed=embed)
+    elif shapes is None or (classify and probabilities is None):
         model = load_model(path, kind, trust=trust)
         if probabilities is None and not embed:
             probabilities = _loaded_probabilities(model)
@@ -75,6 +79,8 @@ def inspect_model(
     preprocess_fn(preprocess)  # validates the name
     if classify and probabilities is None and model is not None:  # the structure does not tell: try it
         probabilities = outputs_in_unit_range(model, int(in_shape[1]), int(in_shape[2]), preprocess)
+    if classify and interpreter is not None:  # a flatbuffer: its ops are not read, its outputs tried
+        probabilities = lite.outputs_in_unit_range(interpreter, int(in_shape[1]), int(in_shape[2]), preprocess)
     info = ModelInfo(
         path=str(path),
         kind=kind,
@@ -91,6 +97,27 @@ def inspect_model(
     if classify:
         check_classifier(info)
     return info
+
+
+def _flatbuffer_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Any, tuple[Shape, Shape]]:
+    """(interpreter, (input shape, output shape)) of a ``.tflite`` file, loaded in LiteRT's interpreter.
+
+    A flatbuffer cannot be cut at a layer, and its output is taken as it is: a batch of vectors only.
+    """
+    if layer is not None:
+        raise UserError(
+            f"{path} is a LiteRT flatbuffer: it cannot be cut at a layer (--layer, layer=). featurize takes "
+            "its output; to embed with an inner layer, featurize the .keras model it was converted from"
+        )
+    interpreter = lite.load_interpreter(Path(path).read_bytes(), str(path))
+    in_shape, out_shape = lite.io_shapes(interpreter, str(path))
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        use = "embeddings" if embed else "class scores"
+        raise UserError(
+            f"{path}'s output {out_shape} is not a batch of {use} [None, n]: a flatbuffer's output is taken "
+            "as it is (a feature map is not pooled here): convert the model with the pooling in it"
+        )
+    return interpreter, (in_shape, out_shape)
 
 
 def check_classifier(info: ModelInfo) -> None:

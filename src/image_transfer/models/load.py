@@ -11,7 +11,7 @@ from image_transfer.models.artifact import PREPROCESSING
 
 
 def preprocess_fn(name: str) -> Callable[[Any], Any]:
-    """Graph function mapping float RGB 0..255 to what a network expects (``none``: unchanged)."""
+    """Function mapping float RGB 0..255 (a tensor or an array) to what a network expects (``none``: unchanged)."""
     if name not in PREPROCESSING:
         raise UserError(f"unknown preprocessing {name!r}; one of {', '.join(PREPROCESSING)}")
     if name == "none":
@@ -20,9 +20,9 @@ def preprocess_fn(name: str) -> Callable[[Any], Any]:
         return lambda x: x / 255.0
     if name == "scale_-1_1":
         return lambda x: x / 127.5 - 1.0
-    import tensorflow as tf  # caffe (ResNet50 / VGG): BGR, ImageNet means subtracted
+    import numpy as np  # caffe (ResNet50 / VGG): BGR, ImageNet means subtracted (on tensors and arrays alike)
 
-    mean = tf.constant([103.939, 116.779, 123.68], tf.float32)
+    mean = np.array([103.939, 116.779, 123.68], np.float32)
     return lambda x: x[..., ::-1] - mean
 
 

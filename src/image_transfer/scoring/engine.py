@@ -12,6 +12,15 @@ position, and weights), so a warm run converts nothing and neither does a re-sav
 converted before (``train``'s features path embeds through the same backbone on every run).
 The ``.tflite`` bytes are shipped instead of the model.
 Preprocessing and decoding stay in TensorFlow (one traced function); the interpreter runs each batch.
+
+A shared conversion cache (``litert_cache``, ``--litert-cache``, else ``$IMAGE_TRANSFER_LITERT_CACHE``;
+on a cluster a Volume folder) is looked in after the private folder and filled by each conversion,
+so a cluster converts each model once. Trust: that folder is trusted as much as the model's path
+(whoever may write there changes what runs, as whoever may write the model does); what is read from
+it is checked first (it loads in the interpreter, with the model's input and output shapes), which
+catches a damaged or wrong file, not other weights. A ``.tflite`` model is not converted: its bytes
+are shipped and it runs on LiteRT only. A driver that finds the conversion (or is given a ``.tflite``)
+imports no TensorFlow where ``ai_edge_litert`` is installed.
 """
 
 from __future__ import annotations
@@ -23,34 +32,24 @@ import os
 import sys
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError, first_line
 from image_transfer.models.artifact import private_dir
+from image_transfer.models.lite import interpreter_class
+
+__all__ = ["interpreter_class"]  # where the engine's callers (the worker, the pyfunc) find it
 
 LITERT = "litert-xnnpack"  # what the statistics call the LiteRT engine
 TENSORFLOW = "tensorflow"
 LITE_DIR = "image-transfer-litert"
 LITE_KEEP = 8  # converted models kept on disk per machine (least recently used go)
-_CONVERTED: dict[str, bytes] = {}
+SHARED_KEEP = 64  # converted models kept in a shared conversion cache (``litert_cache``)
+CACHE_ENV = "IMAGE_TRANSFER_LITERT_CACHE"  # the shared conversion cache where no option names one
+_CONVERTED: dict[str, tuple[bytes, str | None]] = {}  # file key: (flatbuffer, network key)
 _SAID: set[tuple[str, str]] = set()  # fallback lines already printed
 _LOCK = threading.Lock()
-
-
-def interpreter_class() -> Any | None:
-    """LiteRT's ``Interpreter``: ``ai_edge_litert`` where installed, else ``tf.lite``; None without either."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter
-    except (ImportError, AttributeError):
-        return None
 
 
 def interpreter_available() -> bool:
@@ -115,62 +114,150 @@ def _key(prepared: Any) -> str:
     return f"{prepared.digest[:32]}-{prepared.mode}-{prepared.layer or '_'}-c{CONVERSION}-tf{tensorflow_version()}"
 
 
+def shared_cache(option: str | None = None) -> str | None:
+    """The shared conversion cache folder: the ``litert_cache`` option, else ``$IMAGE_TRANSFER_LITERT_CACHE``."""
+    return option or os.environ.get(CACHE_ENV) or None
+
+
 def converted(prepared: Any, path: str | None = None) -> tuple[bytes, bool]:
     """The model's LiteRT flatbuffer and whether it was converted now (else from a cache).
 
-    ``path`` is where the model is on this machine (default: the path the driver checked). Raises
-    UserError when the converter cannot take the model.
+    ``path`` is where the model is on this machine (default: the path the driver checked). A ``.tflite``
+    model is its own flatbuffer. Conversions are looked up in this user's private folder, then in the
+    shared cache (``shared_cache``), and kept in both. Raises UserError when the converter cannot
+    take the model.
     """
     from image_transfer.scoring.stats import count
 
+    if prepared.info.kind == "tflite":
+        return Path(path or prepared.info.path).read_bytes(), False
     key = _key(prepared)
     with _LOCK:
+        shared = _shared_root(shared_cache(prepared.compute.litert_cache))
         if key in _CONVERTED:
-            return _CONVERTED[key], False
-        root = private_dir(LITE_DIR)  # per user, 0700: no other user can plant a flatbuffer
-        data, now = _cached(root, key), False
+            data, content = _CONVERTED[key]
+            if shared is not None:  # a cache named after this process converted it: kept there too
+                _keep(shared, key, content, data, shared=True)
+            return data, False
+        roots = [private_dir(LITE_DIR)]  # per user, 0700: no other user can plant a flatbuffer
+        if shared is not None:
+            roots.append(shared)
+        data, content = _found(roots, key, prepared)
+        now = False
         if data is None:
             network = _network(prepared, path or prepared.info.path)
             content = _content_key(network)
-            data = _cached(root, content) if content else None
+            data, _ = _found(roots, content, prepared) if content else (None, None)
             if data is None:
                 data, now = _convert(prepared, path or prepared.info.path, network), True
                 count(conversions=1)
-                _store(root, f"{content or key}.tflite", data, keep=LITE_KEEP)
-            if content:  # the file's digest finds the network's flatbuffer from now on, without loading it
-                _store(root, f"{key}.alias", content.encode(), keep=LITE_KEEP * 8)
+        for root in roots:  # where it is missing: the network's flatbuffer, and the file's alias to it
+            _keep(root, key, content, data, shared=root is shared)
         _CONVERTED.clear()  # one converted model kept in memory
-        _CONVERTED[key] = data
+        _CONVERTED[key] = (data, content)
         return data, now
 
 
-def _cached(root: Any, key: str) -> bytes | None:
-    """The flatbuffer kept under ``key`` (a file's or a network's), following a file's alias; else None."""
-    alias = root / f"{key}.alias"
-    if alias.exists():
-        key = alias.read_text().strip()
-        if not key.startswith("net-") or "/" in key:
-            return None
-    cached = root / f"{key}.tflite"
-    try:
-        data = cached.read_bytes()
-    except FileNotFoundError:  # never kept, or gone with the least recently used
+def _shared_root(folder: str | None) -> Path | None:
+    """The shared cache folder, created if missing; None (with one warning) when it cannot be used."""
+    if not folder:
         return None
-    os.utime(cached)
-    return data
+    root = Path(folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if not root.is_dir():
+            _warn(f"image-transfer: the LiteRT cache {root} cannot be used ({exc}); converting into this machine's")
+            return None
+    return root
 
 
-def _store(root: Any, name: str, data: bytes, *, keep: int) -> None:
+def _warn(line: str) -> None:
+    """Print a warning line on stderr, once per process."""
+    if ("", line) not in _SAID:
+        _SAID.add(("", line))
+        print(line, file=sys.stderr)
+
+
+def _found(roots: list[Path], key: str, prepared: Any) -> tuple[bytes | None, str | None]:
+    """(the flatbuffer kept under ``key`` in the first of ``roots`` that has it, the network's key it is
+    kept under, if one), else (None, None).
+
+    One read from a shared folder is checked first (it loads, and takes and gives the model's shapes):
+    another user may have written it, so that folder is trusted as much as the model's own path.
+    """
+    for i, root in enumerate(roots):
+        found = _cached(root, key)
+        if found is None:
+            continue
+        data, name = found
+        if i > 0:
+            info = prepared.info
+            try:
+                check_flatbuffer(data, info.height, info.width, outputs=info.output_width)
+            except UserError as exc:
+                _warn(f"image-transfer: ignoring {name}.tflite in the LiteRT cache {root}: {exc}")
+                continue
+        return data, name if name.startswith("net-") else None
+    return None, None
+
+
+def _keep(root: Path, key: str, content: str | None, data: bytes, *, shared: bool) -> None:
+    """Keep ``data`` in ``root`` where it is missing: under the network's key (else the file's), and the
+    file's alias to the network's key; a shared folder that refuses is said once and left out."""
+    keep = SHARED_KEEP if shared else LITE_KEEP
+    try:
+        if not (root / f"{content or key}.tflite").exists():
+            _store(root, f"{content or key}.tflite", data, keep=keep, shared=shared)
+        if content and not (root / f"{key}.alias").exists():
+            _store(root, f"{key}.alias", content.encode(), keep=keep * 8, shared=shared)
+    except OSError as exc:
+        if not shared:
+            raise
+        _warn(f"image-transfer: cannot write to the LiteRT cache {root} ({exc}): kept on this machine only")
+
+
+def _cached(root: Path, key: str) -> tuple[bytes, str] | None:
+    """(the flatbuffer kept under ``key``, a file's or a network's, following a file's alias; the key it
+    is kept under), else None."""
+    alias = root / f"{key}.alias"
+    try:
+        if alias.exists():
+            key = alias.read_text().strip()
+            if not key.startswith("net-") or "/" in key:
+                return None
+        cached = root / f"{key}.tflite"
+        data = cached.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # never kept, or gone with the least recently used
+        return None
+    except OSError as exc:
+        _warn(f"image-transfer: cannot read the LiteRT cache {root} ({exc})")
+        return None
+    with contextlib.suppress(OSError):  # a read-only shared folder
+        os.utime(cached)
+    return data, key
+
+
+def _store(root: Path, name: str, data: bytes, *, keep: int, shared: bool = False) -> None:
     """Write ``root/name`` whole (readers never see half a file); of the files with its suffix, only the
-    ``keep`` most recently used stay."""
+    ``keep`` most recently used stay. A shared folder's files are readable by all (others' runs read them)."""
     root.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{name}-", dir=root)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(staging, root / name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        if shared:
+            with contextlib.suppress(OSError):
+                os.chmod(staging, 0o644)
+        os.replace(staging, root / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
     suffix = os.path.splitext(name)[1]
-    for old in sorted(root.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)[:-keep]:
-        old.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # another process trims too, or a file of another user's
+        for old in sorted(root.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)[:-keep]:
+            old.unlink(missing_ok=True)
 
 
 def _network(prepared: Any, path: str) -> Any | None:
@@ -307,19 +394,17 @@ def _refuse_runtime_checks(saved_model: str) -> None:
         raise UserError(f"the model has runtime checks ({', '.join(found)}) that LiteRT would drop")
 
 
-def check_flatbuffer(data: bytes, height: int, width: int) -> None:
-    """UserError unless the flatbuffer loads and has one float image input and one output."""
-    cls = interpreter_class()
-    try:
-        interpreter = cls(model_content=data)
-        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    except Exception as exc:  # noqa: BLE001 - ops the interpreter does not have
-        raise UserError(f"LiteRT cannot load the converted model: {first_line(exc)[:300]}") from exc
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise UserError(f"the converted model has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and 1")
-    shape = [int(s) for s in inputs[0]["shape"]]
-    if shape[1:] != [height, width, 3]:
-        raise UserError(f"the converted model takes {shape}, not images of {height}x{width}x3")
+def check_flatbuffer(data: bytes, height: int, width: int, outputs: int | None = None) -> None:
+    """UserError unless the flatbuffer loads and has one float image input of ``height`` x ``width`` and
+    one output (of ``outputs`` values per image, when given)."""
+    from image_transfer.models import lite
+
+    what = "the converted model"
+    in_shape, out_shape = lite.io_shapes(lite.load_interpreter(data, what), what)
+    if list(in_shape[1:]) != [height, width, 3]:
+        raise UserError(f"{what} takes {list(in_shape)}, not images of {height}x{width}x3")
+    if outputs is not None and (len(out_shape) != 2 or out_shape[1] != outputs):
+        raise UserError(f"{what} gives {list(out_shape)}, not {outputs} values per image")
 
 
 def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str, bytes | None, bool]:
@@ -328,6 +413,8 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
     ``auto`` falls back to TensorFlow with one line on stderr saying why; ``litert`` where it
     cannot run raises UserError (before any Spark work).
     """
+    if prepared.info.kind == "tflite":
+        return _flatbuffer_engine(prepared, requested, spark)
     if requested == "tensorflow":
         return "tensorflow", None, False
     compute = prepared.compute
@@ -351,3 +438,29 @@ def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str
         _SAID.add((prepared.digest, line))
         print(line, file=sys.stderr)
     return "tensorflow", None, False
+
+
+def _flatbuffer_engine(prepared: Any, requested: str, spark: Any) -> tuple[str, bytes, bool]:
+    """A ``.tflite`` model runs on LiteRT only, its own bytes shipped; UserError for a setting only
+    TensorFlow honours. ``auto`` on a cluster with GPUs says in one line that they stay unused."""
+    refuse_flatbuffer_settings(prepared.info.path, requested, prepared.compute)
+    if requested == "auto" and cluster_gpus(spark):
+        line = "image-transfer: engine auto runs LiteRT on the CPUs: a .tflite model runs only on LiteRT"
+        if (prepared.digest, line) not in _SAID:
+            _SAID.add((prepared.digest, line))
+            print(line, file=sys.stderr)
+    data, _ = converted(prepared)
+    return "litert", data, False
+
+
+def refuse_flatbuffer_settings(path: str, requested: str, compute: Any) -> None:
+    """UserError when a ``.tflite`` model at ``path`` is asked to run on TensorFlow, or with a setting only
+    TensorFlow honours, or no LiteRT interpreter is installed."""
+    where = f"{path} is a LiteRT flatbuffer (.tflite): it runs only on LiteRT"
+    if requested == "tensorflow":
+        raise UserError(f"{where}, not on --engine tensorflow: use --engine litert or auto")
+    reason = tensorflow_only(compute.precision, compute.jit, compute.overlap)
+    if reason is not None:
+        raise UserError(f"{where}, and {reason}: leave it out")
+    if not interpreter_available():
+        raise UserError(f"{where}, and no LiteRT interpreter is installed (ai_edge_litert or tf.lite)")

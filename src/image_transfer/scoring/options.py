@@ -99,6 +99,13 @@ class ScoringOptions:
         "what runs the model: litert (XNNPACK, CPU), tensorflow, or auto (litert without a GPU, else tensorflow)",
         choices=ENGINES,
     )
+    litert_cache: str | None = _opt(
+        None,
+        "a shared folder for LiteRT conversions, so a cluster converts each model once (a Volume: "
+        "/Volumes/<catalog>/<schema>/<volume>/litert-cache; trusted as the model's path) "
+        "(default: $IMAGE_TRANSFER_LITERT_CACHE, else this machine's private folder)",
+        metavar="DIR",
+    )
     trust_model_code: bool = _opt(
         False,
         "load a model whose config names code outside Keras (custom layers): a model is code, trust it first",
@@ -224,11 +231,13 @@ class Compute:
     overlap: str = "auto"
     batch_size: int = 0  # the fixed batch of the XLA path (0 without jit)
     engine: str = "tensorflow"  # what the driver chose: tensorflow or litert (scoring/engine.py)
+    litert_cache: str | None = field(default=None, compare=False)  # shared conversions (not what runs)
 
     @classmethod
     def of(cls, options: ScoringOptions) -> Compute:
         """The compute settings of scoring options."""
-        return cls(options.precision, options.jit, options.overlap, options.batch_size if options.jit else 0)
+        jit_batch = options.batch_size if options.jit else 0
+        return cls(options.precision, options.jit, options.overlap, jit_batch, litert_cache=options.litert_cache)
 
 
 @dataclass(frozen=True)
@@ -254,8 +263,10 @@ class PreparedModel:
 def with_compute(prepared: PreparedModel, options: ScoringOptions) -> PreparedModel:
     """``prepared`` with the options' compute settings; UserError when the model cannot run that way."""
     compute = Compute.of(options)
-    if compute.precision != "float32" and prepared.info.kind != "keras":
-        raise UserError(f"precision {compute.precision} needs a Keras (.keras) model, not a SavedModel")
+    kind = prepared.info.kind
+    if compute.precision != "float32" and kind != "keras":
+        what = "a .tflite model (it runs only on LiteRT)" if kind == "tflite" else "a SavedModel"
+        raise UserError(f"precision {compute.precision} needs a Keras (.keras) model, not {what}")
     return replace(prepared, compute=compute)
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     head_input: str = "features"  # features: the frozen phase trains on embeddings computed once; images
     workers: int = 1  # > 1: the image phases as a barrier stage of MultiWorkerMirroredStrategy workers
     trust_model_code: bool = False  # a backbone file may name code outside Keras (custom layers)
+    litert_cache: str | None = None  # features: the shared LiteRT conversion cache (ScoringOptions.litert_cache)
 
     def __post_init__(self) -> None:
         if self.head_input not in HEAD_INPUTS:
@@ -634,7 +635,7 @@ def train(
                     gpu.with_policy(model, "float32") if policy != "float32" else model,
                     class_names=names,
                     cache_dir=config.cache_dir,
-                    options=ScoringOptions(trust_model_code=config.trust_model_code),
+                    options=ScoringOptions(trust_model_code=config.trust_model_code, litert_cache=config.litert_cache),
                 )
             )
             if features.rows_failed:
