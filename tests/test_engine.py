@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,9 @@ def replace_engine(prepared):
     return replace(prepared, compute=Compute(engine="litert"))
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n != "MobileNetV2" else n for n in ARCHITECTURES]
+)
 def test_litert_matches_tensorflow_on_real_architectures(architectures, name):
     prepared = prepare_model(str(architectures[name]), mode="classify", top_k=10)
     images = _images(96, seed=2)
@@ -110,6 +114,7 @@ def test_litert_matches_tensorflow_on_real_architectures(architectures, name):
     assert same_top1 >= 0.999
 
 
+@pytest.mark.slow
 def test_litert_embeddings_match_tensorflow(architectures):
     prepared = prepare_model(str(architectures["MobileNetV2"]), mode="embed")
     tf_out, lite_out = _both(prepared, _images(40, seed=3))
@@ -332,6 +337,16 @@ def test_cli_refuses_litert_where_it_cannot_run_and_summary_names_the_engine(
     data = json.loads(summary.read_text())
     assert (data["compute"]["engine"], data["compute"]["engine_used"]) == ("litert", "litert-xnnpack")
     assert {w["engine"] for w in data["workers"].values()} == {"litert-xnnpack"}
+    # The workers say which LiteRT interpreter ran: ai_edge_litert wherever it is installed (a dependency of
+    # the wheel; the Runtime 18-like environment), TensorFlow's tf.lite only where it is not.
+    from image_transfer.models.lite import interpreter_name
+
+    reported = {w["interpreter"] for w in data["workers"].values()}
+    assert reported == {interpreter_name()}
+    if find_spec("ai_edge_litert") is not None:
+        assert reported == {f"ai_edge_litert {version('ai-edge-litert')}"}
+    else:
+        assert next(iter(reported)).startswith("tf.lite (tensorflow ")
 
 
 def test_pyfunc_takes_the_engine_choice(shapes_model, fixtures_dir):

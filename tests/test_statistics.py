@@ -104,6 +104,7 @@ def test_the_observed_metric_counts_each_worker_exactly(spark, monkeypatch, lega
         "cuda_visible_devices": None,
         "conversions": 0,
         "engine": None,  # these simulated workers report no engine
+        "interpreter": None,
     }
     assert (workers["host-a:12"]["batches"], workers["host-a:12"]["rows"]) == (2, 16)
     assert workers["host-a:12"]["peak_rss_mb"] == 500  # reported: raised by 1/16 or more

@@ -28,6 +28,24 @@ def interpreter_class() -> Any | None:
         return None
 
 
+def interpreter_name() -> str | None:
+    """Which LiteRT interpreter ``interpreter_class`` gives, with its version: ``ai_edge_litert 2.3.0`` or
+    ``tf.lite (tensorflow 2.16.2)``; None without either (what the workers report)."""
+    from importlib import metadata
+
+    cls = interpreter_class()
+    if cls is None:
+        return None
+    if cls.__module__.startswith("ai_edge_litert"):
+        try:
+            return f"ai_edge_litert {metadata.version('ai-edge-litert')}"
+        except metadata.PackageNotFoundError:
+            return "ai_edge_litert"
+    import tensorflow as tf
+
+    return f"tf.lite (tensorflow {tf.__version__})"
+
+
 def load_interpreter(data: bytes, what: str) -> Any:
     """A LiteRT interpreter of the flatbuffer ``data`` (``what`` names it in errors); UserError when it
     cannot load (no interpreter installed, ops the interpreter does not have, a damaged file)."""

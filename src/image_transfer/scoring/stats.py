@@ -49,7 +49,7 @@ PEAKS = ("peak_batch_bytes", "peak_rss_mb")  # as reported: raised by 1/16 or mo
 EXACT = ("batch_bytes", "rss_mb")  # this batch's Arrow bytes, the process's peak memory now
 # Text (lists joined with ","). CUDA_VISIBLE_DEVICES is free text that may hold ", ", Spark's separator in
 # a struct's text: it stays last, where parse_workers' bounded split keeps it whole.
-FACTS = ("gpu", "gpu_assigned", "engine", "cuda_visible_devices")
+FACTS = ("gpu", "gpu_assigned", "engine", "interpreter", "cuda_visible_devices")
 REPORT = ("worker", *EVENTS, *PEAKS, *FACTS)  # the rarely changing report, in the metric's order
 ROW_FIELDS = ("code", "warnings")  # on every row (warnings: the decoder warnings silenced for the row)
 STATS_FIELDS: tuple[str, ...] = (*ROW_FIELDS, *REPORT, *EXACT)  # the row fields on every row, the others on the first
@@ -277,6 +277,7 @@ def parse_workers(text: str) -> Counts:
         mine["gpu"] = facts["gpu"].split(",") if facts["gpu"] is not None else mine.get("gpu")
         mine["cuda_visible_devices"] = facts["cuda_visible_devices"]
         mine["engine"] = facts["engine"] or mine.get("engine")  # litert-xnnpack or tensorflow
+        mine["interpreter"] = facts["interpreter"] or mine.get("interpreter")  # LiteRT's: ai_edge_litert 2.3.0
         if facts["gpu_assigned"] is not None:
             mine["gpu_assigned"] = sorted(set(mine.get("gpu_assigned", [])) | set(facts["gpu_assigned"].split(",")))
     for line, name in (("rows", "rows"), ("failed", "rows_failed"), ("batches", "batches"), ("warned", "rows_warned")):
@@ -424,6 +425,9 @@ def worker_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
         f"traces per worker {column('traces')}; conversions per worker {column('conversions')}; "
         f"rows per worker {column('rows')}; engine per worker {column('engine')}"
     ]
+    interpreters = sorted({str(w["interpreter"]) for w in workers.values() if w.get("interpreter")})
+    if interpreters:  # which LiteRT interpreter the workers ran
+        lines.append(f"LiteRT interpreter: {', '.join(interpreters)}")
     gpus = [w.get("gpu") for w in workers.values()]
     if any(gpus):  # pinned to the GPU Spark assigned (null: no GPU scheduling)
         lines.append(f"GPUs per worker {[','.join(g) if g else None for g in gpus]}")

@@ -215,8 +215,8 @@ class LiteScorer(Scorer):
         import tensorflow as tf
 
         from image_transfer.imaging.graph import decode_batch
+        from image_transfer.models.lite import interpreter_class, interpreter_name
         from image_transfer.models.load import preprocess_fn
-        from image_transfer.scoring.engine import interpreter_class
 
         info = prepared.info
         height, width = info.height, info.width
@@ -234,6 +234,7 @@ class LiteScorer(Scorer):
 
         self._decode, self._decode_only = decode, decode_only
         self.interpreter = interpreter_class()(model_content=flatbuffer, num_threads=threads)
+        self.interpreter_name = interpreter_name()  # ai_edge_litert 2.3.0, or tf.lite (tensorflow 2.16.2)
         count(model_loads=1)
         details = self.interpreter.get_input_details()[0]
         self._input = details["index"]
@@ -372,7 +373,9 @@ def make_predict_fn_factory(
             scorer = _scorer(prepared, shipped)
         except UserError as exc:  # the driver checked the config; the weights only load here
             raise ModelFailure(f"{MODEL_ERROR} to load on a worker: {exc}") from exc
-        set_worker_fact("engine", "litert-xnnpack" if isinstance(scorer, LiteScorer) else "tensorflow")
+        lite = isinstance(scorer, LiteScorer)
+        set_worker_fact("engine", "litert-xnnpack" if lite else "tensorflow")
+        set_worker_fact("interpreter", scorer.interpreter_name if lite else None)
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:
