@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     if CONNECT:
         from pyspark.sql import SparkSession
 
@@ -37,7 +37,9 @@ def spark():
     else:
         from image_transfer.session import get_spark
 
-        session = get_spark("image-transfer tests", master="local[2]")
+        # A warehouse of its own per run (and per pytest-xdist worker): tables never meet another run's.
+        warehouse = tmp_path_factory.mktemp("spark-warehouse")
+        session = get_spark("image-transfer tests", master="local[2]", conf={"spark.sql.warehouse.dir": str(warehouse)})
     yield session
     session.stop()
 

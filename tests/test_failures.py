@@ -39,6 +39,7 @@ def _score_in_process(spark, images, model, out, wait: float | None = None) -> N
     write_output(score_images(spark.read.parquet(images), str(model), batch_size=16, top_k=2), str(out), wait=wait)
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_previous_output_and_a_rerun_completes(
     spark, images_parquet, shapes_model, tmp_path, monkeypatch
 ):
@@ -93,6 +94,7 @@ def test_killed_run_keeps_previous_output_and_a_rerun_completes(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.parquet"]
 
 
+@pytest.mark.slow
 def test_a_task_retried_after_a_fault_duplicates_no_rows(images_parquet, shapes_model, tmp_path):
     out, markers = tmp_path / "out.parquet", tmp_path / "markers"
     markers.mkdir()
@@ -145,6 +147,7 @@ def test_secrets_stay_out_of_bundle_summary_and_logs(images_parquet, shapes_mode
         assert not token_like.search(f.read_text()), f
 
 
+@pytest.mark.slow
 def test_cli_scores_a_folder_of_hostile_files(spark, shapes_model, tmp_path, capsys):
     from hostile_images import write_corpus
 

@@ -197,6 +197,7 @@ def mixed_folder(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.connect
 def test_a_mixed_folder_scores_the_same_twice_lazily_with_clean_errors(spark, mixed_folder, shapes_model, tmp_path):
     from image_transfer import read_images, score_images, scoring_run
@@ -233,6 +234,7 @@ def test_a_mixed_folder_scores_the_same_twice_lazily_with_clean_errors(spark, mi
     assert not skipped_files(spark, str(mixed_folder), extensions=["*"])
 
 
+@pytest.mark.slow
 def test_ingest_reports_what_it_skipped_and_star_takes_every_file(spark, mixed_folder, tmp_path, capsys):
     from image_transfer.jobs import cli
 

@@ -51,6 +51,7 @@ def test_spark_hides_names_as_its_listing_does():
     assert not spark_hides("a_b.jpg") and not spark_hides("_year=2024") and not spark_hides("_metadata")
 
 
+@pytest.mark.slow
 @pytest.mark.connect
 def test_every_image_file_is_read_whatever_its_first_character(spark, camera_folder):
     images = read_image_files(spark, str(camera_folder))
@@ -85,6 +86,7 @@ def test_what_is_left_out_is_counted_with_reasons_and_names(spark, camera_folder
     assert hidden == 5  # _DSC0001, .hidden, _scan_001, _empty, _thumbs/t1
 
 
+@pytest.mark.slow
 def test_ingest_takes_hidden_names_and_says_what_it_skipped(spark, camera_folder, tmp_path):
     """In a process of its own, so the JVM's console is seen too: no WARN about the hidden staging folder."""
     out = tmp_path / "ingested"

@@ -116,6 +116,7 @@ def test_compute_options_are_checked_and_keyed(shapes_model, tmp_path):
         with_compute(saved, ScoringOptions(precision="float16"))
 
 
+@pytest.mark.slow
 def test_each_worker_is_pinned_to_the_gpu_its_task_was_assigned(fixtures_dir, tmp_path):
     """local-cluster with two fake GPUs: amount 1 (one task per GPU) and 0.5 (two tasks share one)."""
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
@@ -170,6 +171,7 @@ def test_without_gpu_resources_nothing_is_pinned(spark, fixtures_dir, tmp_path):
         assert "gpu_assigned" not in facts, facts
 
 
+@pytest.mark.slow
 def test_mirrored_training_over_two_devices_matches_single_device(tmp_path):
     """Two logical CPU devices: a mirrored run (8 per replica) against one device (16), then mixed_float16."""
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}

@@ -187,6 +187,7 @@ def _cli(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_every_file_exactly_once(spark, fixtures_dir, shapes_model, tmp_path):
     images, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "predictions"
     expected = write_corpus(images / "hostile")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "score_and_featurize.py"
 
 
@@ -47,6 +49,7 @@ def test_the_notebook_cells_run_on_the_fixtures(spark, fixtures_dir, shapes_mode
     namespace["features"].unpersist()
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_as_a_script(fixtures_dir, shapes_model, tmp_path):
     """``python notebooks/score_and_featurize.py``: a local session of its own, workers on this interpreter."""
     import pyarrow.parquet as pq

@@ -114,10 +114,15 @@ def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
     assert len(first) == 240
     assert 1 <= len(workers) < 9, workers  # the 2 task slots' Python workers (or the idle pool's), not one per task
     assert all(":" in w for w in workers)  # host:pid
-    for worker, counts in workers.items():
-        assert counts["model_loads"] == 1, (worker, counts)
-        assert counts["traces"] == 1, (worker, counts)
     # An Observation describes one action: the first (classic session) or the latest (Spark Connect)
+    from image_transfer.session import is_connect
+
+    # Under Spark Connect, the latest action's workers loaded the model then or, on pyspark >= 4.1 (where
+    # the UDF keeps its cache key across a Connect DataFrame's actions), already in the first: once either way.
+    loads = (0, 1) if is_connect(spark) else (1,)
+    for worker, counts in workers.items():
+        assert counts["model_loads"] in loads, (worker, counts)
+        assert counts["traces"] == counts["model_loads"], (worker, counts)
     assert run.totals()["rows"] == 240
     # 9 partitions x ceil(~27/13) batches: many more batches than loads or traces
     assert run.totals()["batches"] >= 9 * 2

@@ -297,6 +297,7 @@ def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spa
         check_workers(spark, 2, None)  # local: runs
 
 
+@pytest.mark.slow
 def test_two_workers_train_together_and_a_killed_worker_resumes_from_its_backup(tmp_path):
     """On local-cluster[2,1,2048] (a session of its own, in a subprocess), with a user's defaults (dropout,
     augmentation, the head on features, then fine-tuning): one worker, two workers through the CLI with
