@@ -165,6 +165,37 @@ def test_only_probabilities_are_classified(tmp_path):
         prepare_model(str(headless), mode="classify")
 
 
+def test_a_model_saved_by_this_keras_is_checked_from_its_config_without_tensorflow(tmp_path):
+    """Keras 3.12+ writes a single input or output flat (``["dense", 0, 0]``), Keras 3.3 nested: the driver
+    reads both from the config, so neither a classifier's shapes nor its softmax needs TensorFlow there."""
+    import keras
+
+    from image_transfer.models.artifact import save_model
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    for name, head in {
+        "softmax": keras.layers.Dense(3, activation="softmax"),
+        "relu": keras.layers.Dense(3, "relu"),
+    }.items():
+        save_model(keras.Model(inputs, head(x)), tmp_path / f"{name}.keras", class_names=("a", "b", "c"))
+    code = f"""
+        import sys
+        from image_transfer.errors import UserError
+        from image_transfer.scoring.options import prepare_model
+        info = prepare_model({str(tmp_path / "softmax.keras")!r}, mode="classify").info
+        print("SHAPES", info.height, info.width, info.output_width, info.probabilities)
+        try:
+            prepare_model({str(tmp_path / "relu.keras")!r}, mode="classify")
+        except UserError as exc:
+            print("REFUSED", exc)
+        assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFlow was imported"
+    """
+    done = _python(code, cwd=ROOT, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SHAPES 16 16 3 True" in done.stdout and "REFUSED" in done.stdout and "not probabilities" in done.stdout
+
+
 def _savedmodel(path: Path, output) -> Path:
     import tensorflow as tf
 

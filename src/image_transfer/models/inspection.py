@@ -187,6 +187,14 @@ def _spec_probabilities(spec: dict[str, Any]) -> bool | None | str:
     return False  # a standard layer without an activation: pooling, normalisation, reshaping, merging...
 
 
+def _refs(value: Any) -> list[Any]:
+    """A Functional config's ``input_layers`` / ``output_layers`` as a list of ``[name, node, tensor]``:
+    Keras 3.3 writes ``[["dense", 0, 0]]``, Keras 3.12+ a single one flat, ``["dense", 0, 0]``."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return [value]
+    return value if isinstance(value, list) else []
+
+
 def _model_probabilities(config: dict[str, Any]) -> bool | None:
     """Whether a Keras model config (Functional or Sequential) ends in a softmax or sigmoid; None when unsure."""
     body = config.get("config") or {}
@@ -201,7 +209,7 @@ def _model_probabilities(config: dict[str, Any]) -> bool | None:
             if found != "pass":
                 return found  # type: ignore[return-value]
         return None
-    outputs = body.get("output_layers") or []
+    outputs = _refs(body.get("output_layers"))
     if len(outputs) != 1 or not isinstance(outputs[0], list):
         return None
     by_name = {_layer_name(spec): spec for spec in layers}
@@ -329,7 +337,7 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
         return _sequential_shapes(config, layers, layer=layer, embed=embed)
     if config.get("class_name") != "Functional":
         return None
-    inputs, outputs = body.get("input_layers") or [], body.get("output_layers") or []
+    inputs, outputs = _refs(body.get("input_layers")), _refs(body.get("output_layers"))
     if len(inputs) != 1 or len(outputs) != 1 or not isinstance(inputs[0], list) or not isinstance(outputs[0], list):
         return None
     by_name = {_layer_name(spec): spec for spec in layers}
