@@ -248,6 +248,7 @@ def test_a_class_whose_every_file_is_rejected_is_left_out_and_label_index_renumb
     assert df.count() == 9 and not list(tmp_path.glob(".ds.*"))
 
 
+@pytest.mark.slow
 def test_prepare_replaces_only_its_own_table(spark, fixtures_dir, tmp_path):
     """``--output-table`` saves the dataset as a table marked as prepare's; a table that is not (here another
     dataset) is refused before any image is read, unless overwrite."""

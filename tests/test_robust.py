@@ -47,6 +47,7 @@ def junk_parquet(spark, tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_every_row_failing_fails_the_run_with_output_and_summary_written(junk_parquet, shapes_model, tmp_path, capsys):
     out, summary = tmp_path / "pred.parquet", tmp_path / "summary.json"
     argv = ["score", "--input", junk_parquet, "--model", str(shapes_model), "--output", str(out)]
@@ -133,6 +134,7 @@ def _corrupt_png_body(seed: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_undecodable_images_are_isolated_per_row_by_bisection(spark, fixtures_dir, shapes_model, tmp_path):
     folder = tmp_path / "mixed"
     for cls in CLASSES[:2]:

@@ -59,6 +59,7 @@ print(json.dumps({"code": code, "connect": is_connect(spark), "rows": spark.read
 """
 
 
+@pytest.mark.slow
 def test_the_cli_runs_on_a_connect_session_it_did_not_make(fixtures_dir, shapes_model, tmp_path):
     """As the platform hands it (serverless, standard access): SPARK_REMOTE set, no --remote, on Databricks."""
     import pyspark
