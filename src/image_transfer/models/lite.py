@@ -88,7 +88,7 @@ def outputs_in_unit_range(interpreter: Any, height: int, width: int, preprocess:
     None when it raises on them. Preprocessed as the workers do, without TensorFlow."""
     import numpy as np
 
-    from image_transfer.models.load import preprocess_fn
+    from image_transfer.models.load import in_unit_range, preprocess_fn
 
     details = interpreter.get_input_details()[0]
     batch = max(1, int(details["shape"][0]))
@@ -104,5 +104,4 @@ def outputs_in_unit_range(interpreter: Any, height: int, width: int, preprocess:
             results.append(np.array(interpreter.get_tensor(index), dtype="float64"))
     except Exception:  # noqa: BLE001 - a model that refuses random images: not decided here
         return None
-    outputs = np.concatenate(results)
-    return bool(np.all(np.isfinite(outputs)) and outputs.min() >= -1e-6 and outputs.max() <= 1 + 1e-6)
+    return in_unit_range(np.concatenate(results))

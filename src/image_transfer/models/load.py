@@ -161,6 +161,13 @@ def outputs_in_unit_range(model: Any, height: int, width: int, preprocess: str) 
         outputs = np.asarray(model(preprocess_fn(preprocess)(tf.constant(pixels)), training=False), dtype="float64")
     except Exception:  # noqa: BLE001 - a model that refuses random images: not decided here
         return None
+    return in_unit_range(outputs)
+
+
+def in_unit_range(outputs: Any) -> bool:
+    """Whether every output is finite and within [0, 1] (float tolerance): what probabilities can be."""
+    import numpy as np
+
     return bool(np.all(np.isfinite(outputs)) and outputs.min() >= -1e-6 and outputs.max() <= 1 + 1e-6)
 
 
