@@ -158,7 +158,7 @@ def end_to_end(args: argparse.Namespace, model: str, contents: list[bytes], prec
     import pyarrow.parquet as pq
 
     from image_transfer import api
-    from image_transfer.session import get_spark, parse_conf
+    from image_transfer.runtime import get_spark, parse_conf
 
     spark = get_spark("image-transfer gpu benchmark", master=args.master, conf=parse_conf(args.conf))
     with tempfile.TemporaryDirectory(prefix="image-transfer-gpu-bench-", dir=args.workdir) as tmp:
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from image_transfer import devices as gpu
     from image_transfer.models.load import configure_threads
-    from image_transfer.scoring import gpu
 
     if args.threads:
         configure_threads(args.threads)

@@ -69,8 +69,8 @@ def load_average() -> str:
 
 
 def spark_session(app: str) -> Any:
-    """A local[2] session from the project's ``image_transfer.session.get_spark``."""
-    from image_transfer.session import get_spark
+    """A local[2] session from the project's ``image_transfer.runtime.get_spark``."""
+    from image_transfer.runtime import get_spark
 
     spark = get_spark(app, master="local[2]")
     # One Parquet file = one partition (files are packed while below maxPartitionBytes, each costing

@@ -35,7 +35,7 @@ def spark(tmp_path_factory):
 
         session = SparkSession.builder.remote("local[2]").appName("image-transfer connect tests").getOrCreate()
     else:
-        from image_transfer.session import get_spark
+        from image_transfer.runtime import get_spark
 
         # A warehouse of its own per run (and per pytest-xdist worker): tables never meet another run's.
         warehouse = tmp_path_factory.mktemp("spark-warehouse")

@@ -21,7 +21,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from image_transfer.jobs.cli import build_parser  # noqa: E402
-from image_transfer.session import SETTINGS  # noqa: E402
+from image_transfer.runtime import SETTINGS  # noqa: E402
 
 # The outcome does not depend on library versions: CI runs this file in the default environment only.
 pytestmark = pytest.mark.anyversion
@@ -294,7 +294,7 @@ def test_job_clusters_are_set_up_for_gpu_scoring(target):
                 assert "-gpu-ml-" in spec["spark_version"], where
                 assert spec["data_security_mode"] == "SINGLE_USER", where
                 conf, env = spec["spark_conf"], spec["spark_env_vars"]
-                # The Spark settings live in one place (image_transfer.session); the clusters mirror them.
+                # The Spark settings live in one place (image_transfer.runtime); the clusters mirror them.
                 assert {k: conf.get(k) for k in SETTINGS} == SETTINGS, where
                 assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true", where
                 assert env["TF_GPU_ALLOCATOR"] == "cuda_malloc_async", where

@@ -16,8 +16,8 @@ import pytest
 
 from image_transfer.errors import UserError
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import write_output
 from image_transfer.scoring.options import ScoringOptions
+from image_transfer.storage.outputs import write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from image_transfer.errors import UserError
-from image_transfer.session import is_connect
+from image_transfer.runtime import is_connect
 from image_transfer.training.evaluate import evaluate
 from image_transfer.training.feed import cache_location, choose_path
 from image_transfer.training.prepare import prepare

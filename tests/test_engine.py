@@ -356,7 +356,7 @@ def test_pyfunc_takes_the_engine_choice(shapes_model, fixtures_dir):
 
     pytest.importorskip("mlflow")
     from image_transfer.lifecycle.pyfunc import ImageClassifier
-    from image_transfer.lifecycle.uris import KERAS_ARTIFACT
+    from image_transfer.models.uris import KERAS_ARTIFACT
 
     images = [p.read_bytes() for p in sorted((fixtures_dir / "images").rglob("*.png"))[:12]]
     assert images

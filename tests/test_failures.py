@@ -16,8 +16,8 @@ import pytest
 from image_transfer import read_images, score_images
 from image_transfer.errors import UserError
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import write_output
 from image_transfer.models.artifact import save_model
+from image_transfer.storage.outputs import write_output
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from image_transfer import api
+from image_transfer import devices as gpu
 from image_transfer.errors import UserError
 from image_transfer.imaging.screen import ImageLimits, screen_batch
 from image_transfer.jobs import cli
-from image_transfer.scoring import gpu
 from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model
 from image_transfer.scoring.stats import _PROCESS
 from image_transfer.scoring.worker import Scorer
@@ -155,7 +155,7 @@ def test_each_worker_is_pinned_to_the_gpu_its_task_was_assigned(fixtures_dir, tm
 
 def test_without_gpu_resources_nothing_is_pinned(spark, fixtures_dir, tmp_path):
     """local[2] (no GPU scheduling): the summary's workers carry gpu null, CUDA_VISIBLE_DEVICES untouched."""
-    from image_transfer.jobs.outputs import write_output
+    from image_transfer.storage.outputs import write_output
 
     images = tmp_path / "images.parquet"
     write_output(api.read_images(spark, str(fixtures_dir / "images")).limit(24), str(images))

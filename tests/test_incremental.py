@@ -15,10 +15,10 @@ import pytest
 from hostile_images import write_corpus
 
 from image_transfer import UserError, featurize_new_images, score_new_images
+from image_transfer.api.incremental import ZERO_BYTES, reader_options, resolve_source
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import write_output
-from image_transfer.scoring.incremental import ZERO_BYTES, reader_options, resolve_source
-from image_transfer.session import is_connect
+from image_transfer.runtime import is_connect
+from image_transfer.storage.outputs import write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from image_transfer.errors import RunFailed, UserError
-from image_transfer.fs import COMMIT_MARKER, _LocalFs
 from image_transfer.jobs import cli
-from image_transfer.jobs.lease import LEASE_TTL_ENV, Holder, OutputLease, hold, lease_path
-from image_transfer.jobs.outputs import write_output
+from image_transfer.storage.fs import COMMIT_MARKER, _LocalFs
+from image_transfer.storage.lease import LEASE_TTL_ENV, Holder, OutputLease, hold, lease_path
+from image_transfer.storage.outputs import write_output
 
 # The outcome does not depend on library versions: CI runs this file in the default environment only.
 pytestmark = pytest.mark.anyversion

@@ -256,7 +256,7 @@ def test_a_models_uri_without_tracking_server_says_so_and_creates_nothing(tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DATABRICKS_"))}
     code = """
         from image_transfer.errors import UserError
-        from image_transfer.lifecycle.uris import resolve_model
+        from image_transfer.models.uris import resolve_model
         for uri in ("models:/shapes@champion", "models:/shapes/3", "runs:/0123abcd/model"):
             try:
                 resolve_model(uri)
@@ -287,7 +287,7 @@ def test_scoring_leaves_no_autograph_files(fixtures_dir, shapes_model, tmp_path)
         shutil.copyfile(f, images / f.name)
     code = f"""
         from image_transfer import read_images, score_images
-        from image_transfer.session import get_spark
+        from image_transfer.runtime import get_spark
         spark = get_spark("autograph leftovers", master="local[2]")
         # TensorFlow traces in the workers (LiteRT, auto's choice on CPU, traces nothing there)
         rows = score_images(

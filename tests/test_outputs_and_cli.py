@@ -14,9 +14,9 @@ import pytest
 
 import image_transfer
 from image_transfer.errors import UserError
-from image_transfer.fs import COMMIT_MARKER
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import check_output, check_table, write_output
+from image_transfer.storage.fs import COMMIT_MARKER
+from image_transfer.storage.outputs import check_output, check_table, write_output
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from image_transfer.errors import UserError
-from image_transfer.jobs.progress import Progress
-from image_transfer.lifecycle.uris import _download, scrub_urls
-from image_transfer.session import is_connect
+from image_transfer.models.uris import _download, scrub_urls
+from image_transfer.runtime import is_connect
+from image_transfer.scoring.progress import Progress
 
 
 @pytest.mark.connect

@@ -23,7 +23,7 @@ from training_data import fixture_dataset
 from image_transfer.errors import UserError
 from image_transfer.jobs import cli
 from image_transfer.lifecycle.tracking import loggable_params
-from image_transfer.lifecycle.uris import parse_models_uri, resolve_model
+from image_transfer.models.uris import parse_models_uri, resolve_model
 from image_transfer.training.promotion import decide
 
 ROOT = Path(__file__).resolve().parents[1]

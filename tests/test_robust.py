@@ -16,10 +16,10 @@ from PIL import Image, ImageOps
 
 from image_transfer import featurize_images, score_images, scoring_run
 from image_transfer.errors import TooManyFailures, UserError
-from image_transfer.fs import COMMIT_MARKER
 from image_transfer.imaging.files import read_image_files
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import _recover, write_output
+from image_transfer.storage.fs import COMMIT_MARKER
+from image_transfer.storage.outputs import _recover, write_output
 
 CLASSES = ["circle", "cross", "ring", "square", "star", "triangle"]
 
@@ -339,7 +339,7 @@ def test_driver_local_model_path_refused_up_front_on_a_cluster_and_fine_locally(
 
 def _fs(spark, dest: Path, kind: str):
     """The output's file system as write_output uses it: Hadoop (classic) or this process (Spark Connect)."""
-    from image_transfer.fs import _HadoopFs, _LocalFs
+    from image_transfer.storage.fs import _HadoopFs, _LocalFs
 
     if kind == "local":
         return _LocalFs(), str(dest)

@@ -15,8 +15,8 @@ from pyspark.sql import functions as F
 from image_transfer import featurize_images, read_images, score_images, scoring_run
 from image_transfer.errors import UserError
 from image_transfer.jobs import cli
-from image_transfer.jobs.outputs import check_table, write_output
 from image_transfer.models.artifact import save_model
+from image_transfer.storage.outputs import check_table, write_output
 
 FIXTURE_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "model" / "shapes.keras"
 
@@ -115,7 +115,7 @@ def test_loads_and_traces_once_per_worker_across_partitions_batches_and_actions(
     assert 1 <= len(workers) < 9, workers  # the 2 task slots' Python workers (or the idle pool's), not one per task
     assert all(":" in w for w in workers)  # host:pid
     # An Observation describes one action: the first (classic session) or the latest (Spark Connect)
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     # Under Spark Connect, the latest action's workers loaded the model then or, on pyspark >= 4.1 (where
     # the UDF keeps its cache key across a Connect DataFrame's actions), already in the first: once either way.

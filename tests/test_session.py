@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from image_transfer.errors import UserError
-from image_transfer.session import SETTINGS, get_spark, is_connect, parse_conf
+from image_transfer.runtime import SETTINGS, get_spark, is_connect, parse_conf
 
 
 def test_the_active_session_comes_first(spark):
@@ -54,7 +54,7 @@ from image_transfer.jobs import cli
 code = cli.run(sys.argv[1:])
 from pyspark.sql import SparkSession
 spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
-from image_transfer.session import is_connect
+from image_transfer.runtime import is_connect
 print(json.dumps({"code": code, "connect": is_connect(spark), "rows": spark.read.parquet(sys.argv[-1]).count()}))
 """
 

@@ -17,7 +17,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from image_transfer import featurize_images, read_images, score_images, scoring_run
-from image_transfer.session import is_connect
+from image_transfer.runtime import is_connect
 
 SCORING = Path(__file__).resolve().parents[1] / "src" / "image_transfer" / "scoring"
 
@@ -234,7 +234,7 @@ def test_a_partial_read_stops_the_python_workers_it_did_not_read_to_the_end(spar
 
 @pytest.mark.connect
 def test_a_stream_adds_up_its_micro_batches(spark, fixtures_dir, shapes_model, tmp_path):
-    from image_transfer.scoring.incremental import score_new_images
+    from image_transfer.api.incremental import score_new_images
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()

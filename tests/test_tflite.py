@@ -153,7 +153,7 @@ def test_a_shared_cache_that_cannot_be_used_is_said_once_and_left_out(shapes_mod
 DRIVER = """
 import json, sys
 from image_transfer.api import read_images, score_images, scoring_run
-from image_transfer.session import get_spark
+from image_transfer.runtime import get_spark
 
 spark = get_spark("image-transfer no-tf driver", master="local[1]")
 images, tflite, keras_model, cache = sys.argv[1:5]

@@ -284,7 +284,7 @@ def test_mlflow_gets_params_metrics_curves_and_the_model(trained, tmp_path, monk
 @pytest.mark.connect
 def test_workers_above_one_are_refused_before_any_work_where_they_cannot_run(spark):
     from image_transfer.errors import UserError
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
     from image_transfer.training.distributed import check_workers
 
     check_workers(spark, 1, None)  # the single-node path
@@ -439,7 +439,7 @@ def test_train_announces_each_phase_numbers_its_epochs_from_one_and_records_the_
 def test_local_relative_paths_become_absolute_and_uris_stay():
     import os
 
-    from image_transfer.fs import local_absolute
+    from image_transfer.storage.fs import local_absolute
 
     here = os.getcwd()
     assert local_absolute("fixtures/model/backbone.keras") == os.path.join(here, "fixtures/model/backbone.keras")

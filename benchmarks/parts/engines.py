@@ -212,7 +212,7 @@ def plain_child(model_path: str, file: str, count: int, rounds: int, batch: int 
 
     import psutil
 
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
 
     spark = get_spark("engines benchmark: plain predict_batch_udf", master="local[2]")
     df = spark.read.parquet(file).repartition(2).cache()
@@ -346,7 +346,7 @@ def main() -> None:
         )
         return
     if args.child:
-        from image_transfer.session import get_spark
+        from image_transfer.runtime import get_spark
 
         path, divisor = MODELS[args.child]
         spark = get_spark("engines benchmark", master="local[2]")

@@ -40,7 +40,7 @@ HIDDEN = "ai_edge_litert hidden by the interpreters benchmark: the engine falls 
 def child(label: str, images: int) -> None:
     """Score the model once per ``go`` line on stdin; print ``RATE img/s`` and, at ``end``, the interpreters."""
     from image_transfer import score_images, scoring_run
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
 
     path, divisor = MODELS[label]
     count = images // divisor

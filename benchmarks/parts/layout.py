@@ -177,10 +177,10 @@ def child_warm(cfg: dict[str, Any]) -> dict[str, Any]:
     from image_transfer import score_images, scoring_run
     from image_transfer.imaging.graph import decode_resize
     from image_transfer.imaging.screen import ImageLimits, screen_batch
-    from image_transfer.jobs.outputs import write_output
     from image_transfer.models.artifact import read_metadata
     from image_transfer.models.load import load_keras, preprocess_fn
     from image_transfer.scoring.options import ARROW_BATCH_CONF
+    from image_transfer.storage.outputs import write_output
 
     spark = spark_session("bench warm")
     out_root = Path(tempfile.mkdtemp(prefix="bench-warm-", dir=CACHE))

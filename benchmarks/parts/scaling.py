@@ -46,8 +46,8 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from image_transfer import score_images, scoring_run
-    from image_transfer.jobs.outputs import write_output
     from image_transfer.scoring.options import prepare_model
+    from image_transfer.storage.outputs import write_output
 
     spark = spark_session("bench scaling")
     spark.range(1).count()

@@ -33,8 +33,8 @@ def task_addresses(_: object) -> list[list[str]]:
 
 def main(fixtures: str, workdir: str, *amounts: str) -> int:
     from image_transfer import api
-    from image_transfer.jobs.outputs import write_output
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
+    from image_transfer.storage.outputs import write_output
 
     work = Path(workdir)
     script = discovery_script(work)

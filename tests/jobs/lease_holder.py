@@ -11,8 +11,8 @@ import time
 
 
 def main(output: str) -> None:
-    from image_transfer.fs import _LocalFs
-    from image_transfer.jobs.lease import hold
+    from image_transfer.storage.fs import _LocalFs
+    from image_transfer.storage.lease import hold
 
     fs, dest = _LocalFs(), os.path.abspath(output)
     with hold(fs, dest, command="score"):

@@ -22,9 +22,9 @@ def main(workdir: str) -> int:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
+    from image_transfer import devices as gpu
     from image_transfer.models.load import load_keras
-    from image_transfer.scoring import gpu
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
     from image_transfer.training.prepare import prepare
     from image_transfer.training.train import TrainConfig, train
 

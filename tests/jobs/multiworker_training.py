@@ -45,7 +45,7 @@ def main(workdir: str) -> int:
 
     from image_transfer.errors import UserError
     from image_transfer.jobs import cli
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
     from image_transfer.training import distributed
     from image_transfer.training.prepare import prepare
     from image_transfer.training.train import TrainConfig, train

@@ -17,8 +17,8 @@ def main(images: str, model: str, output: str, markers: str) -> int:
     from pyspark.sql import functions as F
 
     from image_transfer import score_images
-    from image_transfer.jobs.outputs import write_output
-    from image_transfer.session import get_spark
+    from image_transfer.runtime import get_spark
+    from image_transfer.storage.outputs import write_output
 
     spark = get_spark("retry test", master="local[2,2]")
 

@@ -310,7 +310,7 @@ def _survey_on_executor(spark: Any, root: str, extensions: Sequence[str], hidden
 
 def _survey_remote(spark: Any, folder: str, extensions: Sequence[str]) -> SkippedFiles:
     """Through the Hadoop file system (classic sessions), else Spark's own listing (extensions only)."""
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     keep = None if EVERY_FILE in {e.strip() for e in extensions} else {e.lower().lstrip(".") for e in extensions}
     try:

@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from image_transfer import __version__
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
+from image_transfer.runtime import get_spark, parse_conf, quiet_interrupts
 from image_transfer.scoring.options import ScoringOptions
-from image_transfer.session import get_spark, parse_conf, quiet_interrupts
+from image_transfer.version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -72,7 +72,7 @@ def _add_common_scoring_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_incremental_options(p: argparse.ArgumentParser) -> None:
-    from image_transfer.scoring.incremental import DEFAULT_MAX_FILES_PER_TRIGGER, SOURCES
+    from image_transfer.api.incremental import DEFAULT_MAX_FILES_PER_TRIGGER, SOURCES
 
     p.add_argument("--checkpoint", help="with --images (required): streaming checkpoint, what earlier runs took")
     p.add_argument(
@@ -255,7 +255,7 @@ def _checked_session(
     """The command's session, once its outputs are checked (``outputs.check_output``): none may overlap an
     input or replace what it must not. Local paths are checked before Spark starts, others with it; then
     ``check_model`` (the model file), also before Spark starts."""
-    from image_transfer.jobs.outputs import check_output
+    from image_transfer.storage.outputs import check_output
 
     def check(spark: Any) -> bool:
         return all(
@@ -282,9 +282,9 @@ def _check_model_early(
     """A model file checked before Spark starts (as flags are): a missing or unusable file is exit 2 in a
     second, not after the session's start; a ``.tflite`` also against the engine ``options`` ask for.
     MLflow URIs are resolved later, once (they download)."""
-    from image_transfer.lifecycle.uris import is_model_uri
     from image_transfer.models.artifact import model_kind
     from image_transfer.models.inspection import inspect_model
+    from image_transfer.models.uris import is_model_uri
 
     if is_model_uri(model):
         return
@@ -314,7 +314,7 @@ def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
 
 
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
-    from image_transfer.jobs.outputs import output_lease
+    from image_transfer.storage.outputs import output_lease
 
     options = _scoring_options(args, mode)
     command = "score" if mode == "classify" else "featurize"
@@ -342,35 +342,21 @@ def _score_leased(
 ) -> None:
     """Batch scoring, holding the output's lease."""
     from image_transfer import api
-    from image_transfer.jobs import runs
-    from image_transfer.jobs.outputs import read_input, write_output
 
-    source = read_input(
+    source = api.read_input(
         spark, path=args.input, table=args.input_table, images_hint=IMAGES_HINT, table_flag="--input-table"
     )
     if mode == "classify":
         scored = api.score_images(source, args.model, top_k=args.top_k, options=options)
     else:
         scored = api.featurize_images(source, args.model, layer=args.layer, options=options)
-    rows_in = runs.count_rows(source)
-    runs.require_rows(rows_in)
-    rows_per_file = args.rows_per_file or runs.default_rows_per_file(scored)
-    runs.write_scored(
-        spark,
+    api.write_scored(
         scored,
-        rows_in=rows_in,
-        writer=lambda df: write_output(
-            df,
-            args.output,
-            table=args.output_table,
-            rows_per_file=rows_per_file,
-            rows=rows_in,
-            command=command,
-            overwrite=args.overwrite,
-            wait=wait,
-        ),
-        output=args.output_table or args.output,
-        mode=mode,
+        args.output,
+        output_table=args.output_table,
+        overwrite=args.overwrite,
+        rows_per_file=args.rows_per_file,
+        wait=wait,
         progress_interval=args.progress_interval,
         summary_path=args.summary,
     )
@@ -379,9 +365,9 @@ def _score_leased(
 def _run_incremental(
     args: argparse.Namespace, mode: str, options: ScoringOptions, check_model: Callable[[], None]
 ) -> int:
+    from image_transfer.api import incremental
+    from image_transfer.api.writing import write_summary
     from image_transfer.imaging.files import skipped_files
-    from image_transfer.jobs.runs import write_summary
-    from image_transfer.scoring import incremental
 
     if not args.checkpoint:
         raise UserError("--images needs --checkpoint (where the stream records what it has scored)")
@@ -429,7 +415,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from image_transfer.imaging.files import read_image_files, skipped_files
-    from image_transfer.jobs.outputs import output_lease, write_output
+    from image_transfer.storage.outputs import output_lease, write_output
 
     wait = _wait(args)
     extensions = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip().lstrip(".")]
@@ -625,7 +611,7 @@ def _publish_task_value(key: str, value: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from image_transfer.jobs.outputs import read_input
+    from image_transfer.storage.outputs import read_input
     from image_transfer.training.train import TrainConfig, check_output_model, train
 
     if args.learning_rate <= 0:
@@ -666,7 +652,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from image_transfer.lifecycle.uris import resolve_model
+    from image_transfer.models.uris import resolve_model
     from image_transfer.scoring.options import prepare_model
 
     resolved = resolve_model(args.model)
@@ -688,7 +674,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from image_transfer.jobs.outputs import read_input
+    from image_transfer.storage.outputs import read_input
     from image_transfer.training.evaluate import evaluate
 
     if args.promote_to is None and (args.min_accuracy or args.tolerance):
@@ -769,8 +755,8 @@ def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
     table name (``schema.table``) that is no local path stay as typed."""
     import os
 
-    from image_transfer.fs import local_absolute
-    from image_transfer.jobs.outputs import looks_like_table
+    from image_transfer.storage.fs import local_absolute
+    from image_transfer.storage.outputs import looks_like_table
 
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.session import get_spark, parse_conf, quiet_interrupts
+from image_transfer.runtime import get_spark, parse_conf, quiet_interrupts
 
 # Each output in the work folder, and the command its marker records.
 OUTPUTS = {
@@ -25,7 +25,7 @@ OUTPUTS = {
 def check_workdir(workdir: Path, fixtures: Path, *, overwrite: bool = False) -> None:
     """Refuse (UserError) a work folder whose outputs would overlap the fixture images or replace what
     the demo did not write (``outputs.check_output``); run before Spark starts."""
-    from image_transfer.jobs.outputs import check_output
+    from image_transfer.storage.outputs import check_output
 
     for name, command in OUTPUTS.items():
         check_output(
@@ -43,14 +43,15 @@ def check_workdir(workdir: Path, fixtures: Path, *, overwrite: bool = False) -> 
 def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool = False) -> None:
     """prepare -> train (the fixture backbone, 64x64) -> score the validation split with the new model."""
     from image_transfer import api
-    from image_transfer.jobs import runs
-    from image_transfer.jobs.outputs import write_output
-    from image_transfer.training.prepare import prepare, usable
-    from image_transfer.training.train import TrainConfig, train
 
     dataset = workdir / "dataset.parquet"
-    print(prepare(spark, str(fixtures / "images"), str(dataset), overwrite=overwrite).describe())
-    config = TrainConfig(
+    print(api.prepare_dataset(spark, str(fixtures / "images"), str(dataset), overwrite=overwrite).describe())
+    model = workdir / "model.keras"
+    ours = overwrite or demo_model(model)
+    trained = api.train_model(
+        spark.read.parquet(str(dataset)),
+        output_model=str(model),
+        overwrite=ours,
         backbone=str(fixtures / "model" / "backbone.keras"),
         epochs=12,
         fine_tune_layers=1,
@@ -59,23 +60,26 @@ def _demo_training(spark: Any, fixtures: Path, workdir: Path, *, overwrite: bool
         learning_rate=1e-2,
         patience=20,
     )
-    model = workdir / "model.keras"
-    ours = overwrite or demo_model(model)
-    trained = train(spark.read.parquet(str(dataset)), config, output_model=str(model), overwrite=ours)
     print(trained.describe())
     out = workdir / "validation_predictions.parquet"
-    source = usable(spark.read.parquet(str(dataset)), "validation").select("path", "label", "content")
+    source = api.dataset_rows(spark.read.parquet(str(dataset)), "validation").select("path", "label", "content")
     scored = api.score_images(source, str(model), key_columns=("path", "label"), top_k=3)
-    runs.write_scored(
-        spark,
-        scored,
-        rows_in=runs.count_rows(source),
-        writer=lambda df: write_output(df, str(out), command=OUTPUTS[out.name], overwrite=overwrite),
-        output=str(out),
-        mode="classify",
-    )
+    api.write_scored(scored, str(out), command=OUTPUTS[out.name], overwrite=overwrite)
     print(f"validation accuracy of the trained model: {trained.final_validation_accuracy:.3f}")
     print(f"trained model: {model}\nvalidation predictions: {out}")
+
+
+def label_accuracy(scored: Any) -> float:
+    """Share of scored rows whose prediction equals the image's parent folder name (demo check)."""
+    from pyspark.sql import functions as F
+
+    label = F.element_at(F.split(F.col("path"), "/"), -2)
+    row = (
+        scored.where(F.col("error").isNull())
+        .agg(F.avg((F.col("prediction") == label).cast("double")).alias("acc"))
+        .first()
+    )
+    return float(row["acc"] or 0.0)
 
 
 def demo_model(path: Path) -> bool:
@@ -99,9 +103,6 @@ def default_fixtures() -> Path:
 def run_demo(args: argparse.Namespace) -> int:
     """``image-transfer demo``: ingest and score the fixtures, then prepare, train and score again."""
     from image_transfer import api
-    from image_transfer.jobs import runs
-    from image_transfer.jobs.outputs import write_output
-    from image_transfer.scoring import frame
 
     fixtures = Path(args.fixtures) if args.fixtures else default_fixtures()
     workdir = Path(args.workdir).resolve()
@@ -113,24 +114,17 @@ def run_demo(args: argparse.Namespace) -> int:
     spark = get_spark("image-transfer demo", master=args.master or "local[2]", conf=parse_conf(args.conf))
     quiet_interrupts(spark)
     images = workdir / "images.parquet"
-    n = write_output(
+    n = api.write_output(
         api.read_images(spark, str(fixtures / "images")), str(images), command="demo", overwrite=overwrite
     ).count()
     print(f"ingested {n} fixture images into {images}")
     out, summary = workdir / "predictions.parquet", workdir / "summary.json"
     source = spark.read.parquet(str(images))
-    runs.write_scored(
-        spark,
-        api.score_images(source, str(model_path), top_k=3),
-        rows_in=n,
-        writer=lambda df: write_output(df, str(out), command="demo", overwrite=overwrite),
-        output=str(out),
-        mode="classify",
-        summary_path=str(summary),
-    )
+    scored = api.score_images(source, str(model_path), top_k=3)
+    api.write_scored(scored, str(out), command="demo", overwrite=overwrite, summary_path=str(summary))
     scored = spark.read.parquet(str(out))
     scored.orderBy("path").show(5, truncate=60)
-    accuracy = frame.label_accuracy(scored)
+    accuracy = label_accuracy(scored)
     print(f"accuracy against the folder labels: {accuracy:.3f}")
     print(f"predictions: {out}\nsummary: {summary}")
     _demo_training(spark, fixtures, workdir, overwrite=overwrite)

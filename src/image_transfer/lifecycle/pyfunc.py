@@ -21,7 +21,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Find the ``.keras`` file; it is loaded and traced on the first ``predict`` (MLflow 3 calls this on save)."""
-        from image_transfer.lifecycle.uris import KERAS_ARTIFACT, find_model_file
+        from image_transfer.models.uris import KERAS_ARTIFACT, find_model_file
 
         self._path = find_model_file(context.artifacts[KERAS_ARTIFACT])
         self._scorer = None
@@ -34,7 +34,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import os
         from dataclasses import replace
 
-        from image_transfer.scoring import gpu
+        from image_transfer import devices
         from image_transfer.scoring.engine import choose_engine
         from image_transfer.scoring.options import ScoringOptions, prepare_model, with_compute
         from image_transfer.scoring.worker import LiteScorer, Scorer
@@ -43,7 +43,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if getattr(self, "_scorer", None) is None or getattr(self, "_engine", None) != wanted:
             options = ScoringOptions(engine=wanted)  # checks the name
             prepared = with_compute(prepare_model(self._path, mode="classify", top_k=1), options)
-            requested = "tensorflow" if wanted == "auto" and gpu.visible_gpus() > 0 else wanted
+            requested = "tensorflow" if wanted == "auto" and devices.visible_gpus() > 0 else wanted
             chosen, flatbuffer, _ = choose_engine(prepared, requested)
             self._prepared = replace(prepared, compute=replace(prepared.compute, engine=chosen))
             if chosen == "litert":

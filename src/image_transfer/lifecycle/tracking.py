@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import RunFailed, first_line
-from image_transfer.lifecycle.uris import (
+from image_transfer.models.uris import (
     KERAS_ARTIFACT,
     MODEL_ARTIFACT,
     PARAM_MAX_CHARS,
@@ -49,9 +49,7 @@ def _pip_requirements() -> list[str]:
 
 def package_source() -> str:
     """The folder of this package's source (``.../image_transfer``), for ``code_paths``."""
-    import image_transfer
-
-    return str(Path(image_transfer.__file__).resolve().parent)
+    return str(Path(__file__).resolve().parents[1])
 
 
 def log_model(model_path: str, *, class_names: list[str] | None) -> str:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from image_transfer.errors import UserError
+from image_transfer.runtime import is_connect
 from image_transfer.scoring.engine import choose_engine
 from image_transfer.scoring.options import (
     ARROW_BATCH_CONF,
@@ -22,7 +23,6 @@ from image_transfer.scoring.options import (
 from image_transfer.scoring.run import ScoringRun
 from image_transfer.scoring.stats import STATS_PREFIX, WorkerStats, struct_fields
 from image_transfer.scoring.worker import make_predict_fn_factory
-from image_transfer.session import is_connect
 
 # ---- the driver side -------------------------------------------------------------------------------
 
@@ -56,9 +56,9 @@ def _is_local_master(master: str | None) -> bool:
     return master is not None and (master == "local" or master.startswith(("local[", "local-cluster[")))
 
 
-def _master(spark: Any) -> str | None:
+def _master(spark: Any, connect: bool) -> str | None:
     try:
-        return str(spark.sparkContext.master) if not is_connect(spark) else spark.conf.get("spark.master", None)
+        return str(spark.sparkContext.master) if not connect else spark.conf.get("spark.master", None)
     except Exception:  # noqa: BLE001 - a Connect server that does not say counts as a cluster
         return None
 
@@ -83,14 +83,22 @@ def check_shared_path(path: str, master: str | None) -> None:
     )
 
 
-def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int, lite: bytes | None = None) -> tuple[Any, str]:
+def ship(
+    spark: Any,
+    prepared: PreparedModel,
+    broadcast_max_bytes: int,
+    lite: bytes | None = None,
+    *,
+    connect: bool | None = None,
+) -> tuple[Any, str]:
     """How the model reaches the workers: (payload, description); a None payload means the shared path.
 
     Classic sessions broadcast models up to ``broadcast_max_bytes``; Spark Connect has no broadcasts,
     so small models travel inside the UDF (Spark ships it with each task) and larger ones by path,
     which must then be one executors can read (``check_shared_path``: a UserError before any work).
     ``lite``, the converted model of the LiteRT engine, is shipped instead of the model when given
-    (by path, a worker converts once per machine).
+    (by path, a worker converts once per machine). ``connect``: whether ``spark`` is a Spark Connect
+    session, when the caller knows.
     """
     from image_transfer.models.artifact import pack
 
@@ -100,13 +108,14 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int, lite: by
         return lite if lite is not None else pack(prepared.info.path, prepared.info.kind)
 
     what = ", LiteRT" if lite is not None else ""  # the summary: "model sha256:... (broadcast, LiteRT)"
-    if is_connect(spark):
+    connect = is_connect(spark) if connect is None else connect
+    if connect:
         if size <= min(broadcast_max_bytes, CLOSURE_MAX_BYTES):
             return data(), "in the UDF" + what
-        check_shared_path(prepared.info.path, _master(spark))
+        check_shared_path(prepared.info.path, _master(spark, connect))
         return None, "shared path"
     if size > broadcast_max_bytes:
-        check_shared_path(prepared.info.path, _master(spark))
+        check_shared_path(prepared.info.path, _master(spark, connect))
         return None, "shared path"
     return spark.sparkContext.broadcast(data()), "broadcast" + what
 
@@ -114,7 +123,7 @@ def ship(spark: Any, prepared: PreparedModel, broadcast_max_bytes: int, lite: by
 SPREAD_BELOW = 4  # inputs with fewer read partitions per task slot than this are spread evenly
 
 
-def _spread(df: Any, options: ScoringOptions) -> tuple[Any, bool]:
+def _spread(df: Any, options: ScoringOptions, connect: bool) -> tuple[Any, bool]:
     """Give every task slot an equal share of a small input: a round-robin shuffle into one partition per slot.
 
     File sources split files at read time, but only at row-group boundaries: a file of one row group
@@ -127,7 +136,7 @@ def _spread(df: Any, options: ScoringOptions) -> tuple[Any, bool]:
     partition count is not visible without running a job: pass ``partitions`` there to spread an input.
     """
     spark = df.sparkSession
-    if is_connect(spark) or df.isStreaming:  # a stream's micro-batches are planned per trigger: no RDD here
+    if connect or df.isStreaming:  # a stream's micro-batches are planned per trigger: no RDD here
         return (df.repartition(options.partitions), True) if options.partitions else (df, False)
     slots = spark.sparkContext.defaultParallelism
     wanted = options.partitions or slots
@@ -156,12 +165,18 @@ def _arrow_batches(spark: Any, options: ScoringOptions) -> dict[str, str]:
 
 
 def scored_frame(
-    df: Any, prepared: PreparedModel, options: ScoringOptions, *, shipment: tuple[Any, str] | None = None
+    df: Any,
+    prepared: PreparedModel,
+    options: ScoringOptions,
+    *,
+    shipment: tuple[Any, str] | None = None,
+    connect: bool | None = None,
 ) -> tuple[Any, ScoringRun]:
     """The lazy scored DataFrame (keys, outputs, ``error``, ``model_version``) and its run handle.
 
     ``shipment`` is what ``ship`` returned, for callers that score several DataFrames with one model
-    shipped once (micro-batches); the handle then does not release it on ``close``.
+    shipped once (micro-batches); the handle then does not release it on ``close``. ``connect`` is the
+    session kind when the caller asked already (else asked here, once).
     """
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
@@ -169,12 +184,13 @@ def scored_frame(
     validate_columns(df, options)
     prepared = with_compute(prepared, options)
     spark = df.sparkSession
+    connect = is_connect(spark) if connect is None else connect
     engine, lite, converted = choose_engine(prepared, options.engine, spark)  # before any Spark work
     prepared = replace(prepared, compute=replace(prepared.compute, engine=engine))
     arrow = _arrow_batches(spark, options)
-    stats = WorkerStats.create(spark)
+    stats = WorkerStats.create(spark, connect=connect)
     owned = shipment is None
-    payload, shipped = ship(spark, prepared, options.broadcast_max_bytes, lite) if owned else shipment
+    payload, shipped = ship(spark, prepared, options.broadcast_max_bytes, lite, connect=connect) if owned else shipment
     factory = make_predict_fn_factory(prepared, payload, options.limits)
     udf = predict_batch_udf(factory, return_type=return_type(prepared), batch_size=options.batch_size)
 
@@ -187,7 +203,7 @@ def scored_frame(
         F.format_string(f"encoded size %d bytes exceeds the limit of {options.limits.max_bytes}", F.length(image)),
     )
     keys = [F.col(k) for k in options.key_columns]
-    spread, shuffled = _spread(df, options)
+    spread, shuffled = _spread(df, options, connect)
     scored = spread.select(*keys, udf(guarded).alias("_r"), oversize.alias("_oversize"))
     # The observed node also keeps whatever the caller chains after scoring above the model call: the
     # optimizer pushes no filter through it, so no copy of the UDF lands in a filter and each row is
@@ -224,19 +240,6 @@ def scored_frame(
         session=spark,
     )
     return result, run
-
-
-def label_accuracy(scored: Any) -> float:
-    """Share of scored rows whose prediction equals the image's parent folder name (demo check)."""
-    from pyspark.sql import functions as F
-
-    label = F.element_at(F.split(F.col("path"), "/"), -2)
-    row = (
-        scored.where(F.col("error").isNull())
-        .agg(F.avg((F.col("prediction") == label).cast("double")).alias("acc"))
-        .first()
-    )
-    return float(row["acc"] or 0.0)
 
 
 def columns(mode: str, key_columns: Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -113,7 +114,7 @@ class ScoringOptions:
     )
 
     def __post_init__(self) -> None:
-        from image_transfer.scoring.gpu import check_precision
+        from image_transfer.devices import check_precision
 
         object.__setattr__(self, "key_columns", tuple(self.key_columns))
         for name, binary in (("max_image_bytes", True), ("max_pixels", False)):
@@ -154,6 +155,16 @@ class ScoringOptions:
         if unknown:
             raise UserError(f"unknown scoring option {', '.join(unknown)} (options: {', '.join(cls.names())})")
         return replace(options, **keywords) if options is not None else cls(**keywords)
+
+    @classmethod
+    def merged(cls, options: ScoringOptions | None, values: Mapping[str, Any]) -> ScoringOptions:
+        """``options`` (or the defaults) with the options in ``values`` that differ from their defaults.
+
+        What the API's explicit keywords become: ``values`` is a call's keywords by name (other names are
+        ignored), so a keyword left at its default keeps ``options``' value.
+        """
+        given = {f.name: values[f.name] for f in fields(cls) if f.name in values and values[f.name] != f.default}
+        return cls.build(options, **given)
 
     @classmethod
     def names(cls) -> list[str]:

@@ -33,6 +33,7 @@ class ScoringRun:
     conversions: int = 0  # LiteRT conversions on the driver for this call (0: converted before, or TensorFlow)
     arrow: dict[str, str] = field(default_factory=dict)  # this frame's Arrow batch settings (records, bytes)
     session: Any = None  # the SparkSession the frame belongs to
+    input_frame: Any = None  # the DataFrame that was scored (its rows are counted without scoring them)
 
     @property
     def engine(self) -> str:

@@ -338,11 +338,13 @@ class WorkerStats:
     _done: threading.Event | None = None
 
     @classmethod
-    def create(cls, spark: Any) -> WorkerStats:
-        """Statistics for one scored DataFrame of ``spark`` (attach them with ``attach``)."""
-        from image_transfer.session import is_connect
+    def create(cls, spark: Any, *, connect: bool | None = None) -> WorkerStats:
+        """Statistics for one scored DataFrame of ``spark`` (attach them with ``attach``); ``connect`` is the
+        session kind when the caller asked already."""
+        from image_transfer.runtime import is_connect
 
-        return cls(name=f"image_transfer_{uuid.uuid4().hex[:12]}", connect=is_connect(spark))
+        connect = is_connect(spark) if connect is None else connect
+        return cls(name=f"image_transfer_{uuid.uuid4().hex[:12]}", connect=connect)
 
     def attach(self, scored: Any, field: Callable[[str], Any], failed: Any) -> Any:
         """``scored`` observed (see ``workers_metric`` for ``field`` and ``failed``)."""

@@ -49,16 +49,16 @@ class Scorer:
     def __init__(self, prepared: PreparedModel, path: str) -> None:
         import tensorflow as tf
 
+        from image_transfer import devices
         from image_transfer.imaging.graph import decode_batch
         from image_transfer.models.load import embedding_model, load_model, preprocess_fn
-        from image_transfer.scoring import gpu
 
         info, compute = prepared.info, prepared.compute
         model = load_model(path, info.kind, trust=prepared.trusted)
         if prepared.mode == "embed":
             model = embedding_model(model, prepared.layer)
         if compute.precision != "float32":
-            model = gpu.with_policy(model, gpu.keras_policy(compute.precision))
+            model = devices.with_policy(model, devices.keras_policy(compute.precision))
         count(model_loads=1)
         preprocess = preprocess_fn(info.preprocess)
         height, width, k, mode = info.height, info.width, prepared.width, prepared.mode
@@ -83,7 +83,7 @@ class Scorer:
         def decode_only(encoded: Any, orientations: Any) -> Any:  # traced only if a batch fails
             return tf.shape(decode_batch(encoded, height, width, orientations))
 
-        self.overlap = compute.overlap == "on" or (compute.overlap == "auto" and gpu.visible_gpus() > 0)
+        self.overlap = compute.overlap == "on" or (compute.overlap == "auto" and devices.visible_gpus() > 0)
         self.split = self.overlap or compute.jit
         self.fixed = 0  # the XLA path's batch shape
         if compute.jit:
@@ -285,21 +285,21 @@ def prepare_worker() -> None:
 
     Runs in the task (it reads the task's resources); what is already done stays as it is.
     """
-    from image_transfer.scoring import gpu
+    from image_transfer import devices
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    gpu.pin_worker()  # before TensorFlow is imported in the process (configure_threads imports it)
+    devices.pin_worker(set_worker_fact)  # before TensorFlow is imported in the process (configure_threads imports it)
     cores = _task_cores()
     with _PREPARE_LOCK:
         _import_tensorflow(cores)
 
 
 def _import_tensorflow(cores: int) -> None:
+    from image_transfer import devices
     from image_transfer.models.load import configure_threads
-    from image_transfer.scoring import gpu
 
     configure_threads(cores)
-    gpu.enable_memory_growth()
+    devices.enable_memory_growth()
 
 
 def _scorer(prepared: PreparedModel, shipped: Any) -> Scorer:
@@ -366,7 +366,7 @@ def make_predict_fn_factory(
     names = np.array([prepared.info.label(i) for i in range(classes)], dtype=object)
 
     def make_predict_fn() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        from image_transfer.scoring.gpu import note_task
+        from image_transfer.devices import note_task
 
         reporter = BatchReporter()  # before loading: the load belongs to this UDF's first report
         try:
@@ -379,7 +379,7 @@ def make_predict_fn_factory(
         k = prepared.width
 
         def predict(encoded: np.ndarray) -> dict[str, np.ndarray]:
-            note_task()
+            note_task(set_worker_fact)
             n = len(encoded)
             screened = screen_batch(encoded, limits)
             errors = list(screened.errors)

@@ -37,7 +37,7 @@ from image_transfer.errors import UserError
 
 def check_workers(spark: Any, workers: int, cache_dir: str | None) -> None:
     """Refuse what cannot run across ``workers`` nodes, before any work: Connect, or no shared cache dir."""
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")

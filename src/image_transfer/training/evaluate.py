@@ -56,7 +56,7 @@ def evaluate(
     """
     from pyspark.sql import functions as F
 
-    from image_transfer.api import score_images, scoring_run
+    from image_transfer.scoring.score import score_frame, scoring_run
     from image_transfer.training.prepare import usable
 
     rows = usable(df, split).select("path", "label", "label_index", "content")
@@ -67,7 +67,7 @@ def evaluate(
         if getattr(options, name) != getattr(ScoringOptions(), name):
             raise UserError(f"evaluate scores a prepared dataset: {name} ({ScoringOptions.flag(name)}) does not apply")
     keys = replace(options, key_columns=("path", "label", "label_index"))
-    scored = score_images(rows, model_path, top_k=1, options=keys)
+    scored = score_frame(rows, model_path, mode="classify", top_k=1, layer=None, model_version=None, options=keys)
     run = scoring_run(scored)
     names = run.model.info.class_names
     if names is not None:

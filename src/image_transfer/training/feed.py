@@ -86,7 +86,7 @@ def cache_location(parent: str | None, spark: Any) -> CacheLocation:
     ``parent`` may be a local path, ``file:///...``, ``file:///dbfs/...`` or ``dbfs:/...`` (DBFS through
     its FUSE mount), or ``/Volumes/...``. A cluster with remote executors needs a shared parent.
     """
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     name = f"image-transfer-feed-{uuid.uuid4().hex[:12]}"
     if parent is None:
@@ -345,7 +345,7 @@ def open_feed(
 
     The private cache directory is deleted on leaving the block, whether it ended normally or not.
     """
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     chosen = choose_path(path, connect=is_connect(df.sparkSession))
     missing = [c for c in columns if c not in df.columns]
@@ -439,9 +439,9 @@ def open_features(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from image_transfer.api import featurize_images, scoring_run
     from image_transfer.models.artifact import save_model
     from image_transfer.scoring.options import ScoringOptions
+    from image_transfer.scoring.score import score_frame, scoring_run
 
     keys = ["split", "label_index"] + (["path"] if "path" in df.columns else [])
     options = ScoringOptions.build(options, image_column="content", key_columns=tuple(keys))
@@ -451,7 +451,15 @@ def open_features(
         model_file = os.path.join(location.local, "embedder.keras")
         save_model(model, model_file, class_names=list(class_names))
         started = time.perf_counter()
-        embedded_df = featurize_images(df.select("content", *keys), model_file, options=options)
+        embedded_df = score_frame(
+            df.select("content", *keys),
+            model_file,
+            mode="embed",
+            top_k=5,
+            layer=None,
+            model_version=None,
+            options=options,
+        )
         run = scoring_run(embedded_df)
         out = location.url + "/features"
         embedded_df.write.option("compression", "uncompressed").parquet(out)

@@ -117,7 +117,7 @@ def _qualified_root(spark: Any, folder: str) -> str:
     Under Spark Connect (no JVM gateway) a scheme-less path is made absolute here: ``_relative_path``
     matches on the part after any scheme, so ``/abs/dir`` finds ``file:/abs/dir/...`` as well.
     """
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     if is_connect(spark):
         return (folder if "://" in folder or ":/" in folder else os.path.abspath(folder)).rstrip("/")
@@ -330,7 +330,7 @@ def prepare(
     from the first look at the images to the last write (``output_lease``; ``wait``: seconds to wait for
     another run's).
     """
-    from image_transfer.jobs.outputs import output_lease
+    from image_transfer.storage.outputs import output_lease
 
     if not 0.0 <= validation_fraction < 1.0:
         raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
@@ -359,7 +359,7 @@ def _prepare_leased(
     from pyspark.sql import functions as F
 
     from image_transfer.imaging.files import skipped_files
-    from image_transfer.jobs.outputs import check_table, save_table, write_output
+    from image_transfer.storage.outputs import check_table, save_table, write_output
 
     check_table(spark, output_table, command="prepare", overwrite=overwrite)
     images = read_image_files(spark, images_dir, extensions=exts)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import RunFailed, UserError, first_line
-from image_transfer.lifecycle.uris import ResolvedModel, client, import_mlflow, resolve_model
+from image_transfer.models.uris import ResolvedModel, client, import_mlflow, resolve_model
 from image_transfer.scoring.options import ScoringOptions
 
 

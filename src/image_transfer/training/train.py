@@ -15,7 +15,7 @@ on the driver. Augmentation cannot apply to cached features: it applies to fine-
 ``head_input="images"`` trains the head on decoded (augmented) images each epoch, as fine-tuning does.
 
 On a node with several GPUs, training runs under ``tf.distribute.MirroredStrategy`` over all of them
-(``gpu.training_strategy``): ``batch_size`` is per GPU, so the global batch is ``batch_size`` x GPUs
+(``devices.training_strategy``): ``batch_size`` is per GPU, so the global batch is ``batch_size`` x GPUs
 and an epoch has proportionally fewer steps; the learning rate is not scaled. ``mixed_precision``
 computes in float16 on GPUs (the classifier's softmax stays float32); the saved model is float32.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.fs import local_absolute
+from image_transfer.storage.fs import local_absolute
 
 DEFAULT_IMAGE_SIZE = 224
 HEAD_INPUTS = ("features", "images")
@@ -550,7 +550,7 @@ def train(
     new version of that name (``catalog.schema.model`` on Unity Catalog).
     ``workers`` (default ``config.workers``, 1) above 1 runs the image phases as a barrier stage of that
     many MultiWorkerMirroredStrategy workers (``training.distributed``; classic sessions only).
-    ``strategy`` is a ``tf.distribute`` strategy (default: ``gpu.training_strategy()``, mirrored over
+    ``strategy`` is a ``tf.distribute`` strategy (default: ``devices.training_strategy()``, mirrored over
     the GPUs when there are several); ``config.batch_size`` is per replica.
     ``worker_callbacks(index, attempt)`` gives extra Keras callbacks for each barrier worker (see
     ``worker_main``); ``callbacks`` apply to the phases trained here.
@@ -559,9 +559,9 @@ def train(
     """
     import keras
 
+    from image_transfer import devices
     from image_transfer.models.artifact import save_model
     from image_transfer.models.load import load_keras
-    from image_transfer.scoring import gpu
     from image_transfer.scoring.options import ScoringOptions
     from image_transfer.training.feed import open_features, open_feed
     from image_transfer.training.prepare import class_names, usable
@@ -571,7 +571,7 @@ def train(
     metrics_path = local_absolute(metrics_path) if metrics_path else None
     check_output_model(output_model, config.backbone, overwrite=overwrite)
     if register_as:  # before training, not after
-        from image_transfer.lifecycle.uris import require_tracking
+        from image_transfer.models.uris import require_tracking
 
         require_tracking(f"--register-as {register_as}")
     names = class_names(df)
@@ -584,20 +584,20 @@ def train(
     distributed.check_workers(df.sparkSession, config.workers, config.cache_dir)
     train_df, val_df = usable(df, "train"), usable(df, "validation")
     has_val = not val_df.isEmpty()
-    gpu.enable_memory_growth()
-    strategy = strategy or gpu.training_strategy()
+    devices.enable_memory_growth()
+    strategy = strategy or devices.training_strategy()
     replicas = int(strategy.num_replicas_in_sync)
     batch = config.batch_size * replicas  # the global batch, split over the replicas
     if replicas > 1:
         print(f"train: mirrored over {replicas} devices, global batch {batch} ({config.batch_size} per device)")
-        if not gpu.keras_averages_replicas():  # a known defect: the workaround of --workers fails in-graph here
+        if not devices.keras_averages_replicas():  # a known defect: the workaround of --workers fails in-graph here
             print(
                 f"train: Keras {keras.__version__} applies each device's own gradient under MirroredStrategy (the "
                 "devices drift apart; the first device's weights are saved); Keras >= 3.8 averages them"
             )
     policy = "float32"
     if config.mixed_precision:
-        if gpu.visible_gpus():
+        if devices.visible_gpus():
             policy = "mixed_float16"
         else:
             print("train: --mixed-precision needs a GPU; training in float32")
@@ -610,7 +610,7 @@ def train(
                 config.backbone, weights=config.weights, image_size=config.image_size, trust=config.trust_model_code
             )
             if policy != "float32":  # a backbone file keeps its saved float32 layers unless retyped
-                backbone = gpu.with_policy(backbone, policy)
+                backbone = devices.with_policy(backbone, policy)
             model = build_classifier(backbone, preprocess, classes=len(names), size=size, dropout=config.dropout)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -632,7 +632,7 @@ def train(
             features = stack.enter_context(
                 open_features(
                     usable(df).where("split IN ('train', 'validation')"),
-                    gpu.with_policy(model, "float32") if policy != "float32" else model,
+                    devices.with_policy(model, "float32") if policy != "float32" else model,
                     class_names=names,
                     cache_dir=config.cache_dir,
                     options=ScoringOptions(trust_model_code=config.trust_model_code, litert_cache=config.litert_cache),
@@ -745,7 +745,7 @@ def train(
             train_rows, val_rows = (len(features.splits[k][1]) for k in ("train", "validation"))
         seconds = time.perf_counter() - started
         save_model(
-            gpu.with_policy(model, "float32") if policy != "float32" else model,  # scoring picks its precision
+            devices.with_policy(model, "float32") if policy != "float32" else model,  # scoring picks its precision
             output_model,
             class_names=names,
             extra={"backbone": config.backbone, "image_size": size, "trained_by": "image-transfer train"},
@@ -817,7 +817,7 @@ def plot_training_curves(epochs: Sequence[dict[str, Any]], path: Path) -> None:
 
 def mlflow_enabled() -> bool:
     """MLflow is importable and a tracking server is configured (always the case on Databricks)."""
-    from image_transfer.lifecycle.uris import tracking_configured
+    from image_transfer.models.uris import tracking_configured
 
     return tracking_configured()
 
@@ -837,7 +837,7 @@ def _synced_logs(model: Any) -> Any:
     - Keras 3 reduces each step's logs across workers with ``axis=0``, which a scalar loss or accuracy
       lacks ("Invalid reduction dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388):
       the logs go out with shape [1], which reduces to the same mean.
-    - Where Keras does not average gradients across replicas (``scoring.gpu.keras_averages_replicas``),
+    - Where Keras does not average gradients across replicas (``scoring.devices.keras_averages_replicas``),
       the step all-reduces them (mean) before the optimizer applies them, as Keras 3.8+ does.
 
     Uses the documented way to customise ``fit``: overriding ``train_step`` and ``test_step``.
@@ -845,7 +845,7 @@ def _synced_logs(model: Any) -> Any:
     import keras
     import tensorflow as tf
 
-    from image_transfer.scoring.gpu import keras_averages_replicas
+    from image_transfer.devices import keras_averages_replicas
 
     averaged = keras_averages_replicas()
 

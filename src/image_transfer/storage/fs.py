@@ -249,7 +249,7 @@ def file_system(spark: Any, path: str) -> tuple[Any, str]:
     Spark's Hadoop file system on a classic session; under Spark Connect (no JVM gateway) this process's
     own file operations, on a path it can see (local, ``/Volumes/...``, ``/dbfs/...``).
     """
-    from image_transfer.session import is_connect
+    from image_transfer.runtime import is_connect
 
     if is_connect(spark):
         return _LocalFs(), _driver_path(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from image_transfer.errors import UserError
@@ -53,14 +54,13 @@ def _tensorflow_initialised() -> bool:
     return "tensorflow" in sys.modules
 
 
-def pin_worker() -> list[str] | None:
+def pin_worker(set_worker_fact: Callable[[str, Any], None]) -> list[str] | None:
     """Pin this process to the running task's GPU(s), once; returns the addresses it is pinned to, or None.
 
     Must run before TensorFlow is imported in the process. Later calls (a reused worker running a task
-    assigned to another GPU) return the first pin and only record the new assignment.
+    assigned to another GPU) return the first pin and only record the new assignment. ``set_worker_fact``
+    records ``gpu``, ``cuda_visible_devices`` and ``gpu_assigned`` (the scoring statistics' recorder).
     """
-    from image_transfer.scoring.stats import set_worker_fact
-
     assigned = task_gpu_addresses()
     with _LOCK:
         if "addresses" not in _PINNED:
@@ -80,12 +80,10 @@ def pin_worker() -> list[str] | None:
         return _PINNED["addresses"]
 
 
-def note_task() -> None:
+def note_task(set_worker_fact: Callable[[str, Any], None]) -> None:
     """Record the running task's GPU assignment (after the first pin); cheap enough for every batch."""
     assigned = task_gpu_addresses()
     if assigned and not _ASSIGNED.issuperset(assigned):
-        from image_transfer.scoring.stats import set_worker_fact
-
         with _LOCK:
             _ASSIGNED.update(assigned)
             set_worker_fact("gpu_assigned", sorted(_ASSIGNED))

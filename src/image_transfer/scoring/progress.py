@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, TextIO
 
-from image_transfer.session import is_connect
+from image_transfer.runtime import is_connect
 
 # What ``setJobGroup`` sets on this thread: saved on entry, put back on exit (None clears a property).
 CALLER_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")

@@ -168,7 +168,7 @@ def read_new_images(
 
 def _last_batch(spark: Any, folder: str) -> int:
     """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, path = file_system(spark, folder)
     if not fs.exists(path):
@@ -204,21 +204,21 @@ def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
 
 def _accounted(spark: Any, checkpoint: str) -> int:
     """The last micro-batch a finished run has accounted for (a killed run's batches are the next run's)."""
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
     return int(fs.read_text(path).strip()) if fs.exists(path) else -1
 
 
 def _set_accounted(spark: Any, checkpoint: str, batch_id: int) -> None:
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, path = file_system(spark, f"{checkpoint}/{ACCOUNTED}")
     fs.write_text(path, f"{batch_id}\n")
 
 
 def _why_missing(spark: Any, path: str) -> str:
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, where = file_system(spark, path)
     if not fs.exists(where):
@@ -243,7 +243,7 @@ CHECKPOINT_PROPERTY = "image_transfer.checkpoint"  # on an incremental output ta
 
 def _checkpoint_id(spark: Any, checkpoint: str) -> str | None:
     """The query id Spark records in the checkpoint (its ``metadata``); None before its first run."""
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, path = file_system(spark, f"{checkpoint}/metadata")
     try:
@@ -266,7 +266,7 @@ def _check_own_output(spark: Any, output: str, checkpoint: str) -> None:
     the file sink's log has commits and the checkpoint has run. Anything else would be hidden: once the
     file sink's ``_spark_metadata`` log is there, readers see only the files it lists.
     """
-    from image_transfer.fs import COMMIT_MARKER, STREAM_MARKER, file_system
+    from image_transfer.storage.fs import COMMIT_MARKER, STREAM_MARKER, file_system
 
     fs, where = file_system(spark, output)
     if not fs.exists(where):
@@ -296,7 +296,7 @@ def _check_own_output(spark: Any, output: str, checkpoint: str) -> None:
 def _check_own_table(spark: Any, table: str | None, checkpoint: str) -> None:
     """UserError unless ``table`` is missing, empty, or this checkpoint's own (its ``CHECKPOINT_PROPERTY``;
     a table written before the property: the checkpoint has run and no batch command marked it)."""
-    from image_transfer.jobs.outputs import TABLE_PROPERTY, _table_sql_name
+    from image_transfer.storage.outputs import TABLE_PROPERTY, _table_sql_name
 
     if not table or not spark.catalog.tableExists(table):
         return
@@ -315,8 +315,8 @@ def _check_own_table(spark: Any, table: str | None, checkpoint: str) -> None:
 
 def _mark_own(spark: Any, output: str | None, table: str | None, checkpoint: str) -> None:
     """Record, once, that ``output`` (or ``table``) is this checkpoint's (``_check_own_output``)."""
-    from image_transfer.fs import STREAM_MARKER, file_system
-    from image_transfer.jobs.outputs import _table_sql_name
+    from image_transfer.storage.fs import STREAM_MARKER, file_system
+    from image_transfer.storage.outputs import _table_sql_name
 
     ident = _checkpoint_id(spark, checkpoint)
     if ident is None:
@@ -348,7 +348,7 @@ def _readable_when_empty(spark: Any, output: str, schema: Any) -> None:
     output's schema comes: readers see no rows, with the columns. The sink's first commit starts a
     new log, which lists only its own files.
     """
-    from image_transfer.fs import file_system
+    from image_transfer.storage.fs import file_system
 
     fs, where = file_system(spark, output)
     log = fs.join(where, "_spark_metadata")
@@ -376,10 +376,10 @@ def _run(
 ) -> IncrementalResult:
     from pyspark.sql import functions as F
 
-    from image_transfer.api import scoring_run
-    from image_transfer.fs import _qualified, file_system
+    from image_transfer.runtime import is_connect
+    from image_transfer.scoring.score import scoring_run
     from image_transfer.scoring.stats import progress_field
-    from image_transfer.session import is_connect
+    from image_transfer.storage.fs import _qualified, file_system
 
     if not checkpoint:
         raise UserError("incremental scoring needs a checkpoint location")

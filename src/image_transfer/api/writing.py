@@ -17,6 +17,7 @@ from image_transfer.errors import RunFailed, TooManyFailures, UserError
 from image_transfer.scoring.options import MODEL_ERROR
 from image_transfer.scoring.run import ScoringRun
 from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
+from image_transfer.storage.outputs import write_output
 
 SAMPLE_ERRORS = 5
 
@@ -78,7 +79,7 @@ FILE_TARGET_BYTES = 256 * 1024 * 1024  # output files of about this size suit Pa
 
 def default_rows_per_file(scored: Any) -> int:
     """Rows per output file for files of about ``FILE_TARGET_BYTES``, from the scored output's row width."""
-    from image_transfer.api import scoring_run
+    from image_transfer.scoring.score import scoring_run
 
     run = scoring_run(scored)
     keys = 96 * max(1, len(run.options.key_columns))  # a path or id, compressed
@@ -103,6 +104,67 @@ def _model_failure(exc: BaseException) -> RunFailed | None:
 
 
 def write_scored(
+    scored: Any,
+    output: str,
+    *,
+    output_table: str | None = None,
+    overwrite: bool = False,
+    rows_per_file: int | None = None,
+    wait: float | None = None,
+    progress_interval: float | None = None,
+    summary_path: str | None = None,
+    print_fn: Callable[[str], None] = print,
+    command: str | None = None,
+) -> RunSummary:
+    """Run a scoring by writing its output with the job guarantees; returns the run's summary.
+
+    ``scored`` is what ``score_images`` or ``featurize_images`` returned. It is written as Parquet at
+    ``output`` atomically (staged, counted, marked, renamed into place: a failed write leaves the previous
+    output untouched), holding ``output``'s lease (one writer at a time; another live writer is a
+    ``UserError``, or is waited for ``wait`` seconds), never over data that is not a previous output of the
+    same command unless ``overwrite``; with ``output_table`` the data is also saved as that table. Files
+    hold about 256 MB each (``rows_per_file`` sets their rows). Progress is printed every
+    ``progress_interval`` seconds (0: never; default: when the console is a terminal), then the summary
+    (and its JSON to ``summary_path``). ``command`` is the name the output's marker records (default
+    ``score`` or ``featurize``): only an earlier output of the same command is replaced.
+
+    Raises ``UserError`` for an empty input (nothing written), ``RunFailed`` when the model failed
+    (nothing written) and ``TooManyFailures`` after writing the output and the summary when more than
+    ``max_failed_fraction`` of the rows failed.
+    """
+    from image_transfer.scoring.score import scoring_run
+
+    run = scoring_run(scored)
+    rows_in = count_rows(run.input_frame)
+    require_rows(rows_in)
+    command = command or ("score" if run.model.mode == "classify" else "featurize")
+    per_file = rows_per_file or default_rows_per_file(scored)
+    return write_and_summarize(
+        run.session,
+        scored,
+        rows_in=rows_in,
+        writer=lambda df: write_output(
+            df,
+            output,
+            table=output_table,
+            rows_per_file=per_file,
+            rows=rows_in,
+            command=command,
+            overwrite=overwrite,
+            wait=wait,
+        ),
+        output=output_table or output,
+        mode=run.model.mode,
+        progress_interval=progress_interval,
+        summary_path=summary_path,
+        print_fn=print_fn,
+    )
+
+
+__all__ = ["RunSummary", "write_output", "write_scored"]
+
+
+def write_and_summarize(
     spark: Any,
     scored: Any,
     *,
@@ -121,8 +183,8 @@ def write_scored(
     """
     from pyspark.sql import functions as F
 
-    from image_transfer.api import scoring_run
-    from image_transfer.jobs.progress import Progress
+    from image_transfer.scoring.progress import Progress
+    from image_transfer.scoring.score import scoring_run
 
     run: ScoringRun = scoring_run(scored)
     what = "score" if mode == "classify" else "featurize"
