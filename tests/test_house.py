@@ -1,8 +1,10 @@
-"""The package's layout: no import cycle between its modules, function-level imports counted."""
+"""The package's layout: each folder imports only what its docstring's "May import" allows (function-level
+imports counted), no import cycle between modules, and small functions."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,51 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def unit(module: str) -> str:
+    """The layer a module belongs to: its folder, or the top-level module itself (``image_transfer`` for the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    """Each layer's "May import" list, from its folder's ``__init__`` (or its module's) docstring."""
+    rules: dict[str, set[str]] = {"image_transfer": {"api", "version", "errors"}, "__main__": {"jobs"}}
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        rules[path.stem] = parse_may_import(path)
+    for init in PACKAGE.glob("*/__init__.py"):
+        rules[init.parent.name] = parse_may_import(init)
+    return rules
+
+
+def parse_may_import(path: Path) -> set[str]:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    found = re.search(r"May import:(.*?)(?:\n\n|$)", doc, re.S)
+    assert found, f"{path}: its docstring says nothing of what it may import (a 'May import:' paragraph)"
+    text = found.group(1)
+    return set() if "nothing of the package" in text else set(re.findall(r"``([\w.]+)``", text))
+
+
+def forbidden_imports(graph: dict[str, set[str]], rules: dict[str, set[str]]) -> list[str]:
+    """``module -> target`` for each import outside the module's layer that its layer's rule does not allow.
+
+    A rule entry is a layer (``scoring``) or one module of it (``scoring.options``).
+    """
+    bad = []
+    for module, targets in graph.items():
+        here = unit(module)
+        for target in targets:
+            there = unit(target)
+            if there == here:
+                continue
+            short = target.split(".", 1)[1] if "." in target else target
+            allowed = rules.get(here, set())
+            if there not in allowed and not any(short == a or short.startswith(a + ".") for a in allowed):
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -69,6 +116,52 @@ def test_the_cycle_finder_finds_a_cycle_through_function_level_imports(tmp_path)
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_layer_imports_only_what_it_may():
+    assert forbidden_imports(import_graph(), allowed_imports()) == []
+
+
+def test_the_layer_check_finds_a_forbidden_import_anywhere_in_a_module(tmp_path):
+    rules = {"training": {"errors", "scoring"}, "scoring": {"errors"}, "jobs": {"api", "scoring.options"}}
+    graph = {
+        "image_transfer.training.prepare": {"image_transfer.storage.outputs", "image_transfer.training.feed"},
+        "image_transfer.scoring.frame": {"image_transfer.errors", "image_transfer.scoring.options"},
+        "image_transfer.jobs.cli": {"image_transfer.scoring.options", "image_transfer.scoring.frame"},
+    }
+    assert forbidden_imports(graph, rules) == [
+        "image_transfer.jobs.cli -> image_transfer.scoring.frame",
+        "image_transfer.training.prepare -> image_transfer.storage.outputs",
+    ]
+    # A function-level import is an edge like any other.
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from image_transfer.api import score_images\n")
+    found = {n.module for n in ast.walk(ast.parse(module.read_text())) if isinstance(n, ast.ImportFrom)}
+    assert found == {"image_transfer.api"}
+
+
+def test_layers_only_point_down():
+    """No two layers may import each other: the rules themselves are a hierarchy."""
+    rules = allowed_imports()
+    for layer, allowed in rules.items():
+        for other in allowed:
+            base = other.split(".")[0]
+            assert base == layer or layer not in rules.get(base, set()), f"{layer} and {base} may import each other"
+
+
+MAX_LINES = 80
+
+
+def test_no_function_is_a_big_room():
+    """Functions stay under ~80 lines (ruff's C901 holds their complexity to 15)."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
 
 
 def test_every_folder_says_what_lives_there():

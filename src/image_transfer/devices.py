@@ -14,6 +14,8 @@ statistics report both: ``gpu`` (the pinned addresses, or None) and ``gpu_assign
 the worker's tasks were assigned).
 
 No import of TensorFlow at module level: importing this module must not initialise anything.
+
+May import: ``errors``, ``runtime``.
 """
 
 from __future__ import annotations

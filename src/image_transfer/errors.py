@@ -1,4 +1,7 @@
-"""Errors a user can act on: reported as one clear message and a non-zero exit."""
+"""Errors a user can act on: reported as one clear message and a non-zero exit.
+
+May import: nothing of the package.
+"""
 
 from __future__ import annotations
 

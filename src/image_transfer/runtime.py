@@ -1,10 +1,13 @@
-"""Spark sessions: which kind a session is, the one session helper, and the Spark settings in one place.
+"""The runtime, in one place: Databricks or not (and its version), the session kind, the one session helper
+and the Spark settings.
 
 ``get_spark`` works like the Databricks ``default-python`` template's: the session the platform (or the
 caller) already has comes first, a Spark Connect session included; then ``DatabricksSession`` where
 databricks-connect is installed; else a local session built with ``SETTINGS`` and ``LOCAL_SETTINGS``.
 Nothing here calls ``sparkContext`` on a Connect session. This module imports nothing of the package
-but ``errors``: every layer may ask ``is_connect``.
+but ``errors``: every layer may ask. Ask ``is_connect`` once per call and pass the answer down.
+
+May import: ``errors``.
 """
 
 from __future__ import annotations

@@ -529,7 +529,7 @@ def score_new_images(
     with a new model, use a new checkpoint and a new output. The scoring options are those of
     ``score_images`` (``image_column`` and ``key_columns`` are the files': ``content`` and ``path``).
     """
-    from image_transfer.api import score_images
+    from image_transfer.api.scoring import score_images
 
     opts = _file_options(ScoringOptions.build(options, **keywords))
     return _run(
@@ -566,7 +566,7 @@ def featurize_new_images(
     **keywords: Any,
 ) -> IncrementalResult:
     """Embed the new images under ``images_dir`` (as ``score_new_images``): ``path, embedding, error, ...``."""
-    from image_transfer.api import featurize_images
+    from image_transfer.api.scoring import featurize_images
 
     opts = _file_options(ScoringOptions.build(options, **keywords))
     return _run(

@@ -22,7 +22,7 @@ from image_transfer.imaging.screen import ImageLimits
 from image_transfer.scoring.options import ScoringOptions
 from image_transfer.training.evaluate import EvaluationResult, evaluate
 from image_transfer.training.prepare import PrepareResult, prepare, usable
-from image_transfer.training.promotion import Promotion, promote
+from image_transfer.training.promotion import Promotion, PromotionRefused, promote
 from image_transfer.training.train import TrainConfig, TrainResult, train
 
 
@@ -162,6 +162,7 @@ __all__ = [
     "EvaluationResult",
     "PrepareResult",
     "Promotion",
+    "PromotionRefused",
     "TrainConfig",
     "TrainResult",
     "dataset_rows",

@@ -1,4 +1,5 @@
-"""Images: screening encoded bytes per row, the TensorFlow decode graph, reading folders of image files.
+"""Images: screening encoded bytes per row (limits, headers, per-row errors), the TensorFlow decode graph,
+reading folders of image files.
 
-May import: ``errors``, ``session``. Nothing else of the package (the bottom layer with ``models``).
+May import: ``errors``, ``runtime``, ``storage``.
 """

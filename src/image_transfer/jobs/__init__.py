@@ -1,5 +1,8 @@
-"""Jobs: what the bundle's ``python_wheel_task`` runs. The CLI (argparse only) and its commands, the
-demo, reading inputs and writing outputs atomically, run summaries, progress, workspace checks.
+"""Jobs: what the bundle's ``python_wheel_task`` runs. The CLI (flags -> the same options -> the API), the
+demo, workspace checks (preflight). The SparkSession is made here, at the edge; every step runs through
+the API.
 
-May import everything below it; nothing imports ``jobs`` but the ``image-transfer`` entry point.
+May import: ``api``, ``errors``, ``runtime``, ``version``.
+
+Nothing imports this folder but the entry point.
 """

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from image_transfer.api import ScoringOptions
+from image_transfer.api.checks import IMAGE_EXTENSIONS
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
-from image_transfer.imaging.files import IMAGE_EXTENSIONS
 from image_transfer.runtime import get_spark, parse_conf, quiet_interrupts
-from image_transfer.scoring.options import ScoringOptions
 from image_transfer.version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
@@ -230,9 +230,9 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
 
 
 def _image_limits(args: argparse.Namespace) -> Any:
-    from image_transfer.imaging.screen import ImageLimits
+    from image_transfer.api.checks import image_limits
 
-    return ImageLimits.of(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
+    return image_limits(max_bytes=args.max_image_bytes, max_pixels=args.max_pixels)
 
 
 def session(args: argparse.Namespace, what: str) -> Any:
@@ -255,7 +255,7 @@ def _checked_session(
     """The command's session, once its outputs are checked (``outputs.check_output``): none may overlap an
     input or replace what it must not. Local paths are checked before Spark starts, others with it; then
     ``check_model`` (the model file), also before Spark starts."""
-    from image_transfer.storage.outputs import check_output
+    from image_transfer.api.checks import check_output
 
     def check(spark: Any) -> bool:
         return all(
@@ -279,24 +279,10 @@ def _checked_session(
 def _check_model_early(
     model: str, *, mode: str | None, layer: str | None = None, trust: bool = False, options: Any = None
 ) -> None:
-    """A model file checked before Spark starts (as flags are): a missing or unusable file is exit 2 in a
-    second, not after the session's start; a ``.tflite`` also against the engine ``options`` ask for.
-    MLflow URIs are resolved later, once (they download)."""
-    from image_transfer.models.artifact import model_kind
-    from image_transfer.models.inspection import inspect_model
-    from image_transfer.models.uris import is_model_uri
+    """The model file checked before Spark starts (``api.checks.check_model``)."""
+    from image_transfer.api.checks import check_model
 
-    if is_model_uri(model):
-        return
-    kind = model_kind(model)  # exists, and is a model file or SavedModel folder
-    # A backbone's shapes are train's to check; a SavedModel is checked by loading it, which scoring does.
-    if mode is not None and kind in ("keras", "tflite"):
-        inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
-    if kind == "tflite" and options is not None:
-        from image_transfer.scoring.engine import refuse_flatbuffer_settings
-        from image_transfer.scoring.options import Compute
-
-        refuse_flatbuffer_settings(model, options.engine, Compute.of(options))
+    check_model(model, mode=mode, layer=layer, trust=trust, options=options)
 
 
 def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
@@ -314,7 +300,7 @@ def _scoring_options(args: argparse.Namespace, mode: str) -> ScoringOptions:
 
 
 def _run_scoring(args: argparse.Namespace, mode: str) -> int:
-    from image_transfer.storage.outputs import output_lease
+    from image_transfer.api.checks import output_lease
 
     options = _scoring_options(args, mode)
     command = "score" if mode == "classify" else "featurize"
@@ -366,8 +352,8 @@ def _run_incremental(
     args: argparse.Namespace, mode: str, options: ScoringOptions, check_model: Callable[[], None]
 ) -> int:
     from image_transfer.api import incremental
+    from image_transfer.api.checks import skipped_files
     from image_transfer.api.writing import write_summary
-    from image_transfer.imaging.files import skipped_files
 
     if not args.checkpoint:
         raise UserError("--images needs --checkpoint (where the stream records what it has scored)")
@@ -414,8 +400,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from image_transfer.imaging.files import read_image_files, skipped_files
-    from image_transfer.storage.outputs import output_lease, write_output
+    from image_transfer.api import read_images, write_output
+    from image_transfer.api.checks import output_lease, skipped_files
 
     wait = _wait(args)
     extensions = [e.strip().lstrip(".") for e in args.extensions.split(",") if e.strip().lstrip(".")]
@@ -424,7 +410,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     reads = ", ".join(extensions)
     spark = _checked_session(args, "ingest", [args.output], [args.images])
     with output_lease(spark, args.output, command="ingest", wait=wait):
-        images = read_image_files(spark, args.images, extensions=extensions)
+        images = read_images(spark, args.images, extensions=extensions)
         skipped = skipped_files(spark, args.images, extensions=extensions).describe()
         listed = images.count()
         if not listed:
@@ -570,7 +556,7 @@ def _add_training_parsers(sub: Any) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from image_transfer.training.prepare import prepare
+    from image_transfer.api import prepare_dataset
 
     if not 0.0 <= args.validation_fraction < 1.0:
         raise UserError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
@@ -581,7 +567,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     wait = _wait(args)
     spark = _checked_session(args, "prepare", [args.output], inputs)
     rejected = args.rejected or (str(Path(args.summary).with_suffix(".rejected.csv")) if args.summary else None)
-    result = prepare(
+    result = prepare_dataset(
         spark,
         args.images,
         args.output,
@@ -611,8 +597,8 @@ def _publish_task_value(key: str, value: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from image_transfer.storage.outputs import read_input
-    from image_transfer.training.train import TrainConfig, check_output_model, train
+    from image_transfer.api import TrainConfig, read_input, train_model
+    from image_transfer.api.checks import check_output_model
 
     if args.learning_rate <= 0:
         raise UserError(f"--learning-rate must be above 0, got {args.learning_rate}")
@@ -637,9 +623,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _check_model_early(args.backbone, mode=None, trust=bool(args.trust_model_code))
     spark = session(args, "train")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
-    result = train(
+    result = train_model(
         data,
-        config,
+        config=config,
         output_model=args.output_model,
         metrics_path=args.metrics,
         register_as=args.register_as,
@@ -652,30 +638,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from image_transfer.models.uris import resolve_model
-    from image_transfer.scoring.options import prepare_model
+    from image_transfer.api.checks import describe_model
 
-    resolved = resolve_model(args.model)
-    mode = "embed" if args.embed else "classify"
-    prepared = prepare_model(resolved.path, mode=mode, layer=args.layer, trust=bool(args.trust_model_code))
-    info = prepared.info
-    report = {
-        "model": args.model,
-        "kind": info.kind,
-        "input": [info.height, info.width, 3],
-        "outputs": info.output_width,
-        "class_names": list(info.class_names) if info.class_names else None,
-        "probabilities": info.probabilities,
-        "preprocess": info.preprocess,
-        "digest": f"sha256:{prepared.digest}",
-    }
+    report = describe_model(args.model, embed=args.embed, layer=args.layer, trust=bool(args.trust_model_code))
     print(json.dumps(report, indent=2))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from image_transfer.storage.outputs import read_input
-    from image_transfer.training.evaluate import evaluate
+    from image_transfer.api import evaluate_model, read_input
 
     if args.promote_to is None and (args.min_accuracy or args.tolerance):
         raise UserError("--min-accuracy and --tolerance only apply with --promote-to ALIAS")
@@ -688,15 +659,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     spark = session(args, "evaluate")
     data = read_input(spark, path=args.data, table=args.data_table, images_hint=PREPARE_HINT, table_flag="--data-table")
     if args.promote_to is None:
-        result = evaluate(
-            spark, data, model_path=args.model, split=args.split, metrics_path=args.metrics, options=options
-        )
+        result = evaluate_model(data, model=args.model, split=args.split, metrics_path=args.metrics, options=options)
         print(result.describe())
         return 0
-    from image_transfer.training.promotion import PromotionRefused, promote
+    from image_transfer.api import PromotionRefused, promote_model
 
-    result, decision = promote(
-        spark,
+    result, decision = promote_model(
         data,
         model=args.model,
         alias=args.promote_to,
@@ -755,8 +723,7 @@ def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
     table name (``schema.table``) that is no local path stay as typed."""
     import os
 
-    from image_transfer.storage.fs import local_absolute
-    from image_transfer.storage.outputs import looks_like_table
+    from image_transfer.api.checks import local_absolute, looks_like_table
 
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)

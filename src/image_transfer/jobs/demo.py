@@ -25,7 +25,7 @@ OUTPUTS = {
 def check_workdir(workdir: Path, fixtures: Path, *, overwrite: bool = False) -> None:
     """Refuse (UserError) a work folder whose outputs would overlap the fixture images or replace what
     the demo did not write (``outputs.check_output``); run before Spark starts."""
-    from image_transfer.storage.outputs import check_output
+    from image_transfer.api.checks import check_output
 
     for name, command in OUTPUTS.items():
         check_output(
@@ -84,12 +84,12 @@ def label_accuracy(scored: Any) -> float:
 
 def demo_model(path: Path) -> bool:
     """Whether the model file at ``path`` is missing or one that ``train`` wrote (the demo replaces it)."""
-    from image_transfer.models.artifact import read_metadata
+    from image_transfer.api.checks import model_metadata
 
     if not path.exists():
         return True
     try:
-        return read_metadata(str(path)).get("trained_by") == "image-transfer train"
+        return model_metadata(str(path)).get("trained_by") == "image-transfer train"
     except Exception:  # noqa: BLE001 - not a model we can read: not ours
         return False
 

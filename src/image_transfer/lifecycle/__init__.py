@@ -1,6 +1,5 @@
-"""The model lifecycle with MLflow: model URIs (a leaf the API imports), tracking and registration, the
-pyfunc. MLflow is imported lazily, inside functions.
+"""The model lifecycle with MLflow: tracking and registration, the pyfunc (no Spark of its own). MLflow is
+imported lazily, inside functions.
 
-May import: ``errors``, ``imaging``, ``models``, ``scoring`` (the pyfunc runs the scoring worker's Scorer).
-``uris`` imports nothing of the package but ``errors``.
+May import: ``errors``, ``runtime``, ``version``, ``imaging``, ``models``, ``devices``, ``scoring``.
 """

@@ -1,5 +1,6 @@
-"""Scoring: options, the scored DataFrame, shipping, the worker side, GPU placement, statistics, the run
-handle, incremental (streaming) scoring.
+"""Scoring: options (every keyword once), the scored DataFrame (validation, shipping, spreading, Arrow
+batches), the worker side, statistics, the run handle, progress, and Spark's streaming checkpoint layout
+(``streaming``, one adapter).
 
-May import: ``errors``, ``session``, ``fs``, ``imaging``, ``models``, and ``lifecycle.uris`` (a leaf).
+May import: ``errors``, ``runtime``, ``storage``, ``imaging``, ``models``, ``devices``.
 """

@@ -1,5 +1,6 @@
-"""Training: prepare a labelled dataset, feed it to ``tf.data`` (Petastorm or Arrow), train, evaluate,
-promote by alias.
+"""Training: prepare a labelled dataset, feed it to ``tf.data`` (Petastorm or Arrow), build and fit the
+model (single node or a barrier stage of workers), evaluate, promote by alias.
 
-May import: ``errors``, ``session``, ``fs``, ``imaging``, ``models``, ``scoring``, ``lifecycle``, ``api``.
+May import: ``errors``, ``runtime``, ``version``, ``storage``, ``imaging``, ``models``, ``devices``,
+``scoring``, ``lifecycle``.
 """
