@@ -15,9 +15,10 @@ import pytest
 from hostile_images import write_corpus
 
 from image_transfer import UserError, featurize_new_images, score_new_images
-from image_transfer.api.incremental import ZERO_BYTES, reader_options, resolve_source
+from image_transfer.api.incremental import ZERO_BYTES
 from image_transfer.jobs import cli
 from image_transfer.runtime import is_connect
+from image_transfer.scoring.streaming import reader_options, resolve_source
 from image_transfer.storage.outputs import write_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +53,12 @@ def test_reader_options_for_each_source():
     fmt, options = reader_options("binaryFile", extensions=["jpg"], max_files_per_trigger=7)
     assert fmt == "binaryFile"
     assert options == {"recursiveFileLookup": "true", "pathGlobFilter": "*.{JPG,jpg}", "maxFilesPerTrigger": "7"}
-    assert resolve_source("auto", {"DATABRICKS_RUNTIME_VERSION": "17.3"}) == "cloudFiles"
-    assert resolve_source("auto", {}) == "binaryFile"
-    assert resolve_source("binaryFile", {"DATABRICKS_RUNTIME_VERSION": "17.3"}) == "binaryFile"
-    assert resolve_source("cloudFiles", {}) == "cloudFiles"
+    assert resolve_source("auto", databricks=True) == "cloudFiles"
+    assert resolve_source("auto", databricks=False) == "binaryFile"
+    assert resolve_source("binaryFile", databricks=True) == "binaryFile"
+    assert resolve_source("cloudFiles", databricks=False) == "cloudFiles"
     with pytest.raises(UserError):
-        resolve_source("kafka", {})
+        resolve_source("kafka")
     with pytest.raises(UserError):
         reader_options("binaryFile", extensions=["jpg"], max_files_per_trigger=0)
 

@@ -47,9 +47,20 @@ def is_connect(spark: Any) -> bool:
     return type(spark).__module__.startswith("pyspark.sql.connect")
 
 
+RUNTIME_VERSION_ENV = "DATABRICKS_RUNTIME_VERSION"  # set by Databricks on clusters and serverless compute
+
+
+def runtime_version() -> str | None:
+    """The Databricks Runtime version this process runs on (``18.0``, ``client.3.1`` on serverless), else None.
+
+    The one place that reads it: every "is this Databricks?" in the package asks here.
+    """
+    return os.environ.get(RUNTIME_VERSION_ENV) or None
+
+
 def on_databricks() -> bool:
     """Whether this process runs on a Databricks cluster (or serverless compute)."""
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+    return runtime_version() is not None
 
 
 def parse_conf(pairs: Sequence[str] | None) -> dict[str, str]:

@@ -19,21 +19,19 @@ reason. Auto Loader keeps its file list in its own state store: there the run re
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from image_transfer.errors import RunFailed, TooManyFailures, UserError
-from image_transfer.imaging.files import IMAGE_EXTENSIONS, extension_glob
+from image_transfer.imaging.files import IMAGE_EXTENSIONS
+from image_transfer.scoring import streaming
 from image_transfer.scoring.options import MODEL_ERROR, ScoringOptions
 from image_transfer.scoring.run import ScoringRun
 from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
+from image_transfer.scoring.streaming import DEFAULT_MAX_FILES_PER_TRIGGER
 
-SOURCES = ("auto", "cloudFiles", "binaryFile")
-DEFAULT_MAX_FILES_PER_TRIGGER = 1000
 SAMPLE_ERRORS = 5
 ZERO_BYTES = "zero-byte file: Spark's file source makes no row for it"
 GONE = "the file was removed before it was read"
@@ -102,104 +100,7 @@ class IncrementalResult:
             )
 
 
-def resolve_source(source: str, environ: Mapping[str, str] | None = None) -> str:
-    """``cloudFiles`` or ``binaryFile``; ``auto`` is Auto Loader on Databricks, ``binaryFile`` elsewhere."""
-    if source not in SOURCES:
-        raise UserError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
-    if source != "auto":
-        return source
-    env = os.environ if environ is None else environ
-    return "cloudFiles" if env.get("DATABRICKS_RUNTIME_VERSION") else "binaryFile"
-
-
-def reader_options(source: str, *, extensions: Sequence[str], max_files_per_trigger: int) -> tuple[str, dict[str, str]]:
-    """The streaming reader's format and options for a resolved source (``cloudFiles`` or ``binaryFile``)."""
-    if max_files_per_trigger < 1:
-        raise UserError(f"max files per trigger must be at least 1, got {max_files_per_trigger}")
-    glob = extension_glob(extensions)
-    if source == "cloudFiles":  # Auto Loader lists recursively; binaryFile needs no schema inference
-        return "cloudFiles", {
-            "cloudFiles.format": "binaryFile",
-            "cloudFiles.includeExistingFiles": "true",
-            "cloudFiles.maxFilesPerTrigger": str(max_files_per_trigger),
-            "pathGlobFilter": glob,
-        }
-    if source == "binaryFile":
-        return "binaryFile", {
-            "recursiveFileLookup": "true",
-            "pathGlobFilter": glob,
-            "maxFilesPerTrigger": str(max_files_per_trigger),
-        }
-    raise ValueError(f"not a resolved source: {source!r}")
-
-
-def binary_file_schema() -> Any:
-    """The ``binaryFile`` schema (streaming file sources need it given)."""
-    from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
-
-    return StructType(
-        [
-            StructField("path", StringType(), False),
-            StructField("modificationTime", TimestampType(), False),
-            StructField("length", LongType(), False),
-            StructField("content", BinaryType(), True),
-        ]
-    )
-
-
-def read_new_images(
-    spark: Any,
-    images_dir: str,
-    *,
-    source: str = "auto",
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    max_files_per_trigger: int = DEFAULT_MAX_FILES_PER_TRIGGER,
-) -> Any:
-    """A streaming DataFrame ``path, content`` of the image files under ``images_dir`` (recursively)."""
-    fmt, options = reader_options(
-        resolve_source(source), extensions=extensions, max_files_per_trigger=max_files_per_trigger
-    )
-    stream = spark.readStream.format(fmt).schema(binary_file_schema()).options(**options).load(images_dir)
-    return stream.select("path", "content")
-
-
 # ---- the checkpoint: which micro-batches committed, which files each took --------------------------
-
-
-def _last_batch(spark: Any, folder: str) -> int:
-    """The highest batch id logged in ``folder`` (``commits``, ``offsets``, ``_spark_metadata``); -1 when none."""
-    from image_transfer.storage.fs import file_system
-
-    fs, path = file_system(spark, folder)
-    if not fs.exists(path):
-        return -1
-    names = [n.removesuffix(".compact") for n in fs.names(path)]
-    return max((int(n) for n in names if n.isdigit()), default=-1)
-
-
-def _source_log_offset(spark: Any, checkpoint: str, batch_id: int) -> int:
-    """The file source's log offset recorded for a micro-batch (-1 before the first)."""
-    if batch_id < 0:
-        return -1
-    lines = [r.value for r in spark.read.text(f"{checkpoint}/offsets/{batch_id}").collect()]
-    for line in lines:
-        if "logOffset" in line:
-            return int(json.loads(line)["logOffset"])
-    raise RunFailed(f"no file source offset in {checkpoint}/offsets/{batch_id}")
-
-
-def _files_taken(spark: Any, checkpoint: str, after: int, upto: int) -> Any:
-    """DataFrame ``path`` of the files the binaryFile source took in its log batches ``(after, upto]``."""
-    from pyspark.sql import functions as F
-
-    log = spark.read.text(f"{checkpoint}/sources/0").where(F.col("value").startswith("{"))
-    batch = F.get_json_object("value", "$.batchId").cast("long")
-    uri = F.get_json_object("value", "$.path")
-    # The log has URIs (file:///a%20b), the path column Hadoop paths (file:/a b): decode, keeping '+'.
-    decoded = F.expr("url_decode(replace(_uri, '+', '%2B'))")
-    path = F.regexp_replace(decoded, "^file:///", "file:/")
-    taken = log.where((batch > after) & (batch <= upto)).select(uri.alias("_uri"))
-    return taken.select(path.alias("path")).distinct()
 
 
 def _accounted(spark: Any, checkpoint: str) -> int:
@@ -227,29 +128,9 @@ def _why_missing(spark: Any, path: str) -> str:
     return ZERO_BYTES if size == 0 else f"no output row for a file of {size} bytes"
 
 
-def _stop(query: Any) -> None:
-    """Stop a streaming query that is still running (what stopping raises is not the caller's error)."""
-    try:
-        if query.isActive:
-            query.stop()
-    except Exception:  # noqa: BLE001 - the error that ended the loop is the one to report
-        pass
-
-
 # ---- whose output: the checkpoint's own, or none yet --------------------------------------------------
 
 CHECKPOINT_PROPERTY = "image_transfer.checkpoint"  # on an incremental output table: its checkpoint's id
-
-
-def _checkpoint_id(spark: Any, checkpoint: str) -> str | None:
-    """The query id Spark records in the checkpoint (its ``metadata``); None before its first run."""
-    from image_transfer.storage.fs import file_system
-
-    fs, path = file_system(spark, f"{checkpoint}/metadata")
-    try:
-        return str(json.loads(fs.read_text(path))["id"]) if fs.exists(path) else None
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _refuse(output: str, what: str) -> UserError:
@@ -276,11 +157,11 @@ def _check_own_output(spark: Any, output: str, checkpoint: str) -> None:
     names = fs.names(where)
     if STREAM_MARKER in names:
         fields = dict(p.split("=", 1) for p in fs.read_text(fs.join(where, STREAM_MARKER)).split() if "=" in p)
-        if fields.get("checkpoint_id") == _checkpoint_id(spark, checkpoint):
+        if fields.get("checkpoint_id") == streaming.checkpoint_id(spark, checkpoint):
             return
         raise _refuse(output, f"holds the output of another checkpoint ({fields.get('checkpoint', 'unknown')})")
-    if _last_batch(spark, f"{output}/_spark_metadata") >= 0:
-        if _last_batch(spark, f"{checkpoint}/offsets") >= 0:
+    if streaming.last_batch(spark, f"{output}/_spark_metadata") >= 0:
+        if streaming.last_batch(spark, f"{checkpoint}/offsets") >= 0:
             return  # written before the marker: the checkpoint's, as far as can be told
         # The file sink would skip the micro-batch ids its log already has: new files would be lost.
         raise _refuse(output, "holds the output of another checkpoint")
@@ -305,10 +186,10 @@ def _check_own_table(spark: Any, table: str | None, checkpoint: str) -> None:
         raise _refuse(table, f"holds a batch output of `image-transfer {properties[TABLE_PROPERTY]}`")
     own = properties.get(CHECKPOINT_PROPERTY)
     if own is not None:
-        if own == _checkpoint_id(spark, checkpoint):
+        if own == streaming.checkpoint_id(spark, checkpoint):
             return
         raise _refuse(table, "holds the output of another checkpoint")
-    if _last_batch(spark, f"{checkpoint}/offsets") >= 0 or spark.table(table).isEmpty():
+    if streaming.last_batch(spark, f"{checkpoint}/offsets") >= 0 or spark.table(table).isEmpty():
         return
     raise _refuse(table, "holds other data, not this checkpoint's output")
 
@@ -318,7 +199,7 @@ def _mark_own(spark: Any, output: str | None, table: str | None, checkpoint: str
     from image_transfer.storage.fs import STREAM_MARKER, file_system
     from image_transfer.storage.outputs import _table_sql_name
 
-    ident = _checkpoint_id(spark, checkpoint)
+    ident = streaming.checkpoint_id(spark, checkpoint)
     if ident is None:
         return
     if output:
@@ -338,25 +219,6 @@ def _mark_own(spark: Any, output: str | None, table: str | None, checkpoint: str
 
 def _written(spark: Any, output: str | None, table: str | None) -> Any:
     return spark.table(table) if table else spark.read.parquet(output)
-
-
-def _readable_when_empty(spark: Any, output: str, schema: Any) -> None:
-    """Make a Parquet output no micro-batch has committed to (an empty folder, no new files) readable.
-
-    The file sink makes ``_spark_metadata`` before its first commit; while that log is empty, readers
-    find no files and cannot infer a schema. The empty log goes and one empty Parquet file with the
-    output's schema comes: readers see no rows, with the columns. The sink's first commit starts a
-    new log, which lists only its own files.
-    """
-    from image_transfer.storage.fs import file_system
-
-    fs, where = file_system(spark, output)
-    log = fs.join(where, "_spark_metadata")
-    if fs.exists(log):
-        fs.delete(log)
-    if fs.exists(where) and any(n.endswith(".parquet") for n in fs.names(where)):
-        return
-    spark.createDataFrame([], schema).write.mode("append").parquet(output)
 
 
 def _run(
@@ -388,8 +250,8 @@ def _run(
     if not is_connect(spark):  # under Connect the server resolves paths; this process cannot qualify them
         images_dir, checkpoint = _qualified(images_dir), _qualified(checkpoint)
         output = _qualified(output) if output else None
-    resolved = resolve_source(source)
-    reader_options(resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger)
+    resolved = streaming.resolve_source(source)
+    streaming.reader_options(resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger)
     fs, where = file_system(spark, images_dir)
     if not fs.exists(where):
         raise UserError(f"cannot read images from {images_dir}: the folder does not exist")
@@ -397,7 +259,7 @@ def _run(
         _check_own_output(spark, output, checkpoint)
     else:
         _check_own_table(spark, output_table, checkpoint)
-    stream = read_new_images(
+    stream = streaming.read_new_images(
         spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
     )
     scored = scorer(stream)  # the model is checked here, before the query starts
@@ -437,12 +299,12 @@ def _run(
         raise
     finally:
         if query is not None:
-            _stop(query)  # an error or Ctrl-C in the loop: the query must not run on
+            streaming.stop(query)  # an error or Ctrl-C in the loop: the query must not run on
         run.close()
     seconds = time.perf_counter() - started
-    committed_after = _last_batch(spark, f"{checkpoint}/commits")
-    if output and _last_batch(spark, f"{output}/_spark_metadata") < 0:
-        _readable_when_empty(spark, output, out.schema)
+    committed_after = streaming.last_batch(spark, f"{checkpoint}/commits")
+    if output and streaming.last_batch(spark, f"{output}/_spark_metadata") < 0:
+        streaming.readable_when_empty(spark, output, out.schema)
     _mark_own(spark, output, output_table, checkpoint)
     written = _written(spark, output, output_table)
     files_new: int | None = None
@@ -453,11 +315,11 @@ def _run(
     if resolved == "binaryFile":
         files_new, rows_out, rows_failed = 0, 0, 0
         if committed_after > accounted:
-            taken = _files_taken(
+            taken = streaming.files_taken(
                 spark,
                 checkpoint,
-                _source_log_offset(spark, checkpoint, accounted),
-                _source_log_offset(spark, checkpoint, committed_after),
+                streaming.source_log_offset(spark, checkpoint, accounted),
+                streaming.source_log_offset(spark, checkpoint, committed_after),
             )
             rows = written.select("path", "error", F.lit(True).alias("_hit"))
             joined = taken.join(rows, "path", "left").cache()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from image_transfer.errors import UserError
+from image_transfer.runtime import on_databricks
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -303,11 +304,6 @@ def render_table(checks: Sequence[Check]) -> str:
     else:
         lines.append(f"preflight: ok, {len(checks)} checks passed")
     return "\n".join(lines)
-
-
-def on_databricks() -> bool:
-    """True inside a Databricks cluster (driver or job task)."""
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
 def _runtime_dbutils() -> Any | None:

@@ -15,6 +15,7 @@ from image_transfer.models.uris import (
     registry_uri,
     require_tracking,
     tracking_configured,
+    using_registry,
 )
 
 
@@ -86,17 +87,11 @@ def log_model(model_path: str, *, class_names: list[str] | None) -> str:
 def register(model_uri: str, name: str, *, tags: dict[str, str] | None = None) -> str:
     """Register ``model_uri`` as a new version of ``name``; returns the version number."""
     mlflow = import_mlflow("registering the model")
-    previous = mlflow.get_registry_uri()
-    target = registry_uri(name)
     try:
-        if target:
-            mlflow.set_registry_uri(target)
-        mv = mlflow.register_model(model_uri, name, tags=tags)
+        with using_registry(registry_uri(name)):
+            mv = mlflow.register_model(model_uri, name, tags=tags)
     except Exception as exc:  # noqa: BLE001 - permission, bad name, server errors
         raise RunFailed(f"cannot register {model_uri} as {name}: {first_line(exc)}") from exc
-    finally:
-        if target:
-            mlflow.set_registry_uri(previous)
     return str(mv.version)
 
 

@@ -8,11 +8,14 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from image_transfer.errors import UserError, first_line
+from image_transfer.runtime import on_databricks
 
 MODEL_ARTIFACT = "model"  # the MLflow model's name (artifact path) in a training run
 KERAS_ARTIFACT = "keras_model"  # the pyfunc's artifact key of the .keras file
@@ -57,7 +60,7 @@ def registry_uri(name: str | None) -> str | None:
     """``databricks-uc`` for a three-level name on Databricks unless a registry is configured; else None."""
     if os.environ.get("MLFLOW_REGISTRY_URI"):
         return None
-    if name and name.count(".") == 2 and "DATABRICKS_RUNTIME_VERSION" in os.environ:
+    if name and name.count(".") == 2 and on_databricks():
         return "databricks-uc"
     return None
 
@@ -122,6 +125,29 @@ def scrub_urls(text: str) -> str:
     return _SECRET_PARAM.sub(r"\1<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
 
 
+_REGISTRY_LOCK = threading.RLock()
+
+
+@contextmanager
+def using_registry(target: str | None) -> Iterator[None]:
+    """MLflow's registry URI set to ``target`` for the block (nothing changes when None), then put back.
+
+    MLflow keeps the registry URI for the whole process: every block of every thread takes one lock, so
+    two blocks never interleave their settings (the one place the package changes it).
+    """
+    if not target:
+        yield
+        return
+    mlflow = import_mlflow("the model registry")
+    with _REGISTRY_LOCK:
+        previous = mlflow.get_registry_uri()
+        mlflow.set_registry_uri(target)
+        try:
+            yield
+        finally:
+            mlflow.set_registry_uri(previous)
+
+
 def _download(uri: str, *, registry_uri: str | None) -> str:
     mlflow = import_mlflow(f"model {uri}")
     key = (mlflow.get_tracking_uri(), registry_uri or mlflow.get_registry_uri(), uri)  # versions never change
@@ -129,17 +155,12 @@ def _download(uri: str, *, registry_uri: str | None) -> str:
         if key in _DOWNLOADS and Path(_DOWNLOADS[key]).exists():
             return _DOWNLOADS[key]
         dst = Path(tempfile.mkdtemp(prefix="model-", dir=_download_root()))
-        previous = mlflow.get_registry_uri() if registry_uri else None
         try:
-            if registry_uri:
-                mlflow.set_registry_uri(registry_uri)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+            with using_registry(registry_uri):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
         except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException, OSError, HTTP errors
             # MLflow's HTTP errors quote the presigned URL they fetched (``Forbidden for url: ...?sig=``)
             raise UserError(scrub_urls(f"cannot download model {uri}: {type(exc).__name__}: {exc}")) from None
-        finally:
-            if previous:
-                mlflow.set_registry_uri(previous)
         path = find_model_file(local)
         _DOWNLOADS[key] = path
         return path
@@ -232,7 +253,7 @@ def tracking_configured(*, registry: bool = False) -> bool:
     """
     if not mlflow_installed():
         return False
-    if "DATABRICKS_RUNTIME_VERSION" in os.environ or os.environ.get("MLFLOW_TRACKING_URI"):
+    if on_databricks() or os.environ.get("MLFLOW_TRACKING_URI"):
         return True
     return registry and bool(os.environ.get("MLFLOW_REGISTRY_URI"))
 
