@@ -81,8 +81,10 @@ def test_flags_build_the_same_object_as_keywords():
 
 def test_an_unknown_or_bad_option_is_a_user_error_before_any_spark_work(spark, fixtures_dir, shapes_model):
     df = spark.createDataFrame([("a", b"")], "path string, content binary")
-    with pytest.raises(UserError, match="unknown scoring option batchsize"):
+    with pytest.raises(TypeError, match="batchsize"):  # the keywords are explicit: Python names a misspelt one
         score_images(df, str(shapes_model), batchsize=8)
+    with pytest.raises(UserError, match="unknown scoring option batchsize"):
+        ScoringOptions.build(batchsize=8)
     with pytest.raises(UserError, match="batch size must be at least 1"):
         score_images(df, str(shapes_model), batch_size=0)
     with pytest.raises(UserError, match="image_column .--image-column. does not apply"):

@@ -221,26 +221,20 @@ def _written(spark: Any, output: str | None, table: str | None) -> Any:
     return spark.table(table) if table else spark.read.parquet(output)
 
 
-def _run(
+def _locations(
     spark: Any,
     images_dir: str,
-    scorer: Callable[[Any], Any],
-    *,
-    mode: str,
     checkpoint: str,
     output: str | None,
     output_table: str | None,
+    *,
     source: str,
     extensions: Sequence[str],
     max_files_per_trigger: int,
-    max_failed_fraction: float,
-    print_fn: Callable[[str], None] | None,
-) -> IncrementalResult:
-    from pyspark.sql import functions as F
-
+) -> tuple[str, str, str | None, str]:
+    """(images, checkpoint, output, resolved source) checked, and qualified on a classic session; UserError
+    before any work."""
     from image_transfer.runtime import is_connect
-    from image_transfer.scoring.score import scoring_run
-    from image_transfer.scoring.stats import progress_field
     from image_transfer.storage.fs import _qualified, file_system
 
     if not checkpoint:
@@ -259,22 +253,28 @@ def _run(
         _check_own_output(spark, output, checkpoint)
     else:
         _check_own_table(spark, output_table, checkpoint)
-    stream = streaming.read_new_images(
-        spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
-    )
-    scored = scorer(stream)  # the model is checked here, before the query starts
-    run: ScoringRun = scoring_run(scored)
-    run.max_failed_fraction = max_failed_fraction
-    accounted = _accounted(spark, checkpoint)
-    # Under AvailableNow, current_timestamp() is the micro-batch's timestamp (the same if it is re-run).
-    out = scored.withColumn("scored_at", F.current_timestamp())
+    return images_dir, checkpoint, output, resolved
+
+
+def _stream(
+    out: Any,
+    run: ScoringRun,
+    *,
+    mode: str,
+    checkpoint: str,
+    output: str | None,
+    output_table: str | None,
+    print_fn: Callable[[str], None] | None,
+) -> dict[int, int]:
+    """Run the query to the end (``AvailableNow``): the rows of each micro-batch with rows, by batch id."""
+    from image_transfer.scoring.stats import progress_field
+
     writer = (
         out.writeStream.outputMode("append")
         .option("checkpointLocation", checkpoint)
         .queryName(f"image-transfer-{mode}-incremental")
         .trigger(availableNow=True)
     )
-    started = time.perf_counter()
     batches: dict[int, int] = {}
     query = None
     try:
@@ -291,7 +291,7 @@ def _run(
                     if rows:
                         batches[batch_id] = rows
                 if done:
-                    break
+                    return batches
     except Exception as exc:
         if MODEL_ERROR in str(exc):
             line = next(ln for ln in str(exc).splitlines() if MODEL_ERROR in ln)
@@ -301,41 +301,100 @@ def _run(
         if query is not None:
             streaming.stop(query)  # an error or Ctrl-C in the loop: the query must not run on
         run.close()
+
+
+def _files_accounted(
+    spark: Any, checkpoint: str, written: Any, accounted: int, committed: int
+) -> tuple[int, int, int, list[dict[str, str]], list[str]]:
+    """For the binaryFile source: (files taken, rows out, rows failed, files not scored, failed sample) of the
+    micro-batches ``(accounted, committed]``, from the checkpoint's file log joined with the output."""
+    from pyspark.sql import functions as F
+
+    if committed <= accounted:
+        return 0, 0, 0, [], []
+    taken = streaming.files_taken(
+        spark,
+        checkpoint,
+        streaming.source_log_offset(spark, checkpoint, accounted),
+        streaming.source_log_offset(spark, checkpoint, committed),
+    )
+    rows = written.select("path", "error", F.lit(True).alias("_hit"))
+    joined = taken.join(rows, "path", "left").cache()
+    try:
+        counts = joined.agg(
+            F.count(F.lit(1)).alias("files"), F.count("_hit").alias("rows"), F.count("error").alias("failed")
+        ).first()
+        files, rows_out, failed = int(counts.files), int(counts.rows), int(counts.failed)
+        not_scored: list[dict[str, str]] = []
+        if files > rows_out:
+            missing = sorted(r.path for r in joined.where(F.col("_hit").isNull()).select("path").collect())
+            not_scored = [{"path": p, "reason": _why_missing(spark, p)} for p in missing]
+        sample: list[str] = []
+        if failed:
+            sample = [
+                f"{r.path}: {r.error}" for r in joined.where(F.col("error").isNotNull()).limit(SAMPLE_ERRORS).collect()
+            ]
+        return files, rows_out, failed, not_scored, sample
+    finally:
+        joined.unpersist()
+
+
+def _run(
+    spark: Any,
+    images_dir: str,
+    scorer: Callable[[Any], Any],
+    *,
+    mode: str,
+    checkpoint: str,
+    output: str | None,
+    output_table: str | None,
+    source: str,
+    extensions: Sequence[str],
+    max_files_per_trigger: int,
+    max_failed_fraction: float,
+    print_fn: Callable[[str], None] | None,
+) -> IncrementalResult:
+    from pyspark.sql import functions as F
+
+    from image_transfer.scoring.score import scoring_run
+
+    images_dir, checkpoint, output, resolved = _locations(
+        spark,
+        images_dir,
+        checkpoint,
+        output,
+        output_table,
+        source=source,
+        extensions=extensions,
+        max_files_per_trigger=max_files_per_trigger,
+    )
+    stream = streaming.read_new_images(
+        spark, images_dir, source=resolved, extensions=extensions, max_files_per_trigger=max_files_per_trigger
+    )
+    scored = scorer(stream)  # the model is checked here, before the query starts
+    run: ScoringRun = scoring_run(scored)
+    run.max_failed_fraction = max_failed_fraction
+    accounted = _accounted(spark, checkpoint)
+    # Under AvailableNow, current_timestamp() is the micro-batch's timestamp (the same if it is re-run).
+    out = scored.withColumn("scored_at", F.current_timestamp())
+    started = time.perf_counter()
+    batches = _stream(
+        out, run, mode=mode, checkpoint=checkpoint, output=output, output_table=output_table, print_fn=print_fn
+    )
     seconds = time.perf_counter() - started
     committed_after = streaming.last_batch(spark, f"{checkpoint}/commits")
     if output and streaming.last_batch(spark, f"{output}/_spark_metadata") < 0:
         streaming.readable_when_empty(spark, output, out.schema)
     _mark_own(spark, output, output_table, checkpoint)
-    written = _written(spark, output, output_table)
     files_new: int | None = None
+    rows_out, rows_failed = sum(batches.values()), run.totals()["rows_failed"]
     not_scored: list[dict[str, str]] = []
-    rows_out = sum(batches.values())
-    rows_failed = run.totals()["rows_failed"]
     sample: list[str] = []
     if resolved == "binaryFile":
-        files_new, rows_out, rows_failed = 0, 0, 0
-        if committed_after > accounted:
-            taken = streaming.files_taken(
-                spark,
-                checkpoint,
-                streaming.source_log_offset(spark, checkpoint, accounted),
-                streaming.source_log_offset(spark, checkpoint, committed_after),
-            )
-            rows = written.select("path", "error", F.lit(True).alias("_hit"))
-            joined = taken.join(rows, "path", "left").cache()
-            counts = joined.agg(
-                F.count(F.lit(1)).alias("files"),
-                F.count("_hit").alias("rows"),
-                F.count("error").alias("failed"),
-            ).first()
-            files_new, rows_out, rows_failed = int(counts.files), int(counts.rows), int(counts.failed)
-            if files_new > rows_out:
-                missing = sorted(r.path for r in joined.where(F.col("_hit").isNull()).select("path").collect())
-                not_scored = [{"path": p, "reason": _why_missing(spark, p)} for p in missing]
-            if rows_failed:
-                failed = joined.where(F.col("error").isNotNull()).limit(SAMPLE_ERRORS).collect()
-                sample = [f"{r.path}: {r.error}" for r in failed]
-            joined.unpersist()
+        written = _written(spark, output, output_table)
+        files_new, rows_out, rows_failed, not_scored, sample = _files_accounted(
+            spark, checkpoint, written, accounted, committed_after
+        )
     result = IncrementalResult(
         mode="score" if mode == "classify" else "featurize",
         images=images_dir,
@@ -380,7 +439,21 @@ def score_new_images(
     model_version: str | None = None,
     print_fn: Callable[[str], None] | None = None,
     options: ScoringOptions | None = None,
-    **keywords: Any,
+    image_column: str = "content",
+    key_columns: Sequence[str] = ("path",),
+    batch_size: int = 64,
+    max_image_bytes: int | str | None = None,
+    max_pixels: int | str | None = None,
+    broadcast_max_mb: float = 256.0,
+    max_batch_mb: float | None = None,
+    partitions: int | None = None,
+    max_failed_fraction: float = 0.5,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
+    engine: str = "auto",
+    litert_cache: str | None = None,
+    trust_model_code: bool = False,
 ) -> IncrementalResult:
     """Classify the images under ``images_dir`` that no earlier run with this ``checkpoint`` took.
 
@@ -389,11 +462,12 @@ def score_new_images(
     to the table ``output_table``, then stops. ``result.threshold_exceeded`` (and ``result.check()``)
     tell whether more than ``max_failed_fraction`` of this run's rows failed. To re-score everything
     with a new model, use a new checkpoint and a new output. The scoring options are those of
-    ``score_images`` (``image_column`` and ``key_columns`` are the files': ``content`` and ``path``).
+    ``score_images`` (``image_column`` and ``key_columns`` are the files': ``content`` and ``path``;
+    other values are refused).
     """
     from image_transfer.api.scoring import score_images
 
-    opts = _file_options(ScoringOptions.build(options, **keywords))
+    opts = _file_options(ScoringOptions.merged(options, locals()))
     return _run(
         spark,
         images_dir,
@@ -425,12 +499,26 @@ def featurize_new_images(
     model_version: str | None = None,
     print_fn: Callable[[str], None] | None = None,
     options: ScoringOptions | None = None,
-    **keywords: Any,
+    image_column: str = "content",
+    key_columns: Sequence[str] = ("path",),
+    batch_size: int = 64,
+    max_image_bytes: int | str | None = None,
+    max_pixels: int | str | None = None,
+    broadcast_max_mb: float = 256.0,
+    max_batch_mb: float | None = None,
+    partitions: int | None = None,
+    max_failed_fraction: float = 0.5,
+    precision: str = "float32",
+    jit: bool = False,
+    overlap: str = "auto",
+    engine: str = "auto",
+    litert_cache: str | None = None,
+    trust_model_code: bool = False,
 ) -> IncrementalResult:
     """Embed the new images under ``images_dir`` (as ``score_new_images``): ``path, embedding, error, ...``."""
     from image_transfer.api.scoring import featurize_images
 
-    opts = _file_options(ScoringOptions.build(options, **keywords))
+    opts = _file_options(ScoringOptions.merged(options, locals()))
     return _run(
         spark,
         images_dir,
