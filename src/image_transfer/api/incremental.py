@@ -30,7 +30,7 @@ from image_transfer.scoring import streaming
 from image_transfer.scoring.options import MODEL_ERROR, ScoringOptions
 from image_transfer.scoring.run import ScoringRun
 from image_transfer.scoring.stats import failed_fraction, failed_lines, worker_lines
-from image_transfer.scoring.streaming import DEFAULT_MAX_FILES_PER_TRIGGER
+from image_transfer.scoring.streaming import DEFAULT_MAX_FILES_PER_TRIGGER, SOURCES
 
 SAMPLE_ERRORS = 5
 ZERO_BYTES = "zero-byte file: Spark's file source makes no row for it"
@@ -339,6 +339,17 @@ def _files_accounted(
         joined.unpersist()
 
 
+def _run_facts(run: ScoringRun) -> dict[str, Any]:
+    """What the summary says of the model and the workers."""
+    return {
+        "model": run.model.info.path,
+        "model_version": run.model_version,
+        "shipped": run.shipped,
+        "workers": run.workers(),
+        "compute": {**run.options.compute_summary(), "engine_used": run.engine},
+    }
+
+
 def _run(
     spark: Any,
     images_dir: str,
@@ -396,24 +407,20 @@ def _run(
             spark, checkpoint, written, accounted, committed_after
         )
     result = IncrementalResult(
+        **_run_facts(run),
         mode="score" if mode == "classify" else "featurize",
         images=images_dir,
         source=resolved,
         checkpoint=checkpoint,
         output=output_table or output or "",
-        model=run.model.info.path,
-        model_version=run.model_version,
-        shipped=run.shipped,
         files_new=files_new,
         rows_out=rows_out,
         rows_failed=rows_failed,
         seconds=seconds,
         batches=[{"batch_id": b, "rows": n} for b, n in sorted(batches.items())],
         not_scored=not_scored,
-        workers=run.workers(),
         errors_sample=sample,
         max_failed_fraction=max_failed_fraction,
-        compute={**run.options.compute_summary(), "engine_used": run.engine},
     )
     try:
         result.check()
@@ -543,3 +550,12 @@ def _file_options(options: ScoringOptions) -> ScoringOptions:
                 f"incremental scoring reads image files: {name} ({ScoringOptions.flag(name)}) does not apply"
             )
     return options
+
+
+__all__ = [
+    "DEFAULT_MAX_FILES_PER_TRIGGER",
+    "SOURCES",
+    "IncrementalResult",
+    "featurize_new_images",
+    "score_new_images",
+]

@@ -142,16 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
+    _add_score_parser(sub)
+    _add_featurize_parser(sub)
+    _add_ingest_parser(sub)
+    _add_training_parsers(sub)
+    _add_inspect_parser(sub)
+    _add_demo_parser(sub)
+    _add_preflight_parser(sub)
+    return parser
+
+
+def _add_score_parser(sub: Any) -> None:
     p = sub.add_parser("score", help="classify images: prediction, probability, top_k, error")
     _add_common_scoring_options(p)
     p.add_argument("--top-k", type=int, default=5, help="how many classes to report per image (default: %(default)s)")
     p.set_defaults(handler=_cmd_score)
 
+
+def _add_featurize_parser(sub: Any) -> None:
     p = sub.add_parser("featurize", help="embed images with a model layer: embedding, error")
     _add_common_scoring_options(p)
     p.add_argument("--layer", help="layer whose output is the embedding (default: before the classifier)")
     p.set_defaults(handler=_cmd_featurize)
 
+
+def _add_ingest_parser(sub: Any) -> None:
     p = sub.add_parser("ingest", help="read a folder of image files into Parquet (path, content)")
     p.add_argument(
         "--images", required=True, help=f"folder of images (read recursively: {', '.join(IMAGE_EXTENSIONS)})"
@@ -171,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_ingest)
 
-    _add_training_parsers(sub)
 
+def _add_inspect_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="check a model as scoring would, without Spark: input size, outputs, classes")
     p.add_argument(
         "--model", required=True, help="Keras model file (.keras), SavedModel directory, .tflite file, or an MLflow URI"
@@ -182,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     ScoringOptions.add_arguments(p, only=("trust_model_code",))
     p.set_defaults(handler=_cmd_inspect)
 
+
+def _add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the pipeline on the bundled fixtures with local Spark")
     p.add_argument("--fixtures", default=None, help="fixtures folder (default: the repo's fixtures/)")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its outputs (default: %(default)s)")
@@ -194,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_demo)
 
+
+def _add_preflight_parser(sub: Any) -> None:
     from image_transfer.jobs.workspace import DEFAULT_SPARK_VERSION, DEFAULT_TIMEOUT_SECONDS
 
     p = sub.add_parser("preflight", help="check that a Databricks workspace can run the bundle's jobs")
@@ -221,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per request and retry budget (default: %(default)s)",
     )
     p.set_defaults(handler=_cmd_preflight)
-
-    return parser
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -432,6 +449,12 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 def _add_training_parsers(sub: Any) -> None:
     """``prepare``, ``train`` and ``evaluate`` (options as the bundle's training job passes them)."""
+    _add_prepare_parser(sub)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+
+
+def _add_prepare_parser(sub: Any) -> None:
     p = sub.add_parser("prepare", help="labelled image folder -> Parquet dataset with a train/validation split")
     p.add_argument("--images", required=True, help="folder of images, one subfolder per class (read recursively)")
     p.add_argument(
@@ -460,6 +483,8 @@ def _add_training_parsers(sub: Any) -> None:
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_prepare)
 
+
+def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on a prepared dataset")
     _add_dataset_options(p)
     p.add_argument("--output-model", required=True, help="where to save the model (.keras): a new file")
@@ -522,6 +547,8 @@ def _add_training_parsers(sub: Any) -> None:
     _add_spark_options(p)
     p.set_defaults(handler=_cmd_train)
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a model on one split of a prepared dataset")
     _add_dataset_options(p)
     p.add_argument("--model", required=True, help="Keras model file (.keras) with class names, or models:/NAME/VERSION")
