@@ -310,6 +310,23 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
     The output is the model's, or with ``embed`` the named layer's (default: the input of the last
     layer), as ``inspect_model`` would find by loading. A damaged archive raises UserError.
     """
+    config = _archive_config(path)
+    if config is None:
+        return None
+    body = config.get("config") or {}
+    layers = body.get("layers") or []
+    if not layers:
+        return None
+    if config.get("class_name") == "Sequential":
+        return _sequential_shapes(config, layers, layer=layer, embed=embed)
+    if config.get("class_name") != "Functional":
+        return None
+    return _functional_shapes(body, layers, layer=layer, embed=embed)
+
+
+def _archive_config(path: str) -> dict[str, Any] | None:
+    """A Keras 3 archive's config, when its shapes can be read from it (Keras's own layers, no Lambda);
+    None when only loading tells; UserError for a damaged archive."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
@@ -329,14 +346,30 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
     modules = {str(m) for m in _values(config, "module")}
     if any(not m.startswith("keras") for m in modules):
         return None  # custom layers: only loading tells
-    body = config.get("config") or {}
-    layers = body.get("layers") or []
-    if not layers:
-        return None
-    if config.get("class_name") == "Sequential":
-        return _sequential_shapes(config, layers, layer=layer, embed=embed)
-    if config.get("class_name") != "Functional":
-        return None
+    return config
+
+
+def _consumed_shapes(layers: list[dict[str, Any]]) -> dict[str, Shape]:
+    """Each layer's output shape, as the layers after it saw it (their inbound tensors)."""
+    consumed: dict[str, Shape] = {}
+    for spec in layers:
+        for node in spec.get("inbound_nodes") or []:
+            for tensor in _tensors(node):
+                history, shape = tensor.get("keras_history"), _shape(tensor.get("shape"))
+                if isinstance(history, list) and len(history) == 3 and history[2] == 0 and shape is not None:
+                    consumed.setdefault(str(history[0]), shape)
+    return consumed
+
+
+def _inbound(spec: dict[str, Any]) -> Shape | None:
+    tensors = [t for node in spec.get("inbound_nodes") or [] for t in _tensors(node)]
+    return _shape(tensors[0].get("shape")) if len(tensors) == 1 else None
+
+
+def _functional_shapes(
+    body: dict[str, Any], layers: list[dict[str, Any]], *, layer: str | None, embed: bool
+) -> tuple[Shape, Shape] | None:
+    """``_config_shapes`` of a functional model's config."""
     inputs, outputs = _refs(body.get("input_layers")), _refs(body.get("output_layers"))
     if len(inputs) != 1 or len(outputs) != 1 or not isinstance(inputs[0], list) or not isinstance(outputs[0], list):
         return None
@@ -347,32 +380,20 @@ def _config_shapes(path: str, *, layer: str | None, embed: bool) -> tuple[Shape,
         return None
     if any(len(spec.get("inbound_nodes") or []) > 1 for spec in layers):
         return None  # a layer called more than once: which call is meant, only loading tells
-    consumed: dict[str, Shape] = {}  # a layer's output shape, as the layers after it saw it
-    for spec in layers:
-        for node in spec.get("inbound_nodes") or []:
-            for tensor in _tensors(node):
-                history, shape = tensor.get("keras_history"), _shape(tensor.get("shape"))
-                if isinstance(history, list) and len(history) == 3 and history[2] == 0 and shape is not None:
-                    consumed.setdefault(str(history[0]), shape)
-
-    def inbound(spec: dict[str, Any]) -> Shape | None:
-        tensors = [t for node in spec.get("inbound_nodes") or [] for t in _tensors(node)]
-        return _shape(tensors[0].get("shape")) if len(tensors) == 1 else None
-
     last = by_name.get(outputs[0][0])
-    model_out = _output_shape(last, inbound(last)) if last is not None else None
-    if embed:
-        if layer is None:
-            out = inbound(layers[-1])
-            if out is not None and len(out) != 2:
-                out = model_out  # no classifier at the end: the backbone's own output, as embedding_model cuts
-            return (in_shape, out) if out is not None else None
-        chosen = by_name.get(layer)
-        if chosen is None:
-            return None  # loading names the layers there are
-        out = consumed.get(layer) or _output_shape(chosen, inbound(chosen))
+    model_out = _output_shape(last, _inbound(last)) if last is not None else None
+    if not embed:
+        return (in_shape, model_out) if model_out is not None else None
+    if layer is None:
+        out = _inbound(layers[-1])
+        if out is not None and len(out) != 2:
+            out = model_out  # no classifier at the end: the backbone's own output, as embedding_model cuts
         return (in_shape, out) if out is not None else None
-    return (in_shape, model_out) if model_out is not None else None
+    chosen = by_name.get(layer)
+    if chosen is None:
+        return None  # loading names the layers there are
+    out = _consumed_shapes(layers).get(layer) or _output_shape(chosen, _inbound(chosen))
+    return (in_shape, out) if out is not None else None
 
 
 def _sequential_shapes(

@@ -44,6 +44,22 @@ def _layer_of(path: list[str]) -> str:
     return path[-1] if path else "the model"
 
 
+def _object_problem(class_name: Any, module: Any, registered: Any, config: Any) -> str | None:
+    """What a serialized object (``class_name``, ``module``, ...) would run that is not Keras's own, else None."""
+    if not _module_ok(module):
+        return f"module {module!r}"
+    if class_name in _FORBIDDEN or (isinstance(config, str) and config in _FORBIDDEN):
+        return f"{module or 'keras'}.{config if isinstance(config, str) else class_name}"
+    if class_name == "__lambda__":
+        return "Python code (a Lambda layer), which Keras safe mode does not run"
+    if class_name == "function":
+        if not (isinstance(module, str) and module.startswith(_FUNCTION_MODULES)):
+            return f"function {module}.{config}"
+    elif registered not in (None, class_name):
+        return f"registered class {registered!r}"
+    return None
+
+
 def _find(value: Any, layer: str) -> tuple[str, str] | None:
     """(layer, what) of the first thing in a config that would run code not Keras's own, else None."""
     if isinstance(value, list):
@@ -61,17 +77,9 @@ def _find(value: Any, layer: str) -> tuple[str, str] | None:
     name = config.get("name") if isinstance(config, dict) and isinstance(config.get("name"), str) else None
     here = f"{name} ({class_name})" if name and isinstance(class_name, str) else layer
     if "module" in value or "class_name" in value:
-        if not _module_ok(module):
-            return here, f"module {module!r}"
-        if class_name in _FORBIDDEN or (isinstance(config, str) and config in _FORBIDDEN):
-            return here, f"{module or 'keras'}.{config if isinstance(config, str) else class_name}"
-        if class_name == "__lambda__":
-            return here, "Python code (a Lambda layer), which Keras safe mode does not run"
-        if class_name == "function":
-            if not (isinstance(module, str) and module.startswith(_FUNCTION_MODULES)):
-                return here, f"function {module}.{config}"
-        elif registered not in (None, class_name):
-            return here, f"registered class {registered!r}"
+        what = _object_problem(class_name, module, registered, config)
+        if what:
+            return here, what
     for key, item in value.items():
         if key in ("module", "class_name", "registered_name"):
             continue
