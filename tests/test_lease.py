@@ -1,4 +1,4 @@
-"""Concurrent writers of one output: the output's lease (jobs/lease.py), its take-over once expired, and
+"""Concurrent writers of one output: the output's lease (storage/lease.py), its take-over once expired, and
 the row count checked before the swap."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python tests/jobs/retry_scoring.py IMAGES_PARQUET MODEL OUTPUT MARKER_DIR
 
-Run as a separate process by tests/test_failures.py: it needs its own SparkContext with task
+Run as a separate process by tests/test_crashes_and_retries.py: it needs its own SparkContext with task
 retries, which the test session (local[2]) does not have. Prints the result as JSON.
 """
 

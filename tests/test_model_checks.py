@@ -1,8 +1,9 @@
-"""A new user's first days: an empty incoming folder, a backbone taken for a classifier, leftovers."""
+"""What the driver checks of a model before any work (a backbone is no classifier, outputs that are not
+probabilities, configs read without TensorFlow, registry URIs without a server), and the model files a worker
+leaves: no autograph files, a bounded shipped-model cache."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from image_transfer import UserError, featurize_new_images, score_new_images
+from image_transfer import UserError
 from image_transfer.jobs import cli
 from image_transfer.models import artifact
 from image_transfer.scoring.options import prepare_model
@@ -37,66 +38,7 @@ def _python(code: str, *, cwd: Path, env: dict[str, str], timeout: int = 300) ->
     )
 
 
-# ---- 3: an empty folder (or no new files) is a normal run --------------------------------------------
-
-
-def test_an_empty_folder_is_a_normal_run(spark, fixtures_dir, shapes_model, tmp_path):
-    incoming, checkpoint, output = tmp_path / "incoming", tmp_path / "checkpoint", tmp_path / "scored"
-    incoming.mkdir()
-    result = score_new_images(spark, str(incoming), str(shapes_model), checkpoint=str(checkpoint), output=str(output))
-    assert (result.files_new, result.rows_out, result.rows_failed, result.batches) == (0, 0, 0, [])
-    assert result.to_dict()["files_new"] == 0 and not result.threshold_exceeded
-    empty = spark.read.parquet(str(output))  # readable: no rows, the output's columns
-    assert empty.columns == CLASSIFY_COLUMNS and empty.count() == 0
-
-    # The next run scores the files that arrived, exactly once, and readers see only those.
-    files = _images(fixtures_dir, 3)
-    for f in files:
-        shutil.copyfile(f, incoming / f.name)
-    result = score_new_images(spark, str(incoming), str(shapes_model), checkpoint=str(checkpoint), output=str(output))
-    assert (result.files_new, result.rows_out, result.rows_failed) == (3, 3, 0)
-    assert sorted(r.path for r in spark.read.parquet(str(output)).collect()) == sorted(
-        f"file:{incoming / f.name}" for f in files
-    )
-
-    # No new files: a normal run too, the output unchanged.
-    result = score_new_images(spark, str(incoming), str(shapes_model), checkpoint=str(checkpoint), output=str(output))
-    assert (result.files_new, result.rows_out) == (0, 0)
-    assert spark.read.parquet(str(output)).count() == 3
-
-
-def test_an_empty_folder_featurized_or_into_a_table(spark, shapes_model, tmp_path):
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    (incoming / "notes.txt").write_text("not an image")  # matches no image extension
-    result = featurize_new_images(
-        spark, str(incoming), str(shapes_model), checkpoint=str(tmp_path / "c1"), output=str(tmp_path / "emb")
-    )
-    assert (result.files_new, result.rows_out) == (0, 0)
-    assert "embedding" in spark.read.parquet(str(tmp_path / "emb")).columns
-    result = score_new_images(
-        spark, str(incoming), str(shapes_model), checkpoint=str(tmp_path / "c2"), output_table="new_user_empty"
-    )
-    assert (result.files_new, result.rows_out) == (0, 0)
-    assert spark.table("new_user_empty").count() == 0
-    spark.sql("DROP TABLE IF EXISTS new_user_empty")
-
-
-def test_cli_on_an_empty_folder_exits_0_with_a_summary(spark, shapes_model, tmp_path, capsys):
-    incoming, output, summary = tmp_path / "incoming", tmp_path / "scored", tmp_path / "summary.json"
-    incoming.mkdir()
-    argv = ["score", "--images", str(incoming), "--checkpoint", str(tmp_path / "checkpoint")]
-    argv += ["--model", str(shapes_model), "--output", str(output), "--summary", str(summary)]
-    assert cli.run(argv) == 0, capsys.readouterr().err
-    assert "Traceback" not in capsys.readouterr().err
-    written = json.loads(summary.read_text())
-    assert (written["files_new"], written["rows_out"], written["rows_failed"]) == (0, 0, 0)
-    assert spark.read.parquet(str(output)).columns == CLASSIFY_COLUMNS
-    assert cli.run(argv) == 0  # and again, still nothing new
-    assert json.loads(summary.read_text())["files_new"] == 0
-
-
-# ---- 8: a headless backbone is not a classifier --------------------------------------------------------
+# ---- a headless backbone is not a classifier --------------------------------------------------------
 
 
 def test_a_backbone_is_refused_as_a_classifier_without_tensorflow(backbone_model, shapes_model):
@@ -249,7 +191,7 @@ def test_savedmodels_are_checked_from_their_graph_or_outputs(shapes_model, backb
                 prepare_model(str(path), mode="classify")
 
 
-# ---- 9a: a registry URI without a tracking server ------------------------------------------------------
+# ---- a registry URI without a tracking server ------------------------------------------------------
 
 
 def test_a_models_uri_without_tracking_server_says_so_and_creates_nothing(tmp_path):
@@ -273,7 +215,7 @@ def test_a_models_uri_without_tracking_server_says_so_and_creates_nothing(tmp_pa
     assert list(tmp_path.iterdir()) == [], "created in the current folder: " + ", ".join(os.listdir(tmp_path))
 
 
-# ---- 9b: no autograph files left behind ----------------------------------------------------------------
+# ---- no autograph files left behind ----------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -332,7 +274,7 @@ def test_autograph_files_go_once_loaded_and_their_source_stays_for_tracebacks():
     assert not [f for f in ours if os.path.exists(f)]  # ...but not the file
 
 
-# ---- 9c: the shipped-model cache stays bounded ---------------------------------------------------------
+# ---- the shipped-model cache stays bounded ---------------------------------------------------------
 
 
 def _entry(root: Path, name: str, *, size: int, age: float) -> Path:
