@@ -437,3 +437,36 @@ print(json.dumps({{"from": image_transfer.__file__, **{{c: predicted[c].tolist()
     assert got["prediction"][:-1] == list(expected["prediction"][:-1]) and got["prediction"][-1] is None
     assert got["probability"][:-1] == pytest.approx(list(expected["probability"][:-1]), abs=1e-5)
     assert got["error"][-1] and not any(got["error"][:-1])
+
+
+def test_the_registry_uri_is_set_for_a_block_and_blocks_never_interleave(monkeypatch):
+    """MLflow keeps one registry URI per process: ``using_registry`` sets it for a block under one lock and
+    puts the previous back, whatever the block raised, so threads registering to two registries never mix."""
+    import threading
+
+    mlflow = pytest.importorskip("mlflow")
+    from image_transfer.models.uris import using_registry
+
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: state["uri"])
+    monkeypatch.setattr(mlflow, "set_registry_uri", lambda uri: state.update(uri=uri))
+    state = {"uri": "sqlite:///before.db"}
+    seen: list[tuple[str, str]] = []
+
+    def register(target: str) -> None:
+        for _ in range(200):
+            with using_registry(target):
+                time.sleep(0)  # let the other thread run while this block holds the setting
+                seen.append((target, state["uri"]))
+
+    threads = [threading.Thread(target=register, args=(t,)) for t in ("databricks-uc", "sqlite:///other.db")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen and all(target == uri for target, uri in seen)
+    assert state["uri"] == "sqlite:///before.db"
+    with pytest.raises(RuntimeError), using_registry("databricks-uc"):
+        raise RuntimeError("the block failed")
+    assert state["uri"] == "sqlite:///before.db"
+    with using_registry(None):  # no target: nothing changes
+        assert state["uri"] == "sqlite:///before.db"

@@ -106,3 +106,43 @@ def test_the_cli_runs_on_a_connect_session_it_did_not_make(fixtures_dir, shapes_
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "connect": True, "rows": 240}, result
     assert "JVM_ATTRIBUTE_NOT_SUPPORTED" not in done.stderr and "CANNOT_CONFIGURE" not in done.stderr
+
+
+def test_the_session_kind_is_asked_once_per_scoring_call(spark, fixtures_dir, shapes_model, monkeypatch):
+    """``score_images`` asks ``is_connect`` once and passes the answer down (shipping, spreading, statistics)."""
+    import traceback
+
+    from image_transfer import read_images, runtime, score_images
+
+    asked: list[str] = []
+
+    def counting(session):
+        asked.append(traceback.extract_stack(limit=2)[0].name)
+        return is_connect(session)
+
+    original = runtime.is_connect
+    for name, module in list(sys.modules.items()):
+        if name.startswith("image_transfer") and getattr(module, "is_connect", None) is original:
+            monkeypatch.setattr(module, "is_connect", counting)
+    df = read_images(spark, str(fixtures_dir / "images"))
+    asked.clear()
+    score_images(df, str(shapes_model))
+    assert asked == ["score_frame"]
+
+
+def test_the_runtime_is_read_in_one_place(monkeypatch):
+    from pathlib import Path
+
+    from image_transfer import runtime
+
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "18.0")
+    assert runtime.runtime_version() == "18.0" and runtime.on_databricks()
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION")
+    assert runtime.runtime_version() is None and not runtime.on_databricks()
+    package = Path(runtime.__file__).parent
+    readers = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if "DATABRICKS_RUNTIME_VERSION" in p.read_text()
+    ]
+    assert readers == ["runtime.py"]
