@@ -1,7 +1,13 @@
-"""Scoring as a job: the API's DataFrame written atomically, progress, the run summary and its verdict.
+"""Writing a scored output with the job guarantees: atomically, one writer at a time, with progress, the run
+summary and its verdict (the failure threshold; a model failure as one line).
 
-This is what the CLI's ``score``, ``featurize`` and ``demo`` (and so the bundle's jobs) run; notebook
-users call the API (``image_transfer.score_images``) and write the result themselves.
+>>> from image_transfer import read_images, score_images, write_scored
+>>> scored = score_images(read_images(spark, "/Volumes/main/ml/photos"), model)
+>>> summary = write_scored(scored, "/Volumes/main/ml/scores")
+>>> summary.rows_failed, summary.images_per_second
+
+The CLI's ``score`` and ``featurize``, the demo and the notebook all write through ``write_scored``;
+``write_output`` writes any DataFrame with the same atomic swap and lease.
 """
 
 from __future__ import annotations
