@@ -63,7 +63,7 @@ output = widget("output", "")
 
 # COMMAND ----------
 
-from image_transfer import featurize_images, read_images, score_images, scoring_run  # noqa: E402
+from image_transfer import featurize_images, read_images, score_images, scoring_run, write_output  # noqa: E402
 
 images = read_images(spark, images_dir)
 scored = score_images(images, model_path, top_k=3)
@@ -79,8 +79,8 @@ print(f"{totals['rows']} images, {totals['rows_failed']} failed, model {run.mode
 for worker, counts in run.workers().items():
     print(f"  {worker}: {counts['rows']} rows, {counts['model_loads']} model loads, {counts['traces']} traces")
 display(scored.where(F.col("error").isNotNull()).select("path", "error"))
-if output:
-    scored.write.mode("overwrite").parquet(output)
+if output:  # atomically, one writer at a time; replaces only an earlier scored output
+    write_output(scored, output, command="score")
 
 # COMMAND ----------
 
