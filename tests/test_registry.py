@@ -73,8 +73,10 @@ import sys
 sys.modules["mlflow"] = None  # import mlflow -> ImportError
 from image_transfer import api
 from image_transfer.errors import UserError
-from image_transfer.jobs import cli, runs
-from image_transfer.lifecycle import tracking, uris
+from image_transfer.api import writing
+from image_transfer.jobs import cli
+from image_transfer.lifecycle import tracking
+from image_transfer.models import uris
 from image_transfer.scoring import frame
 from image_transfer.training import evaluate, promotion, train
 assert not uris.tracking_configured() and not train.mlflow_enabled()

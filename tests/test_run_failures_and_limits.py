@@ -324,7 +324,7 @@ def test_driver_local_model_path_refused_up_front_on_a_cluster_and_fine_locally(
     from image_transfer.scoring import frame as score
 
     source = spark.read.parquet(images_parquet).limit(20)
-    monkeypatch.setattr(score, "_master", lambda _spark: "spark://10.0.0.1:7077")
+    monkeypatch.setattr(score, "_master", lambda _spark, _connect: "spark://10.0.0.1:7077")
     with pytest.raises(UserError, match="/Volumes"):
         score_images(source, str(shapes_model), broadcast_max_mb=0)
     score_images(source, str(shapes_model))  # broadcast: any driver path is fine
