@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 from image_transfer import featurize_new_images, score_new_images
 from image_transfer.jobs import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSIFY_COLUMNS = ["path", "prediction", "probability", "top_k", "error", "model_version", "scored_at"]
 
 
 def _images(fixtures_dir: Path, n: int) -> list[Path]:
     return sorted((fixtures_dir / "images").rglob("*.*"))[:n]
-
-
-def _python(code: str, *, cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # ---- an empty folder (or no new files) is a normal run --------------------------------------------

@@ -20,7 +20,6 @@ from image_transfer.models import artifact
 from image_transfer.scoring.options import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIFY_COLUMNS = ["path", "prediction", "probability", "top_k", "error", "model_version", "scored_at"]
 
 
 def _images(fixtures_dir: Path, n: int) -> list[Path]:
