@@ -8,9 +8,9 @@
 Three measurements per compute setting (precision x jit), each over the same synthetic JPEGs
 (``data.py``'s generator, as ``bench.py``, MobileNetV2 224 with random weights unless ``--model``):
 
-- model alone: the scoring function's model part (``Scorer``'s ``infer``) over batches already decoded
+- model alone: the scoring function's model part (``TensorFlowEngine``'s ``infer``) over batches already decoded
   and resident on the device, in this process: the ceiling of what the GPU can do with the model.
-- in-process: ``Scorer.run`` on encoded batches (decode, preprocess, model, top-k), overlap off and on:
+- in-process: ``TensorFlowEngine.score`` on encoded batches (decode, preprocess, model, top-k), overlap off and on:
   what one Python worker can feed the GPU.
 - end-to-end: ``image_transfer.score_images`` written to Parquet on Spark (``--master``, ``--conf``;
   on Databricks the cluster's session), divided by the GPUs used (``--gpus``, default: this machine's).
@@ -115,12 +115,12 @@ def timed(fn: Any, repeats: int) -> tuple[float, dict[str, Any] | None]:
 
 
 def in_process(model: str, contents: list[bytes], batch: int, precision: str, jit: bool, repeats: int) -> dict:
-    """Model alone and Scorer.run (overlap off / on) in this process, for one compute setting."""
+    """Model alone and Scorer.score (overlap off / on) in this process, for one compute setting."""
     import tensorflow as tf
 
     from image_transfer.imaging.screen import ImageLimits, screen_batch
+    from image_transfer.scoring.engines import TensorFlowEngine as Scorer
     from image_transfer.scoring.options import Compute, prepare_model
-    from image_transfer.scoring.worker import Scorer
 
     prepared = prepare_model(model, mode="classify", top_k=5)
     batches = [contents[i : i + batch] for i in range(0, len(contents), batch)]
@@ -142,7 +142,7 @@ def in_process(model: str, contents: list[bytes], batch: int, precision: str, ji
             run_model()  # trace and compile outside the timing
             seconds, util = timed(run_model, repeats)
             results["model_alone"] = {"images_per_second": len(contents) / seconds, "gpu_utilisation": util}
-        full = lambda sc=scorer: [sc.run(s.payloads, s.orientations) for s in screened]  # noqa: E731
+        full = lambda sc=scorer: [sc.score(s.payloads, s.orientations) for s in screened]  # noqa: E731
         full()
         seconds, util = timed(full, repeats)
         results[f"in_process_overlap_{overlap}"] = {

@@ -18,8 +18,9 @@ from image_transfer.errors import UserError
 from image_transfer.jobs import cli
 from image_transfer.models.artifact import save_model
 from image_transfer.scoring.engine import choose_engine, converted
+from image_transfer.scoring.engines import LiteRTEngine, TensorFlowEngine
+from image_transfer.scoring.engines.base import Engine, head
 from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model, with_compute
-from image_transfer.scoring.worker import LiteScorer, Scorer
 
 SIZE = 96  # small inputs keep CI time low; the layers are the architectures' own
 
@@ -82,9 +83,9 @@ def architectures(tmp_path_factory) -> dict[str, Path]:
 
 
 def _both(prepared, images: list[bytes]) -> tuple[dict, dict]:
-    tf_out, _ = Scorer(prepared, prepared.info.path).run(images, [1] * len(images))
+    tf_out, _ = TensorFlowEngine(prepared, prepared.info.path).score(images, [1] * len(images))
     flatbuffer, _ = converted(prepared)
-    lite_out, _ = LiteScorer(replace_engine(prepared), flatbuffer, 2).run(images, [1] * len(images))
+    lite_out, _ = LiteRTEngine(replace_engine(prepared), flatbuffer, 2).score(images, [1] * len(images))
     return tf_out, lite_out
 
 
@@ -393,3 +394,105 @@ def test_bundle_cpu_target_scores_on_cpu_nodes_with_engine_auto():
     assert params[params.index("--batch-size") + 1] == "${var.scoring_batch_size}"
     parsed = cli.build_parser().parse_args([p.replace("${var.scoring_batch_size}", "64") for p in params])
     assert parsed.engine == "auto" and parsed.batch_size == 64
+
+
+def test_the_worker_names_no_engine_and_the_options_list_the_registered_ones():
+    """``scoring/worker.py`` reaches engines only through the registry: no engine's class, no framework
+    import, no engine name in its code; ``--engine``'s choices are ``auto`` and the registered names."""
+    import ast
+
+    from image_transfer.scoring import engines, options, worker
+
+    source = Path(worker.__file__).read_text()
+    tree = ast.parse(source)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("tensorflow" in m or "keras" in m or "litert" in m for m in imported), imported
+    words = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    words += [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    words += [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)]
+    for name in ("litert", "tensorflow", "xnnpack", "lite", "keras"):
+        assert not [w for w in words if name in w.lower()], name
+    assert "LiteScorer" not in source and "import tensorflow" not in source
+    assert options.ENGINES[0] == "auto" and sorted(options.ENGINES[1:]) == sorted(engines.ENGINES)
+
+
+class ToyEngine(Engine):
+    """A third engine in one class: NumPy only, decoding with Pillow, a linear model of the mean colour."""
+
+    name, label, title = "toy", "numpy-toy", "Toy"
+    decode_failures = (OSError, ValueError)  # Pillow's UnidentifiedImageError is an OSError
+
+    @classmethod
+    def payload(cls, prepared):
+        rng = np.random.default_rng(0)
+        return rng.normal(0, 1, (3, prepared.info.output_width)).astype(np.float32).tobytes(), True
+
+    @classmethod
+    def load(cls, prepared, shipped, cores):
+        from image_transfer.scoring.stats import count
+
+        if shipped is None:
+            shipped, _ = cls.payload(prepared)
+        count(model_loads=1)
+        return cls(prepared, np.frombuffer(shipped, np.float32).reshape(3, -1))
+
+    def __init__(self, prepared, weights):
+        self.prepared, self.weights, self.warmed = prepared, weights, 0
+
+    def warm_up(self):
+        self.warmed += 1
+
+    def decode(self, payloads, orientations):
+        info = self.prepared.info
+        images = []
+        for data in payloads:
+            with Image.open(io.BytesIO(data)) as img:
+                images.append(np.asarray(img.convert("RGB").resize((info.width, info.height)), np.float32))
+        return np.stack(images) / 255.0
+
+    def run(self, images):
+        logits = images.mean(axis=(1, 2)) @ self.weights
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return head(probs / probs.sum(axis=1, keepdims=True), self.prepared.mode, self.prepared.width)
+
+    def describe(self):
+        return {"engine": self.label, "interpreter": "numpy"}
+
+
+def test_a_third_engine_registered_in_one_class_is_chosen_and_run_by_the_worker(
+    shapes_model, fixtures_dir, monkeypatch
+):
+    """The worker path (``make_predict_fn_factory``, without Spark) loads, warms and runs whatever engine
+    the driver chose by name; its facts are the worker's; ``choose_engine`` takes it by name too."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from image_transfer.imaging.screen import ImageLimits
+    from image_transfer.scoring import engines, stats, worker
+    from image_transfer.scoring.run import ScoringRun
+
+    toy = ToyEngine
+    monkeypatch.setitem(engines.ENGINES, toy.name, toy)
+    monkeypatch.setattr(worker, "_CACHE", type(worker._CACHE)())
+    monkeypatch.setattr(stats, "_WORKER_EXTRA", {})
+    prepared = prepare_model(str(shapes_model), mode="classify", top_k=3)
+    chosen, shipped, now = choose_engine(prepared, "toy")
+    assert (chosen, now) == ("toy", True) and len(shipped) == 3 * prepared.info.output_width * 4
+    prepared = replace(prepared, compute=Compute(engine=chosen))
+
+    files = sorted((fixtures_dir / "images").rglob("*.png"))[:5]
+    encoded = np.array([f.read_bytes() for f in files] + [b"not an image"], dtype=object)
+    predict = worker.make_predict_fn_factory(prepared, shipped, ImageLimits.default())()
+    out = predict(encoded)
+    loaded = worker._CACHE[prepared.cache_key]
+    assert isinstance(loaded, toy) and loaded.warmed == 1
+    assert stats._WORKER_EXTRA["engine"] == "numpy-toy" and stats._WORKER_EXTRA["interpreter"] == "numpy"
+    want = loaded.run(loaded.decode([f.read_bytes() for f in files], [1] * len(files)))
+    assert list(out["prediction"][:5]) == [prepared.info.label(int(i)) for i in want["indices"][:, 0]]
+    np.testing.assert_allclose(out["probability"][:5], want["probabilities"][:, 0])
+    assert out["top_k_labels"].shape == (6, 3)
+    assert list(out["error"][:5]) == [None] * 5 and out["error"][5]  # screened out before the engine
+    predict(encoded[:2])
+    assert worker._CACHE[prepared.cache_key] is loaded and loaded.warmed == 1  # one load per worker and model
+    assert ScoringRun.engine.fget(SimpleNamespace(model=prepared)) == "numpy-toy"  # the run's summary

@@ -17,9 +17,9 @@ from image_transfer import devices as gpu
 from image_transfer.errors import UserError
 from image_transfer.imaging.screen import ImageLimits, screen_batch
 from image_transfer.jobs import cli
+from image_transfer.scoring.engines import TensorFlowEngine as Scorer
 from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model
 from image_transfer.scoring.stats import _PROCESS
-from image_transfer.scoring.worker import Scorer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +43,12 @@ def _scorer(model, **compute) -> Scorer:
 def _traces(scorer: Scorer, *calls) -> int:
     before = _PROCESS["traces"]
     for payloads, orientations in calls:
-        scorer.run(payloads, orientations)
+        scorer.score(payloads, orientations)
     return _PROCESS["traces"] - before
 
 
 def test_overlap_jit_and_precision_give_the_single_graph_outputs(batch, shapes_model):
-    reference, ref_errors = _scorer(shapes_model, overlap="off").run(batch.payloads, batch.orientations)
+    reference, ref_errors = _scorer(shapes_model, overlap="off").score(batch.payloads, batch.orientations)
     assert list(ref_errors) == [5] and len(reference["indices"]) == len(batch.payloads) - 1
     ref_probs = np.take_along_axis(reference["probabilities"], np.argsort(reference["indices"]), axis=1)
 
@@ -62,7 +62,7 @@ def test_overlap_jit_and_precision_give_the_single_graph_outputs(batch, shapes_m
     for name, (compute, tolerance) in variants.items():
         scorer = _scorer(shapes_model, **compute)
         assert scorer.split == (name != "float16"), name
-        out, errors = scorer.run(batch.payloads, batch.orientations)
+        out, errors = scorer.score(batch.payloads, batch.orientations)
         assert list(errors) == [5], name  # the bad image is still found by bisection
         assert out["probabilities"].dtype == np.float32, name
         probs = np.take_along_axis(out["probabilities"], np.argsort(out["indices"]), axis=1)
@@ -75,8 +75,8 @@ def test_featurize_overlapped_and_compiled_gives_the_same_embeddings(batch, shap
     prepared = prepare_model(str(shapes_model), mode="embed")
     plain = Scorer(replace(prepared, compute=Compute(overlap="off")), str(shapes_model))
     fast = Scorer(replace(prepared, compute=Compute(overlap="on", jit=True, batch_size=64)), str(shapes_model))
-    want, want_errors = plain.run(batch.payloads, batch.orientations)
-    got, got_errors = fast.run(batch.payloads, batch.orientations)
+    want, want_errors = plain.score(batch.payloads, batch.orientations)
+    got, got_errors = fast.score(batch.payloads, batch.orientations)
     assert list(want_errors) == list(got_errors) == [5]
     assert got["embedding"].shape == want["embedding"].shape == (37, 64)
     np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-4)

@@ -101,7 +101,7 @@ def test_score_featurize_inspect_refuse_a_custom_layer_without_importing_it(
 
 
 def test_a_trusted_custom_layer_loads_and_scores(custom_model, fixtures_dir):
-    """In a fresh process: ``inspect --trust-model-code`` passes, and the worker's Scorer loads it trusted."""
+    """In a fresh process: ``inspect --trust-model-code`` passes, and the TensorFlow engine loads it trusted."""
     path, code = custom_model
     images = sorted((fixtures_dir / "images").rglob("*.jpg"))[:2]
     script = f"""
@@ -109,11 +109,11 @@ import json, sys
 from image_transfer.jobs import cli
 assert cli.run(["inspect", "--model", {str(path)!r}, "--trust-model-code"]) == 0
 from image_transfer.scoring.options import prepare_model
-from image_transfer.scoring.worker import Scorer
+from image_transfer.scoring.engines import TensorFlowEngine
 prepared = prepare_model({str(path)!r}, mode="classify", top_k=1, trust=True)
 assert prepared.trusted
 payloads = [open(p, "rb").read() for p in {[str(p) for p in images]!r}]
-outputs, errors = Scorer(prepared, {str(path)!r}).run(payloads, [1] * len(payloads))
+outputs, errors = TensorFlowEngine(prepared, {str(path)!r}).score(payloads, [1] * len(payloads))
 assert not errors and outputs["probabilities"].shape == (2, 1), (outputs, errors)
 """
     env = {**os.environ, "PYTHONPATH": str(code)}

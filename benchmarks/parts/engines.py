@@ -80,7 +80,7 @@ def _floor_worker(args: tuple[str, list[bytes], str, Any]) -> None:
     from image_transfer.imaging.graph import decode_batch
     from image_transfer.models.artifact import read_metadata
     from image_transfer.models.load import preprocess_fn
-    from image_transfer.scoring.worker import LITE_CHUNK
+    from image_transfer.scoring.engines.litert import LITE_CHUNK
 
     preprocess = preprocess_fn(read_metadata(model_path).get("preprocess", "none"))
 

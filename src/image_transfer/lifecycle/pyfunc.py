@@ -36,20 +36,17 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         from image_transfer import devices
         from image_transfer.scoring.engine import choose_engine
+        from image_transfer.scoring.engines import engine_class
         from image_transfer.scoring.options import ScoringOptions, prepare_model, with_compute
-        from image_transfer.scoring.worker import LiteScorer, Scorer
 
         wanted = engine or getattr(self, "engine", "auto")
         if getattr(self, "_scorer", None) is None or getattr(self, "_engine", None) != wanted:
             options = ScoringOptions(engine=wanted)  # checks the name
             prepared = with_compute(prepare_model(self._path, mode="classify", top_k=1), options)
             requested = "tensorflow" if wanted == "auto" and devices.visible_gpus() > 0 else wanted
-            chosen, flatbuffer, _ = choose_engine(prepared, requested)
+            chosen, payload, _ = choose_engine(prepared, requested)
             self._prepared = replace(prepared, compute=replace(prepared.compute, engine=chosen))
-            if chosen == "litert":
-                self._scorer = LiteScorer(self._prepared, flatbuffer, os.cpu_count() or 1)
-            else:
-                self._scorer = Scorer(self._prepared, self._path)
+            self._scorer = engine_class(chosen).load(self._prepared, payload, os.cpu_count() or 1)
             self._engine = wanted
         return self._scorer
 
@@ -69,7 +66,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         n = len(values)
         screened = screen_batch(values, ImageLimits.default())
         errors = list(screened.errors)
-        outputs, graph_errors = scorer.run(screened.payloads, screened.orientations)
+        outputs, graph_errors = scorer.score(screened.payloads, screened.orientations)
         for j, message in graph_errors.items():
             errors[screened.kept[j]] = message
         ok = [row for j, row in enumerate(screened.kept) if j not in graph_errors]

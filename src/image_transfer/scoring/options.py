@@ -19,7 +19,8 @@ OUTPUT_COLUMNS = {"classify": ("prediction", "probability", "top_k"), "embed": (
 RESERVED = {"prediction", "probability", "top_k", "error", "embedding", "model_version"}
 MODEL_ERROR = "image-transfer: the model failed"
 OVERLAP = ("auto", "on", "off")
-ENGINES = ("auto", "tensorflow", "litert")  # auto: LiteRT with XNNPACK on CPU workers, TensorFlow on GPU ones
+ENGINES = ("auto", "tensorflow", "litert")  # auto and scoring.engines.ENGINES (a test keeps them equal); auto:
+# LiteRT with XNNPACK on CPU workers, TensorFlow on GPU ones
 OVERLAP_CHUNKS = 4  # an overlapped batch is decoded and run in this many chunks, decode i+1 beside model i
 
 
@@ -241,7 +242,7 @@ class Compute:
     jit: bool = False
     overlap: str = "auto"
     batch_size: int = 0  # the fixed batch of the XLA path (0 without jit)
-    engine: str = "tensorflow"  # what the driver chose: tensorflow or litert (scoring/engine.py)
+    engine: str = "tensorflow"  # what the driver chose: a name in scoring.engines.ENGINES (scoring/engine.py)
     litert_cache: str | None = field(default=None, compare=False)  # shared conversions (not what runs)
 
     @classmethod

@@ -38,7 +38,9 @@ class ScoringRun:
     @property
     def engine(self) -> str:
         """What runs the model on the workers: ``litert-xnnpack`` or ``tensorflow``."""
-        return "litert-xnnpack" if self.model.compute.engine == "litert" else "tensorflow"
+        from image_transfer.scoring.engines import engine_class
+
+        return engine_class(self.model.compute.engine).label
 
     @property
     def model_version(self) -> str:
