@@ -40,10 +40,20 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def unit(module: str) -> str:
-    """The layer a module belongs to: its folder, or the top-level module itself (``image_transfer`` for the root)."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else parts[0]
+def folders() -> set[str]:
+    """The package's folders (``scoring``, ``scoring.engines``), each a layer with a rule of its own."""
+    return {".".join(p.parent.relative_to(PACKAGE).parts) for p in PACKAGE.rglob("*/__init__.py")}
+
+
+def unit(module: str, layers: set[str] | None = None) -> str:
+    """The layer a module belongs to: its deepest folder, or the top-level module itself (``image_transfer``
+    for the root)."""
+    short = module.split(".", 1)[1] if "." in module else module
+    parts = short.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in (folders() if layers is None else layers):
+            return ".".join(parts[:n])
+    return parts[0] if "." in module else module
 
 
 def allowed_imports() -> dict[str, set[str]]:
@@ -53,8 +63,8 @@ def allowed_imports() -> dict[str, set[str]]:
         if path.stem in ("__init__", "__main__"):
             continue
         rules[path.stem] = parse_may_import(path)
-    for init in PACKAGE.glob("*/__init__.py"):
-        rules[init.parent.name] = parse_may_import(init)
+    for folder in folders():
+        rules[folder] = parse_may_import(PACKAGE.joinpath(*folder.split("."), "__init__.py"))
     return rules
 
 
@@ -69,14 +79,16 @@ def parse_may_import(path: Path) -> set[str]:
 def forbidden_imports(graph: dict[str, set[str]], rules: dict[str, set[str]]) -> list[str]:
     """``module -> target`` for each import outside the module's layer that its layer's rule does not allow.
 
-    A rule entry is a layer (``scoring``) or one module of it (``scoring.options``).
+    A rule entry is a layer (``scoring``) or one module of it (``scoring.options``). A folder may import
+    the folders inside it (``scoring`` imports ``scoring.engines``); an inner folder keeps its own rule.
     """
+    layers = {name for name in rules if name not in ("image_transfer", "__main__")}
     bad = []
     for module, targets in graph.items():
-        here = unit(module)
+        here = unit(module, layers)
         for target in targets:
-            there = unit(target)
-            if there == here:
+            there = unit(target, layers)
+            if there == here or there.startswith(here + "."):
                 continue
             short = target.split(".", 1)[1] if "." in target else target
             allowed = rules.get(here, set())
@@ -123,14 +135,23 @@ def test_every_layer_imports_only_what_it_may():
 
 
 def test_the_layer_check_finds_a_forbidden_import_anywhere_in_a_module(tmp_path):
-    rules = {"training": {"errors", "scoring"}, "scoring": {"errors"}, "jobs": {"api", "scoring.options"}}
+    rules = {
+        "training": {"errors", "scoring"},
+        "scoring": {"errors"},
+        "scoring.engines": {"errors", "scoring.options"},
+        "jobs": {"api", "scoring.options"},
+        "storage": set(),
+        "errors": set(),
+    }
     graph = {
         "image_transfer.training.prepare": {"image_transfer.storage.outputs", "image_transfer.training.feed"},
-        "image_transfer.scoring.frame": {"image_transfer.errors", "image_transfer.scoring.options"},
+        "image_transfer.scoring.frame": {"image_transfer.errors", "image_transfer.scoring.engines.litert"},
+        "image_transfer.scoring.engines.litert": {"image_transfer.scoring.options", "image_transfer.scoring.frame"},
         "image_transfer.jobs.cli": {"image_transfer.scoring.options", "image_transfer.scoring.frame"},
     }
     assert forbidden_imports(graph, rules) == [
         "image_transfer.jobs.cli -> image_transfer.scoring.frame",
+        "image_transfer.scoring.engines.litert -> image_transfer.scoring.frame",
         "image_transfer.training.prepare -> image_transfer.storage.outputs",
     ]
     # A function-level import is an edge like any other.

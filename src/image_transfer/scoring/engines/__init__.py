@@ -11,7 +11,7 @@ No engine module imports its framework at import time: a driver that ships a con
 no TensorFlow.
 
 May import: ``errors``, ``runtime``, ``devices``, ``imaging``, ``models``, and ``scoring.options`` /
-``scoring.stats`` (the prepared model, the worker's counters) where needed. Nothing else of ``scoring``.
+``scoring.stats`` (the prepared model, the worker's counters) where needed; nothing else of scoring.
 """
 
 from __future__ import annotations
