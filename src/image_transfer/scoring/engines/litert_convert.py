@@ -208,6 +208,55 @@ def _network(prepared: Any, path: str) -> Any | None:
         raise UserError(f"the LiteRT converter cannot take the model: {first_line(exc)[:300]}") from exc
 
 
+class _LayerNames:
+    """A Keras 3 config with its layer names replaced by their order (``#0``, ``#1``...), where Keras puts
+    them: a layer's name, ``keras_history``, ``input_layers`` and ``output_layers``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.order: dict[str, str] = {}
+        self._collect(config)
+
+    def _collect(self, cfg: dict[str, Any]) -> None:  # a model's (or a layer's) config
+        layers = cfg.get("layers") or []
+        for name in [cfg.get("name")] + [e.get("name") for e in layers if isinstance(e, dict)]:
+            if isinstance(name, str):
+                self.order.setdefault(name, f"#{len(self.order)}")
+        for entry in layers:
+            if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+                self._collect(entry["config"])
+
+    def model(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in cfg.items():
+            if k == "name" and isinstance(v, str):
+                out[k] = self.order.get(v, v)
+            elif k == "layers" and isinstance(v, (list, tuple)):
+                out[k] = [self.entry(e) if isinstance(e, dict) else self.generic(e) for e in v]
+            elif k in ("input_layers", "output_layers"):
+                out[k] = _renamed(v, self.order)
+            else:
+                out[k] = self.generic(v)
+        return out
+
+    def entry(self, cfg: dict[str, Any]) -> dict[str, Any]:  # one of a model's layers
+        out = {}
+        for k, v in cfg.items():
+            if k == "name" and isinstance(v, str):
+                out[k] = self.order.get(v, v)
+            elif k == "config" and isinstance(v, dict):
+                out[k] = self.model(v)
+            else:
+                out[k] = self.generic(v)
+        return out
+
+    def generic(self, value: Any, key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: self.generic(v, k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):  # Keras gives tuples in places (json writes them as lists)
+            return _renamed(value, self.order) if key == "keras_history" else [self.generic(v) for v in value]
+        return value
+
+
 def _content_key(network: Any | None) -> str | None:
     """A key of what the conversion depends on: the network's architecture, with layer names replaced
     by their order (a network built twice in one process gets ``dense`` and ``dense_1``), and its
@@ -229,50 +278,8 @@ def _content_key(network: Any | None) -> str | None:
         config = network.get_config()
     except Exception:  # noqa: BLE001 - a subclassed model without get_config: keyed by its file only
         return None
-    order: dict[str, str] = {}
-
-    def names(cfg: dict[str, Any]) -> None:  # a model's (or a layer's) config
-        for name in [cfg.get("name")] + [e.get("name") for e in cfg.get("layers") or [] if isinstance(e, dict)]:
-            if isinstance(name, str):
-                order.setdefault(name, f"#{len(order)}")
-        for entry in cfg.get("layers") or []:
-            if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
-                names(entry["config"])
-
-    def model(cfg: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for k, v in cfg.items():
-            if k == "name" and isinstance(v, str):
-                out[k] = order.get(v, v)
-            elif k == "layers" and isinstance(v, (list, tuple)):
-                out[k] = [entry(e) if isinstance(e, dict) else generic(e) for e in v]
-            elif k in ("input_layers", "output_layers"):
-                out[k] = _renamed(v, order)
-            else:
-                out[k] = generic(v)
-        return out
-
-    def entry(cfg: dict[str, Any]) -> dict[str, Any]:  # one of a model's layers
-        return {
-            k: (
-                order.get(v, v)
-                if k == "name" and isinstance(v, str)
-                else model(v)
-                if k == "config" and isinstance(v, dict)
-                else generic(v)
-            )
-            for k, v in cfg.items()
-        }
-
-    def generic(value: Any, key: str | None = None) -> Any:
-        if isinstance(value, dict):
-            return {k: generic(v, k) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):  # Keras gives tuples in places (json writes them as lists)
-            return _renamed(value, order) if key == "keras_history" else [generic(v) for v in value]
-        return value
-
-    names(config)
-    digest = hashlib.sha256(json.dumps(model(config), sort_keys=True, default=str).encode())
+    renamer = _LayerNames(config)
+    digest = hashlib.sha256(json.dumps(renamer.model(config), sort_keys=True, default=str).encode())
     for weight in network.weights:
         array = np.asarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{array.dtype}{array.shape}".encode())
