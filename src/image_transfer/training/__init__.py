@@ -1,5 +1,11 @@
 """Training: prepare a labelled dataset, feed it to ``tf.data`` (Petastorm or Arrow), train, evaluate,
 promote by alias.
 
-May import: ``errors``, ``session``, ``fs``, ``imaging``, ``models``, ``scoring``, ``lifecycle``, ``api``.
+``prepare`` (the dataset), ``feed`` (its ``tf.data`` feeds, cached features), ``train`` (the orchestrator)
+over ``config`` (``TrainConfig``, ``TrainResult``), ``build`` (the model), ``fit`` (the phases on this node),
+``distributed`` (the image phases across workers), ``report`` (metrics, curves, MLflow); ``evaluate``,
+``promotion``.
+
+May import: ``errors``, ``runtime``, ``version``, ``storage``, ``imaging``, ``models``, ``devices``,
+``scoring``, ``lifecycle``. Never ``api`` or ``jobs``.
 """
