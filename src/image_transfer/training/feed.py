@@ -435,7 +435,6 @@ def open_features(
     """
     import time
 
-    import numpy as np
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -471,16 +470,7 @@ def open_features(
         failed = [i for i, e in enumerate(errors) if e is not None]
         sample = tuple(f"{table.column('path')[i].as_py() if 'path' in keys else i}: {errors[i]}" for i in failed[:5])
         run.check(rows=table.num_rows, failed=len(failed), sample=sample)
-        good = table.filter(pc.is_null(table.column("error")))
-        splits: dict[str, tuple[Any, Any]] = {}
-        split_values = np.asarray(good.column("split").to_pylist(), dtype=object)
-        labels = np.asarray(good.column("label_index").to_numpy(zero_copy_only=False), dtype="int32")
-        embeddings = good.column("embedding").to_pylist()
-        width = len(embeddings[0]) if embeddings else 0
-        matrix = np.asarray(embeddings, dtype="float32").reshape(len(embeddings), width)
-        for name in ("train", "validation"):
-            mask = split_values == name
-            splits[name] = (matrix[mask], labels[mask])
+        splits = _feature_splits(table.filter(pc.is_null(table.column("error"))))
         embedded = int(run.totals()["rows"])
         cache = FeatureCache(
             location=location,
@@ -496,3 +486,20 @@ def open_features(
         yield cache
     finally:
         _delete(location, feed=None)
+
+
+def _feature_splits(good: Any) -> dict[str, tuple[Any, Any]]:
+    """``{split: (features float32 [n, d], labels int32 [n])}`` of the train and validation rows of ``good``
+    (an Arrow table of embedded rows: ``split``, ``label_index``, ``embedding``)."""
+    import numpy as np
+
+    splits: dict[str, tuple[Any, Any]] = {}
+    split_values = np.asarray(good.column("split").to_pylist(), dtype=object)
+    labels = np.asarray(good.column("label_index").to_numpy(zero_copy_only=False), dtype="int32")
+    embeddings = good.column("embedding").to_pylist()
+    width = len(embeddings[0]) if embeddings else 0
+    matrix = np.asarray(embeddings, dtype="float32").reshape(len(embeddings), width)
+    for name in ("train", "validation"):
+        mask = split_values == name
+        splits[name] = (matrix[mask], labels[mask])
+    return splits

@@ -103,19 +103,12 @@ def promote(
     current = _alias_version(mlflow_client, resolved.name, alias)
     candidate_uri = f"models:/{resolved.name}/{resolved.number}"
     result = evaluate(spark, df, model_path=candidate_uri, split=split, options=options)
-    champion_version = champion_accuracy = None
-    if current is not None and current != resolved.number:
-        champion_version = current
-        try:
-            champion = evaluate(
-                spark, df, model_path=f"models:/{resolved.name}/{champion_version}", split=split, options=options
-            )
-        except UserError as exc:  # e.g. the classes changed: no comparison, so no automatic promotion
-            raise UserError(
-                f"cannot evaluate the current @{alias} version {resolved.name}/{champion_version} on the {split} "
-                f"split ({exc}); the alias stays: set it by hand if {resolved.version} should replace it"
-            ) from exc
-        champion_accuracy = champion.accuracy
+    champion_version = current if current is not None and current != resolved.number else None
+    champion_accuracy = (
+        _champion_accuracy(spark, df, resolved, champion_version, alias=alias, split=split, options=options)
+        if champion_version is not None
+        else None
+    )
     promoted, reason = decide(
         result.accuracy,
         champion_accuracy,
@@ -126,14 +119,9 @@ def promote(
     if current is not None and current == resolved.number and promoted:
         reason = f"already @{alias}; {reason}"
     if promoted:  # compare and set: the alias must still be where it was read, minutes of evaluation ago
-        now = _alias_version(mlflow_client, resolved.name, alias)
-        if now != current and now != resolved.number:
-            promoted = False
-            reason = (
-                f"@{alias} moved from {_named(resolved.name, current)} to {_named(resolved.name, now)} while "
-                f"{resolved.name}/{resolved.number} was evaluated: not overwritten; evaluate again to compare "
-                f"with {_named(resolved.name, now)}"
-            )
+        moved = _moved(mlflow_client, resolved, alias, current)
+        if moved:
+            promoted, reason = False, moved
     decision = Promotion(
         alias=alias,
         name=resolved.name,
@@ -154,6 +142,42 @@ def promote(
         Path(metrics_path).write_text(record)
     _log_decision(resolved, result, decision, split=split, record=record)
     return result, decision
+
+
+def _champion_accuracy(
+    spark: Any,
+    df: Any,
+    resolved: ResolvedModel,
+    version: str,
+    *,
+    alias: str,
+    split: str,
+    options: ScoringOptions | None,
+) -> float:
+    """The accuracy of ``alias``'s current ``version`` on ``split``; a ``UserError`` when it cannot be evaluated."""
+    from image_transfer.training.evaluate import evaluate
+
+    try:
+        champion = evaluate(spark, df, model_path=f"models:/{resolved.name}/{version}", split=split, options=options)
+    except UserError as exc:  # e.g. the classes changed: no comparison, so no automatic promotion
+        raise UserError(
+            f"cannot evaluate the current @{alias} version {resolved.name}/{version} on the {split} "
+            f"split ({exc}); the alias stays: set it by hand if {resolved.version} should replace it"
+        ) from exc
+    return champion.accuracy
+
+
+def _moved(mlflow_client: Any, resolved: ResolvedModel, alias: str, current: str | None) -> str | None:
+    """Why the alias is not set when it moved since ``current`` was read (to another version than the
+    candidate); None when it is where it was."""
+    now = _alias_version(mlflow_client, resolved.name, alias)
+    if now == current or now == resolved.number:
+        return None
+    return (
+        f"@{alias} moved from {_named(resolved.name, current)} to {_named(resolved.name, now)} while "
+        f"{resolved.name}/{resolved.number} was evaluated: not overwritten; evaluate again to compare "
+        f"with {_named(resolved.name, now)}"
+    )
 
 
 def _alias_version(mlflow_client: Any, name: str, alias: str) -> str | None:
