@@ -23,7 +23,8 @@ from image_transfer.scoring.options import ScoringOptions
 from image_transfer.training.evaluate import EvaluationResult, evaluate
 from image_transfer.training.prepare import PrepareResult, prepare, usable
 from image_transfer.training.promotion import Promotion, PromotionRefused, promote
-from image_transfer.training.train import TrainConfig, TrainResult, train
+from image_transfer.training.config import TrainConfig, TrainResult
+from image_transfer.training.train import train
 
 
 def prepare_dataset(
