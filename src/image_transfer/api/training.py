@@ -20,10 +20,10 @@ from typing import Any
 from image_transfer.imaging.files import IMAGE_EXTENSIONS
 from image_transfer.imaging.screen import ImageLimits
 from image_transfer.scoring.options import ScoringOptions
+from image_transfer.training.config import TrainConfig, TrainResult
 from image_transfer.training.evaluate import EvaluationResult, evaluate
 from image_transfer.training.prepare import PrepareResult, prepare, usable
 from image_transfer.training.promotion import Promotion, PromotionRefused, promote
-from image_transfer.training.config import TrainConfig, TrainResult
 from image_transfer.training.train import train
 
 
