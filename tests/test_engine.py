@@ -17,9 +17,10 @@ from image_transfer import featurize_images, read_images, score_images, scoring_
 from image_transfer.errors import UserError
 from image_transfer.jobs import cli
 from image_transfer.models.artifact import save_model
-from image_transfer.scoring.engine import choose_engine, converted
+from image_transfer.scoring.engine import choose_engine
 from image_transfer.scoring.engines import LiteRTEngine, TensorFlowEngine
 from image_transfer.scoring.engines.base import Engine, head
+from image_transfer.scoring.engines.litert_convert import converted
 from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model, with_compute
 
 SIZE = 96  # small inputs keep CI time low; the layers are the architectures' own
@@ -260,11 +261,11 @@ def test_tensorflow_only_settings_fall_back_with_one_line_or_refuse_litert(shape
 def test_no_interpreter_installed_falls_back_with_one_line_or_refuses_litert(shapes_model, capsys, monkeypatch):
     import importlib.util
 
-    from image_transfer.scoring import engine
+    from image_transfer.scoring.engines.litert import interpreter_available
 
     real, absent = importlib.util.find_spec, ("ai_edge_litert", "tensorflow")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
-    assert engine.interpreter_available() is False
+    assert interpreter_available() is False
     prepared = prepare_model(str(shapes_model), mode="classify")
     assert choose_engine(prepared, "auto")[:2] == ("tensorflow", None)
     assert "engine auto runs TensorFlow: no LiteRT interpreter is installed" in capsys.readouterr().err
@@ -283,7 +284,8 @@ def test_the_driver_picks_litert_for_a_converted_model_without_importing_tensorf
     converted(prepare_model(str(shapes_model), mode="classify"))  # on disk for the fresh process
     code = (
         "import sys, json\n"
-        "from image_transfer.scoring.engine import choose_engine, tensorflow_version\n"
+        "from image_transfer.scoring.engine import choose_engine\n"
+        "from image_transfer.scoring.engines.tensorflow import tensorflow_version\n"
         "from image_transfer.scoring.options import prepare_model\n"
         f"engine, data, now = choose_engine(prepare_model({str(shapes_model)!r}, mode='classify'), 'auto')\n"
         "print(json.dumps([engine, len(data), now, tensorflow_version(), 'tensorflow' in sys.modules]))\n"

@@ -16,8 +16,9 @@ import pytest
 from image_transfer.errors import UserError
 from image_transfer.models.artifact import model_kind, read_metadata
 from image_transfer.models.inspection import inspect_model
-from image_transfer.scoring.engine import CACHE_ENV, choose_engine, converted, shared_cache
+from image_transfer.scoring.engine import choose_engine
 from image_transfer.scoring.engines import litert_convert as engine
+from image_transfer.scoring.engines.litert_convert import CACHE_ENV, converted, shared_cache
 from image_transfer.scoring.options import Compute, ScoringOptions, prepare_model, with_compute
 
 

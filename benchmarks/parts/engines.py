@@ -255,7 +255,7 @@ def bench_model(
 
     from image_transfer import score_images, scoring_run
     from image_transfer.models.artifact import private_dir
-    from image_transfer.scoring.engine import LITE_DIR, converted
+    from image_transfer.scoring.engines.litert_convert import LITE_DIR, converted
     from image_transfer.scoring.options import prepare_model
 
     files = data_files(count, 1)  # one file of `count` images

@@ -39,7 +39,7 @@ def check_model(
     if mode is not None and kind in ("keras", "tflite"):
         inspect_model(model, layer=layer, embed=mode == "embed", classify=mode == "classify", trust=trust)
     if kind == "tflite" and options is not None:
-        from image_transfer.scoring.engine import refuse_flatbuffer_settings
+        from image_transfer.scoring.engines.litert import refuse_flatbuffer_settings
         from image_transfer.scoring.options import Compute
 
         refuse_flatbuffer_settings(model, options.engine, Compute.of(options))

@@ -182,7 +182,8 @@ def write_and_summarize(
     summary_path: str | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> RunSummary:
-    """Run the scoring by writing ``scored`` with ``writer`` (which returns it read back), then summarise.
+    """``write_scored``'s core: run the scoring by writing ``scored`` with ``writer`` (which returns it read
+    back), with progress and the frame's Arrow batches, then summarise.
 
     Raises ``RunFailed`` when the model failed (nothing written), ``TooManyFailures`` after writing the
     output and the summary when more than the run's ``max_failed_fraction`` of the rows failed.

@@ -17,33 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from image_transfer.errors import UserError
-from image_transfer.models.lite import interpreter_class
 from image_transfer.scoring.engines import ENGINES, engine_class
-from image_transfer.scoring.engines.base import cluster_gpus, say_once
-from image_transfer.scoring.engines.litert import interpreter_available, refuse_flatbuffer_settings, tensorflow_only
-from image_transfer.scoring.engines.litert_convert import (
-    CACHE_ENV,
-    LITE_DIR,
-    check_flatbuffer,
-    converted,
-    shared_cache,
-)
-from image_transfer.scoring.engines.tensorflow import tensorflow_version
-
-__all__ = [  # the choice, and where earlier callers find the LiteRT engine's helpers
-    "CACHE_ENV",
-    "LITE_DIR",
-    "check_flatbuffer",
-    "choose_engine",
-    "cluster_gpus",
-    "converted",
-    "interpreter_available",
-    "interpreter_class",
-    "refuse_flatbuffer_settings",
-    "shared_cache",
-    "tensorflow_only",
-    "tensorflow_version",
-]
+from image_transfer.scoring.engines.base import say_once
 
 
 def choose_engine(prepared: Any, requested: str, spark: Any = None) -> tuple[str, bytes | None, bool]:
